@@ -18,10 +18,8 @@ def info(message: str) -> None:
 def progress(items: Iterable[T], total: int | None, label: str, every_s: float = 5.0) -> Iterator[T]:
     """Yield ``items``, printing count, share and rate at most every ``every_s`` seconds."""
     start = last = time.monotonic()
-    done = 0
-    for item in items:
+    for done, item in enumerate(items, start=1):
         yield item
-        done += 1
         now = time.monotonic()
         if now - last >= every_s or done == total:
             last = now

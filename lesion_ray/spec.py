@@ -7,6 +7,7 @@ URIs all become one :class:`SpecError` naming the file, the key path and what is
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib
@@ -91,8 +92,8 @@ def param(default: Any = dataclasses.MISSING, *, min: float | None = None, max: 
           help: str = "") -> Any:
     """A spec field with bounds and a help text (the bounds are checked on load)."""
     meta = {"min": min, "max": max, "help": help}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -115,6 +116,10 @@ class JobSpec:
 
     def validate(self, source: str, path: str) -> None:
         """Cross-field rules a type cannot express; raise :class:`SpecError` with ``path``."""
+
+    def check(self, ctx: CheckContext) -> None:
+        """Check the world this spec names (URIs, models) without running anything."""
+        check_uris(self, ctx)
 
     def produces(self) -> list[str]:
         """What this job creates, so later pipeline steps may name it before it exists:
@@ -197,7 +202,7 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             fail()
-        return tuple(_convert(a, v, _join(path, i), source) for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(a, v, _join(path, i), source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             fail()
@@ -268,7 +273,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, path: str = "") -
 def to_dict(obj: Any) -> Any:
     """A spec as plain YAML-able data (the inverse of :func:`from_dict`)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -284,14 +284,11 @@ def open_write(uri: str) -> Iterator[io.BufferedIOBase]:
     """
     uri = normalize(uri)
     if is_s3(uri):
-        buf = tempfile.SpooledTemporaryFile(max_size=_MULTIPART_CHUNK)
-        try:
+        with tempfile.SpooledTemporaryFile(max_size=_MULTIPART_CHUNK) as buf:
             yield buf
             size = buf.tell()
             buf.seek(0)
             _s3_upload(uri, buf, size)
-        finally:
-            buf.close()
         return
     folder = os.path.dirname(uri)
     try:

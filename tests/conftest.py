@@ -6,8 +6,15 @@ fake credentials through the same environment variables a user would set.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
 
 import pytest
@@ -57,6 +64,7 @@ def ray_local(s3_endpoint: str):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never attach to a `ray start` cluster another test left running
             num_cpus=8,
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,
@@ -66,3 +74,84 @@ def ray_local(s3_endpoint: str):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+class RayProcessCluster:
+    """A Ray cluster of real `ray start` nodes on loopback, each node its own process group.
+
+    Token authentication is on, as `ray start --head` does on Ray 2.60 clusters that have a
+    token. Teardown kills only these nodes' processes (never a blanket `ray stop`).
+    """
+
+    def __init__(self, root, num_cpus: int = 4) -> None:
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: list[subprocess.Popen] = []
+        self._start(["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
+                     "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}", f"--temp-dir={root}"])
+        self._wait_for_dashboard()
+
+    def env(self) -> dict[str, str]:
+        venv_bin = os.path.dirname(sys.executable)
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def _start(self, args: list[str]) -> subprocess.Popen:
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        with open(os.path.join(self.root, f"node{len(self.nodes)}.log"), "wb") as log:
+            node = subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], env=self.env(),
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes.append(node)
+        return node
+
+    def add_worker(self, num_cpus: int = 2, resources: str | None = None) -> subprocess.Popen:
+        args = [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}"]
+        if resources:
+            args.append(f"--resources={resources}")
+        return self._start(args)
+
+    def _wait_for_dashboard(self, timeout_s: float = 90) -> None:
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2)
+                return
+            except urllib.error.HTTPError:  # 401: up, and asking for the token
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"ray head did not come up; see {self.root}/node0.log")
+
+    @staticmethod
+    def kill(node: subprocess.Popen) -> None:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(node.pid, sig)
+                node.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, signal.SIGKILL)  # children that outlived the `ray start` process
+
+    def shutdown(self) -> None:
+        for node in reversed(self.nodes):
+            self.kill(node)
+
+
+@pytest.fixture(scope="module")
+def ray_processes(s3_endpoint: str):
+    """A real multi-process Ray head with token authentication (add workers with add_worker)."""
+    # Short root: Ray's unix socket paths under it must stay below ~107 characters.
+    root = tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp")
+    cluster = RayProcessCluster(root)
+    yield cluster
+    cluster.shutdown()
+    shutil.rmtree(root, ignore_errors=True)

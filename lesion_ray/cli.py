@@ -1,0 +1,161 @@
+"""The ``lesion-ray`` command.
+
+    lesion-ray run JOB.yaml [--cluster CLUSTER.yaml] [dotted.key=value ...]
+    lesion-ray validate JOB.yaml [--cluster CLUSTER.yaml] [dotted.key=value ...]
+    lesion-ray jobs list|logs ID|stop ID --cluster CLUSTER.yaml
+    lesion-ray render JOB.yaml --cluster cluster/kuberay.yaml [dotted.key=value ...]
+
+Exit status: 0 done, 1 the job failed, 2 the spec or cluster config is wrong (nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+import yaml
+
+from lesion_ray import cluster, kuberay, report, spec, storage
+from lesion_ray.cluster import ClusterConfig, RemoteError
+from lesion_ray.spec import CheckContext, JobSpec, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def prepare(job_file: str, cluster_file: str | None, overrides: list[str]) -> tuple[JobSpec, ClusterConfig]:
+    """Load the cluster config and the spec, and check everything the spec names.
+
+    Storage settings apply in order cluster config < spec, over AWS_ENDPOINT_URL.
+    """
+    config = cluster.load_cluster(cluster_file)
+    config.apply_environment()
+    job = spec.load(job_file, overrides)
+    if job.storage:
+        job.storage.apply()
+    job.check(CheckContext(source=job_file, check_local_paths=config.kind == "local"))
+    return job, config
+
+
+def run_here(job: JobSpec, config: ClusterConfig) -> dict[str, Any]:
+    cluster.start_local(config)
+    return spec.job_module(job.kind, job.name).run(job)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    job, config = prepare(args.job, args.cluster, args.overrides)
+    print(f"ok: {args.job}: {job.kind} '{job.name}' is valid for cluster '{config.name}' ({config.kind})")
+    for step in getattr(job, "jobs", []):
+        print(f"  - {step.kind} '{step.name}'")
+    if config.kind != "local":
+        print("  (local paths were not checked: they name the cluster's disks)")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    job, config = prepare(args.job, args.cluster, args.overrides)
+    if config.kind == "kuberay":
+        command = f"lesion-ray render {args.job} --cluster {args.cluster} | kubectl apply -f -"
+        raise SpecError(args.cluster, "kind", f"KubeRay jobs are applied with kubectl: {command}")
+    if config.kind == "remote":
+        return cluster.submit(job, config, wait=not args.no_wait)
+    started = time.monotonic()
+    summary = run_here(job, config)
+    title = f"{job.kind} '{job.name}' finished in {time.monotonic() - started:.1f}s"
+    print(report.format_summary(title, summary), flush=True)
+    return EXIT_OK
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    job, config = prepare(args.job, args.cluster, args.overrides)
+    if config.kind != "kuberay":
+        raise SpecError(args.cluster, "kind", "`lesion-ray render` needs a kuberay cluster config (kind: kuberay)")
+    print(yaml.safe_dump_all(kuberay.render(job, config), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    config = cluster.load_cluster(args.cluster)
+    if config.kind != "remote":
+        raise SpecError(args.cluster or cluster.DEFAULT_CLUSTER_FILE, "kind",
+                        "`lesion-ray jobs` needs a remote cluster config (kind: remote)")
+    if args.action == "list":
+        rows = cluster.list_jobs(config)
+        for row in rows:
+            print(f"{row['id']:<48} {row['status']:<10} {row['kind']:<9} {row['name']:<24} {row['started']}")
+        print(f"{len(rows)} job(s) on {config.address}")
+    elif args.action == "logs":
+        print(cluster.job_logs(config, _job_id(args)), end="")
+    elif args.action == "stop":
+        stopped = cluster.stop_job(config, _job_id(args))
+        print(f"{_job_id(args)}: {'stop requested' if stopped else 'already finished'}")
+    return EXIT_OK
+
+
+def _job_id(args: argparse.Namespace) -> str:
+    if not args.job_id:
+        raise SpecError("command line", "job_id", f"`lesion-ray jobs {args.action}` needs a job id (see `jobs list`)")
+    return args.job_id
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesion-ray", description="Skin-lesion segmentation at archive scale on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (("run", _cmd_run, "run a job spec"),
+                             ("validate", _cmd_validate, "check a job spec without running it")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("job", help="job spec YAML (see jobs/)")
+        sub.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. epochs=3")
+        sub.add_argument("--cluster", help=f"cluster config YAML (default: {cluster.DEFAULT_CLUSTER_FILE})")
+        if name == "run":
+            sub.add_argument("--no-wait", action="store_true", help="remote: submit and return")
+        sub.set_defaults(func=func)
+    render = commands.add_parser("render", help="print KubeRay manifests (RayJob / RayService) for a job spec")
+    render.add_argument("job", help="job spec YAML")
+    render.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    render.add_argument("--cluster", required=True, help="kuberay cluster config, e.g. cluster/kuberay.yaml")
+    render.set_defaults(func=_cmd_render)
+    jobs = commands.add_parser("jobs", help="list, show logs of, or stop jobs on a remote cluster")
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--cluster", required=True, help="remote cluster config YAML")
+    jobs.set_defaults(func=_cmd_jobs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after --cluster: collect the strays that look like key=value.
+    args, extra = parser.parse_known_args(argv)
+    strays = [item for item in extra if item.startswith("-") or "=" not in item or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (RemoteError, storage.StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, RuntimeError) as exc:  # failures the job explained itself
+        if os.environ.get("LESION_RAY_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {exc}\n(set LESION_RAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an environment failure: keep the trace for a report
+        traceback.print_exc()
+        print(f"error: the job failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

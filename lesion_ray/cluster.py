@@ -1,0 +1,267 @@
+"""Where jobs run: cluster configs (``cluster/*.yaml``), the embedded local Ray, remote submission.
+
+``kind: local`` starts Ray in this process (capped CPUs, GPUs and object-store memory) or,
+with ``address``, attaches to a Ray cluster this machine is part of. ``kind: remote`` sends
+the job to an existing cluster through the Ray Jobs API, with a runtime_env that carries
+this package and its pinned dependencies, streams the logs and returns the job's status.
+``kind: kuberay`` describes a KubeRay cluster; ``lesion_ray.kuberay`` renders its manifests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lesion_ray import report, spec, storage
+from lesion_ray.spec import SpecError, StorageSettings, param
+
+DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
+REGISTRY_ENV = "LESION_RAY_REGISTRY"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    kind: Literal["local", "remote", "kuberay"]
+    name: str = "local"
+    # local
+    address: str | None = param(None, help="local: attach to a running Ray ('auto' or host:port); "
+                                            "remote: the Ray Jobs API URL, e.g. http://head:8265")
+    num_cpus: int | None = param(None, min=1, help="local: logical CPUs for Ray (default: all)")
+    num_gpus: int | None = param(None, min=0, help="local: GPUs for Ray (default: all detected)")
+    object_store_memory: str | int | None = param("2GB", help="local: object store size, e.g. 2GB")
+    # remote
+    auth_token_env: str = param("RAY_AUTH_TOKEN", help="remote: env var holding the cluster's token")
+    auth_token_file: str | None = param("~/.ray/auth_token", help="remote: file holding the token")
+    dependencies: Literal["pinned", "installed"] = param(
+        "pinned", help="remote: 'pinned' installs this client's dependency versions in the job's runtime_env; "
+                       "'installed' uses what the cluster has")
+    env_vars: dict[str, str] = param({}, help="extra environment variables for the job and its workers")
+    # kuberay
+    raycluster: str | None = param(None, help="kuberay: RayCluster manifest, relative to this file")
+    image: str | None = param(None, help="kuberay: container image with lesion-ray installed")
+    namespace: str = param("default", help="kuberay: Kubernetes namespace")
+    # all kinds
+    registry: str | None = param(None, help="model registry URI for name@version references")
+    storage: StorageSettings | None = None
+
+    def apply_environment(self) -> None:
+        """Storage endpoint and registry for this process (and, through ``worker_env``, its workers)."""
+        if self.storage:
+            self.storage.apply()
+        if self.registry:
+            os.environ[REGISTRY_ENV] = self.registry
+        os.environ.update(self.env_vars)
+
+    def worker_env(self) -> dict[str, str]:
+        env = {**storage.storage_env(), **self.env_vars}
+        if os.environ.get(REGISTRY_ENV):
+            env[REGISTRY_ENV] = os.environ[REGISTRY_ENV]
+        return env
+
+
+def load_cluster(source: str | None) -> ClusterConfig:
+    """The cluster config at ``source``; with None, ``cluster/local.yaml`` when present, else defaults."""
+    if source is None:
+        if not Path(DEFAULT_CLUSTER_FILE).exists():
+            return ClusterConfig(kind="local")
+        source = DEFAULT_CLUSTER_FILE
+    config = spec.from_dict(ClusterConfig, spec.read_yaml(source), source)
+    if config.kind == "remote" and not config.address:
+        raise SpecError(source, "address", "a remote cluster needs the Ray Jobs API URL, e.g. http://head:8265")
+    if config.kind == "remote" and not re.match(r"^https?://", config.address or ""):
+        raise SpecError(source, "address", f"expected an http(s):// URL of the Ray dashboard, got {config.address!r}")
+    if config.kind == "kuberay":
+        if not config.raycluster:
+            raise SpecError(source, "raycluster", "a kuberay config names its RayCluster manifest, "
+                                                  "e.g. kuberay/raycluster.yaml")
+        if not storage.is_s3(config.raycluster) and not os.path.isabs(config.raycluster):
+            config.raycluster = os.path.join(os.path.dirname(storage.normalize(source)), config.raycluster)
+    parse_size(config.object_store_memory, source)
+    return config
+
+
+def parse_size(value: str | int | None, source: str = "cluster config") -> int | None:
+    """'2GB', '512MiB', 1073741824 -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise SpecError(source, "object_store_memory", f"expected a size like 2GB or 512MB, got {value!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(number * 1024**power)
+
+
+# --- Local ----------------------------------------------------------------------------------
+
+
+def start_local(config: ClusterConfig) -> None:
+    """Start (or attach to) Ray for a job that runs in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": config.worker_env()}
+    if config.address:
+        ray.init(address=config.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",  # embedded: never attach to a `ray start` cluster on this machine
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            object_store_memory=parse_size(config.object_store_memory),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+        )
+    resources = ray.cluster_resources()
+    report.info(
+        f"Ray ready: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+        + (f" (attached to {config.address})" if config.address else " (embedded)")
+    )
+
+
+# --- Remote ---------------------------------------------------------------------------------
+
+
+class RemoteError(Exception):
+    """The remote cluster refused or failed a request; the message says what to do."""
+
+
+def _token(config: ClusterConfig) -> str | None:
+    token = os.environ.get(config.auth_token_env)
+    if not token and config.auth_token_file:
+        path = Path(config.auth_token_file).expanduser()
+        if path.is_file():
+            token = path.read_text().strip()
+    return token or None
+
+
+def job_client(config: ClusterConfig):
+    """A Ray Jobs API client for a remote cluster, authenticated with the cluster's token."""
+    from ray.job_submission import JobSubmissionClient
+
+    token = _token(config)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return _request(config, JobSubmissionClient, config.address, headers=headers)
+
+
+def _request(config: ClusterConfig, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # the SDK raises bare ConnectionError/RuntimeError
+        raise RemoteError(_explain(exc, config)) from None
+
+
+def _explain(exc: Exception, config: ClusterConfig) -> str:
+    text = str(exc)
+    if "401" in text or "Missing authentication token" in text or "Authentication required" in text:
+        where = f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
+        return (
+            f"the cluster at {config.address} requires a token and none was sent. Put the cluster's token "
+            f"(`ray get-auth-token` on the head node) in {where}, or set auth_token_env/auth_token_file in the "
+            "cluster config."
+        )
+    if "403" in text or "Invalid authentication token" in text:
+        return f"the cluster at {config.address} rejected the token from ${config.auth_token_env}/file: it is wrong."
+    if "Failed to connect" in text or "Connection refused" in text or "ConnectionError" in type(exc).__name__:
+        return f"cannot reach the Ray Jobs API at {config.address}: is the cluster up and the address right?"
+    return f"request to {config.address} failed: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
+def pinned_requirements() -> list[str]:
+    """This client's dependency versions, so the job runs on what was tested here (Ray excluded:
+    the cluster's own Ray must not be replaced inside a job)."""
+    pins = []
+    for requirement in importlib.metadata.requires("lesion-ray") or []:
+        if "extra ==" in requirement:
+            continue
+        name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0]
+        if name.lower() == "ray":
+            continue
+        version = importlib.metadata.version(name).split("+")[0]
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
+    """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
+    client = job_client(config)
+    workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
+    try:
+        shutil.copytree(_package_dir(), workdir / "lesion_ray", ignore=shutil.ignore_patterns("__pycache__"))
+        (workdir / "job.yaml").write_text(yaml.safe_dump(spec.to_dict(job), sort_keys=False))
+        inside = replace(config, kind="local", address="auto", storage=None, env_vars={})
+        (workdir / "cluster.yaml").write_text(yaml.safe_dump(spec.to_dict(inside), sort_keys=False))
+        runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": config.worker_env()}
+        if config.dependencies == "pinned":
+            runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
+        submission_id = f"lesion-ray-{re.sub(r'[^a-zA-Z0-9-]', '-', job.name)}-{int(time.time())}"
+        job_id = _request(
+            config,
+            client.submit_job,
+            entrypoint="python -m lesion_ray.cli run job.yaml --cluster cluster.yaml",
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            metadata={"lesion_ray_kind": job.kind, "lesion_ray_name": job.name},
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
+    if not wait:
+        return 0
+    return follow(client, job_id)
+
+
+def follow(client, job_id: str) -> int:
+    """Stream a job's logs until it ends; 0 when it succeeded."""
+
+    async def stream() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(stream())
+    except KeyboardInterrupt:
+        report.info(f"stopped following; the job goes on. Stop it with: lesion-ray jobs stop {job_id} --cluster ...")
+        return 130
+    status = str(client.get_job_status(job_id))
+    info = client.get_job_info(job_id)
+    report.info(f"job {job_id} ended: {status}" + (f" ({info.message})" if info.message else ""))
+    return 0 if status.endswith("SUCCEEDED") else 1
+
+
+def list_jobs(config: ClusterConfig) -> list[dict[str, Any]]:
+    jobs = _request(config, job_client(config).list_jobs)
+    rows = []
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        rows.append({
+            "id": job.submission_id or job.job_id,
+            "status": str(job.status).rsplit(".", 1)[-1],
+            "kind": (job.metadata or {}).get("lesion_ray_kind", "-"),
+            "name": (job.metadata or {}).get("lesion_ray_name", "-"),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000)),
+        })
+    return rows
+
+
+def job_logs(config: ClusterConfig, job_id: str) -> str:
+    return _request(config, job_client(config).get_job_logs, job_id)
+
+
+def stop_job(config: ClusterConfig, job_id: str) -> bool:
+    return _request(config, job_client(config).stop_job, job_id)

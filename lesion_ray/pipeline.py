@@ -1,0 +1,122 @@
+"""``kind: pipeline``: run other job specs in order, later steps naming earlier steps' keys.
+
+A step is an inline spec, or ``file: other.yaml`` (relative to this spec) with keys that
+override the file's. Strings may say ``${<step name>.<key>}`` to use an earlier step's
+value (after defaults), e.g. ``data: ${synth.output}``; references are resolved before
+validation, so a whole pipeline is checked before its first step runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from lesion_ray import report, spec, storage
+from lesion_ray.spec import CheckContext, JobSpec, SpecError
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_-]+)+)\}")
+
+
+@dataclass(kw_only=True)
+class PipelineSpec(JobSpec):
+    steps: list[dict[str, Any]] = spec.param(help="job specs to run in order (inline, or file: path)")
+    # Parsed steps, filled by validate(); `steps` then holds them as plain, self-contained data.
+    jobs: list[JobSpec] = field(default_factory=list, init=False, repr=False)
+
+    def validate(self, source: str, path: str) -> None:
+        if not self.steps:
+            raise SpecError(source, spec_path(path, "steps"), "a pipeline needs at least one step")
+        resolved: dict[str, dict[str, Any]] = {}
+        self.jobs = []
+        for index, raw in enumerate(self.steps):
+            where = f"{spec_path(path, 'steps')}[{index}]"
+            data = _interpolate(_load_step(raw, source, where), resolved, source, where)
+            if data.get("kind") in ("pipeline", "serve"):
+                raise SpecError(source, f"{where}.kind", "a pipeline step cannot be a pipeline or a serve job "
+                                                         "(serve runs until stopped: run it on its own)")
+            job = spec.parse(data, source, where)
+            if job.name in resolved:
+                raise SpecError(source, f"{where}.name", f"step name '{job.name}' is used twice")
+            resolved[job.name] = spec.to_dict(job)
+            self.jobs.append(job)
+        self.steps = list(resolved.values())
+
+    def check(self, ctx: CheckContext) -> None:
+        for job in self.jobs:
+            job.check(ctx)
+            ctx.produced.extend(job.produces())
+
+    def produces(self) -> list[str]:
+        return [item for job in self.jobs for item in job.produces()]
+
+
+SPEC = PipelineSpec
+
+
+def spec_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _load_step(raw: Any, source: str, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise SpecError(source, where, "expected a job spec mapping, or a mapping with file: PATH")
+    if "file" not in raw:
+        return dict(raw)
+    overrides = {k: v for k, v in raw.items() if k != "file"}
+    step_file = str(raw["file"])
+    if not storage.is_s3(step_file) and not os.path.isabs(step_file):
+        step_file = os.path.join(os.path.dirname(storage.normalize(source)), step_file)
+    return _merge(spec.read_yaml(step_file), overrides)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _interpolate(value: Any, resolved: dict[str, dict[str, Any]], source: str, where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, resolved, source, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, resolved, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def resolve(match: re.Match) -> Any:
+        step, keys = match.group(1), match.group(2).strip(".").split(".")
+        if step not in resolved:
+            known = ", ".join(resolved) or "none yet"
+            raise SpecError(source, where, f"${{{step}...}} names no earlier step (earlier steps: {known})")
+        node: Any = resolved[step]
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                raise SpecError(source, where, f"step '{step}' has no key '{'.'.join(keys)}'")
+            node = node[key]
+        return node
+
+    whole = _REFERENCE.fullmatch(value)
+    if whole:  # a value that is only a reference keeps its type (numbers stay numbers)
+        return resolve(whole)
+    return _REFERENCE.sub(lambda m: str(resolve(m)), value)
+
+
+def run(pipeline: PipelineSpec) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    started = time.monotonic()
+    for index, job in enumerate(pipeline.jobs, start=1):
+        report.info(f"step {index}/{len(pipeline.jobs)}: {job.kind} '{job.name}'")
+        step_start = time.monotonic()
+        result = spec.job_module(job.kind, job.name).run(job)
+        print(report.format_summary(f"{job.kind} '{job.name}' ({time.monotonic() - step_start:.1f}s)", result),
+              flush=True)
+        summary.update({f"{job.name}.{key}": value for key, value in result.items()})
+    summary["total time"] = f"{time.monotonic() - started:.1f}s"
+    return summary

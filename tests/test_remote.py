@@ -1,0 +1,106 @@
+"""Remote submission through the Ray Jobs API, against a real `ray start --head` with token auth."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lesion_ray import cli, cluster, storage
+
+
+def cluster_file(tmp_path, processes, **overrides) -> str:
+    config = {
+        "kind": "remote",
+        "name": "test-remote",
+        "address": processes.dashboard_url,
+        "auth_token_env": "LR_TEST_TOKEN",
+        "auth_token_file": None,
+        "dependencies": "pinned",
+        "registry": str(tmp_path / "registry"),
+        **overrides,
+    }
+    path = tmp_path / f"remote-{len(overrides)}-{abs(hash(str(overrides)))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_client_without_token_is_told_how_to_supply_it(tmp_path, ray_processes, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("LR_TEST_TOKEN", raising=False)
+    assert cli.main(["jobs", "list", "--cluster", cluster_file(tmp_path, ray_processes)]) == 1
+    err = capsys.readouterr().err
+    assert "requires a token" in err and "$LR_TEST_TOKEN" in err and "ray get-auth-token" in err
+
+    monkeypatch.setenv("LR_TEST_TOKEN", "not-the-token")
+    assert cli.main(["jobs", "list", "--cluster", cluster_file(tmp_path, ray_processes)]) == 1
+    err = capsys.readouterr().err
+    assert "rejected the token" in err
+    assert "not-the-token" not in err
+
+
+def test_submitted_job_succeeds_and_logs_come_back(tmp_path, ray_processes, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("LR_TEST_TOKEN", ray_processes.token)
+    remote = cluster_file(tmp_path, ray_processes)
+    output = tmp_path / "synth-out"
+    status = cli.main(["run", "jobs/synth.yaml", "--cluster", remote, f"output={output}",
+                       "num_images=3", "validation_images=1", "name=remote-synth"])
+    out = capsys.readouterr()
+    assert status == 0, out.err[-3000:]
+    assert "finished in" in out.out  # the job's own summary, streamed back from the cluster
+    assert "SUCCEEDED" in out.err
+    assert len(storage.list_files(str(output), suffixes=(".jpg",))) == 4
+
+    assert cli.main(["jobs", "list", "--cluster", remote]) == 0
+    listing = capsys.readouterr().out
+    job_line = next(line for line in listing.splitlines() if "remote-synth" in line)
+    job_id = job_line.split()[0]
+    assert "SUCCEEDED" in job_line and "synth" in job_line
+    assert cli.main(["jobs", "logs", job_id, "--cluster", remote]) == 0
+    assert "finished in" in capsys.readouterr().out
+    assert cli.main(["jobs", "stop", job_id, "--cluster", remote]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_failed_job_gives_failed_status(tmp_path, ray_processes, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("LR_TEST_TOKEN", ray_processes.token)
+    remote = cluster_file(tmp_path, ray_processes, dependencies="installed")
+    # Valid for the client (local paths are the cluster's business), impossible on the cluster.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    status = cli.main(["run", "jobs/synth.yaml", "--cluster", remote, f"output={blocker}/sub",
+                       "num_images=1", "validation_images=0"])
+    out = capsys.readouterr()
+    assert status == 1
+    assert "FAILED" in out.err
+    assert "cannot write" in out.out + out.err
+
+
+def test_pinned_requirements_follow_this_client() -> None:
+    pins = cluster.pinned_requirements()
+    names = {p.split("==")[0].lower() for p in pins}
+    assert {"torch", "pyarrow", "numpy", "pillow", "boto3", "s3fs", "pyyaml"} <= names
+    assert "ray" not in names  # the cluster's own Ray stays
+    assert all("==" in p and "+" not in p for p in pins)
+
+
+@pytest.mark.parametrize(
+    ("config", "text"),
+    [
+        ({"kind": "remote"}, "address: a remote cluster needs the Ray Jobs API URL"),
+        ({"kind": "remote", "address": "head:8265"}, "expected an http(s):// URL"),
+        ({"kind": "local", "object_store_memory": "lots"}, "expected a size like 2GB"),
+        ({"kind": "local", "num_cpus": 0}, "num_cpus: must be at least 1"),
+        ({"kind": "cloud"}, "kind: expected one of 'local', 'remote'"),
+    ],
+)
+def test_bad_cluster_configs(tmp_path, config, text, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "data").mkdir()
+    assert cli.main(["validate", "jobs/synth.yaml", "--cluster", str(path)]) == 2
+    assert text in capsys.readouterr().err
+
+
+def test_object_store_sizes() -> None:
+    assert cluster.parse_size("2GB") == 2 * 1024**3
+    assert cluster.parse_size("512MiB") == 512 * 1024**2
+    assert cluster.parse_size(1000) == 1000

@@ -1,0 +1,125 @@
+"""Storage on local paths and on a real S3 endpoint (moto server on loopback)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from lesion_ray import storage
+from lesion_ray.storage import StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def test_round_trip_exists_and_delete(root: str) -> None:
+    uri = storage.join(root, "a", "b.bin")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b"\x00\x01payload")
+    assert storage.exists(uri) and storage.is_file(uri)
+    assert storage.exists(storage.join(root, "a"))  # a prefix with something under it
+    assert not storage.is_file(storage.join(root, "a"))
+    assert storage.read_bytes(uri) == b"\x00\x01payload"
+    storage.write_text(storage.join(root, "t.json"), '{"x": 1}')
+    assert storage.read_text(storage.join(root, "t.json")) == '{"x": 1}'
+    storage.delete(storage.join(root, "a"))
+    assert not storage.exists(uri)
+    assert storage.exists(storage.join(root, "t.json"))
+
+
+def test_listing_is_complete_past_one_page(root: str) -> None:
+    for i in range(1105):
+        storage.write_bytes(storage.join(root, "many", f"k{i:05d}.png"), b"x")
+    storage.write_bytes(storage.join(root, "many", "skip.txt"), b"x")
+    files = storage.list_files(storage.join(root, "many"), suffixes=(".png",))
+    assert len(files) == 1105
+    assert files[0].uri.endswith("k00000.png") and files[-1].uri.endswith("k01104.png")
+    assert all(f.size == 1 for f in files)
+
+
+def test_failed_write_leaves_nothing_visible(root: str) -> None:
+    uri = storage.join(root, "partial.bin")
+    with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+        f.write(b"half of it")
+        raise RuntimeError("writer died")
+    assert not storage.exists(uri)
+    if not storage.is_s3(uri):
+        assert os.listdir(os.path.dirname(uri)) == []  # no stray temporary file either
+
+
+def test_large_write_uses_multipart_and_is_atomic(s3_bucket: str) -> None:
+    uri = f"{s3_bucket}/big.bin"
+    data = os.urandom(storage._MULTIPART_CHUNK + 1024)
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data
+    with pytest.raises(RuntimeError), storage.open_write(f"{s3_bucket}/big2.bin") as f:
+        f.write(data)
+        raise RuntimeError("boom")
+    assert not storage.exists(f"{s3_bucket}/big2.bin")
+
+
+def test_missing_things_give_clear_errors(s3_endpoint: str, tmp_path) -> None:
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_readable("s3://no-such-bucket/data")
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_writable("s3://no-such-bucket/out")
+    with pytest.raises(StorageError, match="does not exist|no such"):
+        storage.read_bytes("s3://no-such-bucket/x.png")
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(str(tmp_path / "missing.png"))
+    with pytest.raises(StorageError, match="nothing found"):
+        storage.check_readable(str(tmp_path / "missing"))
+    with pytest.raises(StorageError, match="unsupported URI scheme 'gs://'"):
+        storage.normalize("gs://bucket/x")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="is a file"):
+        storage.check_writable(str(tmp_path / "file" / "out"))
+
+
+def test_missing_key_in_existing_bucket(s3_bucket: str) -> None:
+    with pytest.raises(StorageError, match="no such object"):
+        storage.read_bytes(f"{s3_bucket}/nope.png")
+    with pytest.raises(StorageError, match="nothing found"):
+        storage.check_readable(f"{s3_bucket}/nope")
+    storage.check_writable(f"{s3_bucket}/new/prefix")  # bucket exists: fine
+
+
+def test_uri_forms(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert storage.normalize("rel/x") == str(tmp_path / "rel" / "x")
+    assert storage.normalize(f"file://{tmp_path}/y") == str(tmp_path / "y")
+    assert storage.join("s3://b/p/", "q", "/r.png") == "s3://b/p/q/r.png"
+    assert storage.split_s3("s3://b/p/q") == ("b", "p/q")
+    assert storage.basename("s3://b/p/q.png") == "q.png"
+    assert storage.parent("s3://b/p/q.png") == "s3://b/p"
+
+
+def test_pyarrow_filesystem_reads_what_storage_wrote(s3_bucket: str, tmp_path) -> None:
+    storage.write_bytes(f"{s3_bucket}/pa/x.bin", b"abc")
+    fs, path = storage.pyarrow_filesystem(f"{s3_bucket}/pa/x.bin")
+    assert isinstance(fs, pafs.S3FileSystem)
+    with fs.open_input_stream(path) as f:
+        assert f.read() == b"abc"
+    fs, path = storage.pyarrow_filesystem(str(tmp_path))
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
+
+
+def test_secrets_never_in_messages(s3_endpoint: str, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLESIONRAYTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
+    storage._client_for.cache_clear()
+    try:
+        for action in (lambda: storage.read_bytes("s3://no-such-bucket/k"),
+                       lambda: storage.check_writable("s3://no-such-bucket/k")):
+            with pytest.raises(StorageError) as info:
+                action()
+            assert "very-secret-value-123" not in str(info.value)
+            assert "AKIDLESIONRAYTEST" not in str(info.value)
+    finally:
+        storage._client_for.cache_clear()
