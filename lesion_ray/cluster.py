@@ -114,7 +114,10 @@ def start_local(config: ClusterConfig) -> None:
         return
     runtime_env = {"env_vars": config.worker_env()}
     if config.address:
-        ray.init(address=config.address, runtime_env=runtime_env, log_to_driver=True)
+        # Inside a submitted job the job's runtime_env already carries the environment;
+        # Ray refuses a second one that names the same variables.
+        inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=config.address, runtime_env=None if inside_job else runtime_env)
     else:
         ray.init(
             address="local",  # embedded: never attach to a `ray start` cluster on this machine
@@ -211,9 +214,9 @@ def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
         if config.dependencies == "pinned":
             runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
         submission_id = f"lesion-ray-{re.sub(r'[^a-zA-Z0-9-]', '-', job.name)}-{int(time.time())}"
-        job_id = _request(
+        job_id = _submit_when_ready(
             config,
-            client.submit_job,
+            client,
             entrypoint="python -m lesion_ray.cli run job.yaml --cluster cluster.yaml",
             runtime_env=runtime_env,
             submission_id=submission_id,
@@ -225,6 +228,18 @@ def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
     if not wait:
         return 0
     return follow(client, job_id)
+
+
+def _submit_when_ready(config: ClusterConfig, client, timeout_s: float = 120, **job: Any) -> str:
+    # A cluster that just started answers before its job agent is up: wait for it, briefly.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except Exception as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise RemoteError(_explain(exc, config)) from None
+            time.sleep(2)
 
 
 def follow(client, job_id: str) -> int:

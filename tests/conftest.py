@@ -28,6 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Commands under test apply cluster configs to os.environ; undo that after each test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> str:
     """URL of a moto S3 server on loopback, exported as AWS_ENDPOINT_URL for the session."""
@@ -100,6 +109,10 @@ class RayProcessCluster:
 
     def _start(self, args: list[str]) -> subprocess.Popen:
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        # Every node gets its own agent ports: the defaults clash with any other Ray on the machine.
+        args = [*args, *(f"--{flag}={_free_port()}" for flag in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port"))]
         with open(os.path.join(self.root, f"node{len(self.nodes)}.log"), "wb") as log:
             node = subprocess.Popen([ray_bin, "start", "--block", "--disable-usage-stats", *args], env=self.env(),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
