@@ -64,14 +64,20 @@ class CheckedStr(str):
 
     expected = "a string"
 
-    def check(self, ctx: CheckContext) -> None:  # pragma: no cover - overridden
-        pass
+    @classmethod
+    def canonical(cls, value: str) -> str:
+        """The stored form of a value (URIs: absolute, so Ray workers in other folders agree)."""
+        return value
+
+    def check(self, ctx: CheckContext) -> None:
+        """Raise StorageError/ValueError when what the value names is unusable."""
 
 
 class InputUri(CheckedStr):
     """A path or URI the job reads: it must exist and be readable."""
 
     expected = "a path or URI (local, file:// or s3://) that exists"
+    canonical = classmethod(lambda cls, value: storage.normalize(value))
 
     def check(self, ctx: CheckContext) -> None:
         if not ctx.skip(self):
@@ -82,6 +88,7 @@ class OutputUri(CheckedStr):
     """A path or URI the job writes: its bucket, or its nearest existing folder, must be writable."""
 
     expected = "a path or URI (local, file:// or s3://) to write to"
+    canonical = classmethod(lambda cls, value: storage.normalize(value))
 
     def check(self, ctx: CheckContext) -> None:
         if not ctx.skip(self):
@@ -225,9 +232,14 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
             return float(value)
         fail()
     if isinstance(tp, type) and issubclass(tp, str):
-        if isinstance(value, str) and (value or tp is str):
-            return tp(value)
-        fail()
+        if not isinstance(value, str) or (not value and tp is not str):
+            fail()
+        if issubclass(tp, CheckedStr):
+            try:
+                return tp(tp.canonical(value))
+            except (storage.StorageError, ValueError) as exc:
+                raise SpecError(source, path, str(exc)) from None
+        return tp(value)
     raise TypeError(f"unsupported spec type {tp!r} at {path}")
 
 

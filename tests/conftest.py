@@ -7,6 +7,7 @@ fake credentials through the same environment variables a user would set.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ def s3_endpoint() -> str:
     """URL of a moto S3 server on loopback, exported as AWS_ENDPOINT_URL for the session."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in captured stderr
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
