@@ -4,6 +4,7 @@
     lesion-ray validate JOB.yaml [--cluster CLUSTER.yaml] [dotted.key=value ...]
     lesion-ray jobs list|logs ID|stop ID --cluster CLUSTER.yaml
     lesion-ray render JOB.yaml --cluster cluster/kuberay.yaml [dotted.key=value ...]
+    lesion-ray serve-config SERVE_JOB.yaml [dotted.key=value ...]   (for `serve deploy`)
 
 Exit status: 0 done, 1 the job failed, 2 the spec or cluster config is wrong (nothing ran).
 """
@@ -77,6 +78,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_serve_config(args: argparse.Namespace) -> int:
+    job = spec.load(args.job, args.overrides)
+    if job.kind != "serve":
+        raise SpecError(args.job, "kind", f"`lesion-ray serve-config` needs a serve spec, got kind '{job.kind}'")
+    from lesion_ray import serve
+
+    print(yaml.safe_dump(serve.serve_config(job), sort_keys=False), end="")
+    return EXIT_OK
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
     config = cluster.load_cluster(args.cluster)
     if config.kind != "remote":
@@ -118,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     render.add_argument("--cluster", required=True, help="kuberay cluster config, e.g. cluster/kuberay.yaml")
     render.set_defaults(func=_cmd_render)
+    export = commands.add_parser("serve-config", help="print a serve spec as a Serve config file (serve deploy)")
+    export.add_argument("job", help="serve job spec YAML")
+    export.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    export.set_defaults(func=_cmd_serve_config)
     jobs = commands.add_parser("jobs", help="list, show logs of, or stop jobs on a remote cluster")
     jobs.add_argument("action", choices=["list", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?")

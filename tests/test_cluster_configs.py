@@ -70,3 +70,12 @@ def test_rayservice_carries_the_serve_config(capsys, tmp_path) -> None:
 def test_run_on_kuberay_points_at_render(capsys) -> None:
     assert cli.main(["run", "jobs/train.yaml", "--cluster", "cluster/kuberay.yaml"]) == 2
     assert "lesion-ray render jobs/train.yaml" in capsys.readouterr().err
+
+
+def test_serve_config_export(capsys) -> None:
+    assert cli.main(["serve-config", "jobs/serve.yaml", "port=9000"]) == 0
+    exported = yaml.safe_load(capsys.readouterr().out)
+    assert exported["http_options"]["port"] == 9000
+    assert exported["applications"][0]["args"]["port"] == 9000
+    assert cli.main(["serve-config", "jobs/train.yaml"]) == 2
+    assert "needs a serve spec" in capsys.readouterr().err
