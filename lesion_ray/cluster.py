@@ -27,6 +27,7 @@ from lesion_ray.spec import SpecError, StorageSettings, param
 
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
 REGISTRY_ENV = "LESION_RAY_REGISTRY"
+MIN_LOCAL_CPUS = 8
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -37,9 +38,10 @@ class ClusterConfig:
     # local
     address: str | None = param(None, help="local: attach to a running Ray ('auto' or host:port); "
                                             "remote: the Ray Jobs API URL, e.g. http://head:8265")
-    num_cpus: int | None = param(None, min=1, help="local: logical CPUs for Ray (default: all)")
+    num_cpus: int | None = param(None, min=1, help=f"local: logical CPUs for Ray (default: all cores, at least "
+                                                   f"{MIN_LOCAL_CPUS})")
     num_gpus: int | None = param(None, min=0, help="local: GPUs for Ray (default: all detected)")
-    object_store_memory: str | int | None = param("2GB", help="local: object store size, e.g. 2GB")
+    object_store_memory: str | int | None = param("4GB", help="local: object store size, e.g. 4GB")
     # remote
     auth_token_env: str = param("RAY_AUTH_TOKEN", help="remote: env var holding the cluster's token")
     auth_token_file: str | None = param("~/.ray/auth_token", help="remote: file holding the token")
@@ -121,7 +123,9 @@ def start_local(config: ClusterConfig) -> None:
     else:
         ray.init(
             address="local",  # embedded: never attach to a `ray start` cluster on this machine
-            num_cpus=config.num_cpus,
+            # Ray's CPUs are scheduling slots: on a small machine Train workers, Data tasks and
+            # inference actors each hold one, and with too few slots one stage starves the others.
+            num_cpus=config.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
             num_gpus=config.num_gpus,
             object_store_memory=parse_size(config.object_store_memory),
             include_dashboard=False,
