@@ -1,0 +1,222 @@
+"""Preprocessing throughput and memory: the Ray Data pipeline against a plain single-process PIL loop.
+
+Starts its own S3 endpoint (a moto server in a separate process, so it does not share the loop's
+GIL), generates ``--images`` synthetic 1024x768 JPEGs into it with ``kind: synth``, then times,
+over the same objects, resized to ``--size``:
+
+* loop: read bytes, ``Image.open(...).convert("RGB").resize(...)``, scale to [0, 1], one at a time;
+* loop+draft: the same loop with :func:`lesion_ray.preprocess.decode_image` (JPEG draft mode);
+* ray: :func:`lesion_ray.preprocess.image_dataset` consumed as a stream.
+
+Peak memory (sum of the proportional set size of the driver and every Ray process) is measured for
+``--images`` and for ``--memory-factor`` times as many items; the larger run lists each stored
+object ``--memory-factor`` times, which costs the pipeline exactly as many reads and decodes.
+
+    python benchmarks/bench_preprocess.py                      # 2,000 images, memory at 2,000 vs 20,000
+    python benchmarks/bench_preprocess.py --images 200 --memory-factor 5   # a quick look (~2 min)
+    python benchmarks/bench_preprocess.py --cache runs/bench-images    # generate once, reuse after
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import numpy as np
+import ray
+import torch
+from PIL import Image
+
+from lesion_ray import data, preprocess, spec, storage, synth
+
+
+def start_s3() -> subprocess.Popen:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    storage.configure(endpoint_url=f"http://127.0.0.1:{port}")
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return server
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the moto S3 server did not start")
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0  # the process ended between listing and reading
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in found]
+        found.update(children)
+        frontier = children
+    return found
+
+
+class PeakMemory:
+    """Samples the summed PSS of this process and its descendants (but ``exclude``) in a thread."""
+
+    def __init__(self, exclude: int, every_s: float = 0.5) -> None:
+        self.exclude, self.every_s, self.peak_kib = exclude, every_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = _descendants(os.getpid()) - _descendants(self.exclude)
+            self.peak_kib = max(self.peak_kib, sum(_pss_kib(pid) for pid in pids))
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_images(n: int, cache: str | None) -> list[str]:
+    """``n`` synthetic 1024x768 JPEGs in the benchmark's S3: generated there, or copied from ``cache``
+    (generated into it on the first run) so that reruns skip the generation."""
+    target = cache or "s3://bench/isic"
+    if not (cache and storage.exists(cache)):
+        raw = {
+            "kind": "synth",
+            "name": "bench",
+            "output": target,
+            "num_images": n,
+            "validation_images": 0,
+            "width": [1024, 1024],
+            "aspect": [0.75, 0.75],
+            "tasks": [1],
+        }
+        synth.run(spec.from_dict(synth.SynthSpec, raw, "bench"))
+    images = [s.image for s in data.discover(target).samples][:n]
+    if len(images) < n:
+        raise SystemExit(f"{cache} holds {len(images)} images, fewer than --images {n}: delete it to regenerate")
+    if not cache:
+        return images
+    uris = [f"s3://bench/isic/{storage.basename(uri)}" for uri in images]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda src, dst: storage.write_bytes(dst, storage.read_bytes(src)), images, uris))
+    return uris
+
+
+def plain_loop(uris: list[str], size: int) -> None:
+    for uri in uris:
+        im = Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB").resize((size, size), Image.BILINEAR)
+        np.asarray(im, np.float32) / 255
+
+
+def draft_loop(uris: list[str], size: int) -> None:
+    for uri in uris:
+        pixels, _ = preprocess.decode_image(storage.read_bytes(uri), target=size)
+        preprocess.to_model_input([pixels], size)
+
+
+def ray_pipeline(uris: list[str], size: int) -> None:
+    rows = errors = 0
+    for batch in preprocess.image_dataset(uris, size=size, batch_size=32).iter_batches(batch_size=256):
+        rows += len(batch["id"])
+        errors += int((batch["error"] != "").sum())
+    if rows != len(uris) or errors:
+        raise RuntimeError(f"pipeline returned {rows} rows with {errors} errors for {len(uris)} inputs")
+
+
+def timed(fn: Callable[[list[str], int], None], uris: list[str], size: int) -> float:
+    start = time.perf_counter()
+    fn(uris, size)
+    return len(uris) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000, help="generated 1024x768 JPEGs (default 2000)")
+    parser.add_argument("--size", type=int, default=256, help="model input size (default 256)")
+    parser.add_argument("--memory-factor", type=int, default=10, help="items in the large memory run / --images")
+    parser.add_argument("--cache", help="local folder to keep the generated images in between runs")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for Ray (default 4 on 2 cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the loops are single-process, single-thread baselines
+
+    server = start_s3()  # the benchmark's own S3 endpoint, like tests/conftest.py's
+    try:
+        boto3.client("s3", endpoint_url=storage.endpoint_url()).create_bucket(Bucket="bench")
+        ray.init(
+            address="local",  # a Ray of its own, even when a `ray start` cluster runs on this machine
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": storage.storage_env()},
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        start = time.perf_counter()
+        uris = bench_images(args.images, args.cache)
+        generate_s = time.perf_counter() - start
+        ray_pipeline(uris[:64], args.size)  # start Ray's workers before timing
+        results = {
+            "loop": timed(plain_loop, uris, args.size),
+            "loop+draft": timed(draft_loop, uris, args.size),
+            "ray": timed(ray_pipeline, uris, args.size),
+        }
+        peaks = []
+        for items in (uris, uris * args.memory_factor):
+            with PeakMemory(exclude=server.pid) as memory:
+                ray_pipeline(items, args.size)
+            peaks.append(memory.peak_kib / 1024)
+    finally:
+        ray.shutdown()
+        server.terminate()
+
+    print("== bench_preprocess ==")
+    print(
+        f"  machine        : {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"Ray {ray.__version__}, Ray num_cpus={args.num_cpus}"
+    )
+    print(f"  date           : {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {os.getloadavg()}")
+    print(f"  data           : {args.images} synthetic 1024x768 JPEGs in S3 (moto), ready in {generate_s:.0f} s")
+    print(f"  resize to      : {args.size}x{args.size}")
+    for name, rate in results.items():
+        print(f"  {name:<14} : {rate:.1f} images/s")
+    print(f"  ray / loop     : {results['ray'] / results['loop']:.2f}x")
+    print(
+        f"  peak memory    : {peaks[0]:.0f} MiB at {len(uris)} images, "
+        f"{peaks[1]:.0f} MiB at {len(uris) * args.memory_factor} ({peaks[1] / peaks[0]:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

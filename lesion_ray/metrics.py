@@ -1,0 +1,155 @@
+"""The official ISIC 2018 segmentation scores, in pure numpy.
+
+Scoring is split so that it parallelises: :func:`pixel_counts` turns one (ground truth,
+prediction) mask pair into four integers (TP, FP, FN, TN) anywhere (a Ray Data batch), and
+the reductions (:func:`task1_scores`, :func:`task2_scores`, :func:`confusion_matrix`) take the
+stacked counts of all pairs on the driver. Counts arrays have shape ``[..., 4]`` in the order
+of :data:`COUNTS`.
+
+Definitions follow the ISIC challenge scoring code (ImageMarkup/isic-challenge-scoring):
+- both masks are binarised at value > 128;
+- Task 1: every score is computed per image and averaged over images; the headline
+  "threshold Jaccard" sets any per-image Jaccard below 0.65 to 0;
+- Task 2 (2018): TP, FP and FN of every (image, attribute) pair are divided by the image's
+  pixel count, summed over all images and attributes, and one Jaccard is taken from the
+  sums (pooled, not a mean). Per-attribute Jaccard and Dice pool over images the same way;
+- a ratio whose denominator is 0 scores 1.0, as in the official code: an empty ground truth
+  with an empty prediction is a perfect answer (Jaccard, Dice), and sensitivity
+  (specificity) is 1.0 when the ground truth has no positive (negative) pixels.
+
+Missing, unreadable or wrongly sized predictions: the official code refuses to score a
+submission with any of them. A batch job over an archive must not stop on one file, so the
+evaluate job reports each of them by id and scores it as an all-zero prediction
+(``prediction=None`` here) -- the penalty an empty mask gets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLD = 128
+JACCARD_FLOOR = 0.65
+COUNTS = ("tp", "fp", "fn", "tn")
+
+
+def binarize(mask: np.ndarray) -> np.ndarray:
+    """A 0..255 mask as booleans, True where the value is above 128 (the official rule)."""
+    return np.asarray(mask) > THRESHOLD
+
+
+def pixel_counts(truth: np.ndarray, prediction: np.ndarray | None) -> np.ndarray:
+    """TP, FP, FN, TN of one mask pair (int64 ``[4]``); ``prediction=None`` scores an all-zero mask.
+
+    Raises ValueError when the two masks differ in size: the caller decides how to report it.
+    """
+    t = binarize(truth)
+    if prediction is None:
+        p = np.zeros_like(t)
+    else:
+        p = binarize(prediction)
+        if p.shape != t.shape:
+            raise ValueError(f"prediction is {p.shape[1]}x{p.shape[0]}, ground truth is {t.shape[1]}x{t.shape[0]}")
+    tp = int(np.count_nonzero(t & p))
+    fp = int(np.count_nonzero(p)) - tp
+    fn = int(np.count_nonzero(t)) - tp
+    return np.array([tp, fp, fn, t.size - tp - fp - fn], dtype=np.int64)
+
+
+def _split(counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    c = np.asarray(counts, dtype=np.float64)
+    return c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    # The official convention: 0/0 is a perfect score.
+    return np.divide(num, den, out=np.ones_like(num), where=den > 0)
+
+
+def jaccard(counts: np.ndarray) -> np.ndarray:
+    tp, fp, fn, _ = _split(counts)
+    return _ratio(tp, tp + fp + fn)
+
+
+def threshold_jaccard(counts: np.ndarray, floor: float = JACCARD_FLOOR) -> np.ndarray:
+    j = jaccard(counts)
+    return np.where(j >= floor, j, 0.0)
+
+
+def dice(counts: np.ndarray) -> np.ndarray:
+    tp, fp, fn, _ = _split(counts)
+    return _ratio(2 * tp, 2 * tp + fp + fn)
+
+
+def sensitivity(counts: np.ndarray) -> np.ndarray:
+    tp, _, fn, _ = _split(counts)
+    return _ratio(tp, tp + fn)
+
+
+def specificity(counts: np.ndarray) -> np.ndarray:
+    _, fp, _, tn = _split(counts)
+    return _ratio(tn, tn + fp)
+
+
+def accuracy(counts: np.ndarray) -> np.ndarray:
+    tp, fp, fn, tn = _split(counts)
+    return _ratio(tp + tn, tp + fp + fn + tn)
+
+
+TASK1_SCORES = {
+    "threshold_jaccard": threshold_jaccard,
+    "jaccard": jaccard,
+    "dice": dice,
+    "sensitivity": sensitivity,
+    "specificity": specificity,
+    "accuracy": accuracy,
+}
+
+
+def image_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Every Task 1 score per image, for ``counts`` of shape ``[N, 4]``."""
+    return {name: fn(counts) for name, fn in TASK1_SCORES.items()}
+
+
+def task1_scores(counts: np.ndarray) -> dict[str, float]:
+    """Task 1: the mean over images of each per-image score; ``counts`` is ``[N, 4]``, N >= 1."""
+    counts = np.asarray(counts).reshape(-1, 4)
+    if len(counts) == 0:
+        raise ValueError("no images to score")
+    return {name: float(values.mean()) for name, values in image_scores(counts).items()}
+
+
+def task2_scores(counts: np.ndarray, pixels: np.ndarray, attributes: list[str] | np.ndarray) -> dict:
+    """Task 2 (2018): the pooled Jaccard and Dice, overall and per attribute.
+
+    ``counts[i]`` are the pixel counts of pair i, ``pixels[i]`` its image's pixel count and
+    ``attributes[i]`` its attribute name.
+    """
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 4)
+    if len(counts) == 0:
+        raise ValueError("no attribute masks to score")
+    normalised = counts / np.asarray(pixels, dtype=np.float64)[:, None]
+    attributes = np.asarray(attributes)
+    per_attribute = {}
+    for name in sorted(set(attributes.tolist())):
+        pooled = normalised[attributes == name].sum(axis=0)
+        per_attribute[name] = {"jaccard": float(jaccard(pooled)), "dice": float(dice(pooled))}
+    pooled = normalised.sum(axis=0)
+    return {"jaccard": float(jaccard(pooled)), "dice": float(dice(pooled)), "per_attribute": per_attribute}
+
+
+def confusion_matrix(counts: np.ndarray, labels: tuple[str, str] = ("not lesion", "lesion")) -> dict:
+    """The pixel confusion matrix summed over ``counts`` (``[..., 4]``).
+
+    Rows are the ground truth, columns the prediction, both in ``labels`` order (negative
+    first). ``percent`` divides each row by its total, so the diagonal is each class's
+    recall, as the tutorial's percentage view shows it.
+    """
+    tp, fp, fn, tn = (int(v) for v in np.asarray(counts, dtype=np.int64).reshape(-1, 4).sum(axis=0))
+    matrix = np.array([[tn, fp], [fn, tp]], dtype=np.float64)
+    rows = matrix.sum(axis=1, keepdims=True)
+    percent = np.divide(100 * matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    return {
+        "labels": list(labels),
+        "counts": [[tn, fp], [fn, tp]],
+        "percent": [[round(float(v), 4) for v in row] for row in percent],
+    }

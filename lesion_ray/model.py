@@ -1,0 +1,312 @@
+"""Segmentation models and their losses.
+
+Two architectures share one interface, so training, batch inference and serving never
+branch on the model: ``forward(x)`` takes float32 images ``[B, 3, S, S]`` in ``[0, 1]`` and
+returns ``(mask_logits [B, C, S, S], head1 [B, C], head2 [B, C])`` without a sigmoid, where
+C is 1 (Task 1, lesion) or 5 (Task 2, one channel per attribute in ``data.ATTRIBUTES`` order).
+
+- ``multitask_unet``: the seed model of chvlyl/ISIC2018 (REFERENCE §3): a VGG16 encoder,
+  decoder blocks of 3x3 conv + ReLU then ConvTranspose2d(4, 2, 1) + ReLU with skip
+  connections, head 1 = 1x1 conv + global average pooling on the centre block, head 2 =
+  global max pooling of the mask logits.
+- ``unet``: the Peltarion tutorial's plain U-Net with configurable ``depth`` and width
+  (``num_filters``, doubled per level), small enough to train in a minute on a CPU at 64x64.
+  It carries the same two heads so the seed loss works with it too.
+
+The losses and the training augmentation live here too: plain torch, usable without Ray.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lesion_ray import storage
+from lesion_ray.spec import SpecError, param
+
+# The channel layout of torchvision's ``vgg16().features``: conv widths, "M" = max-pool.
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture choice; nested under ``model:`` in a train spec and stored in config.json."""
+
+    architecture: Literal["unet", "multitask_unet"] = param(
+        "unet", help="unet: the tutorial's plain U-Net; multitask_unet: the seed VGG16 U-Net with two heads")
+    task: Literal[1, 2] = param(1, help="1: lesion mask; 2: the five attribute masks")
+    input_size: int = param(64, min=32, help="images and masks are resized to input_size x input_size")
+    num_filters: int = param(32, min=1, help="width: decoder filters (multitask_unet) or first-level filters (unet)")
+    depth: int = param(4, min=1, max=7, help="unet only: number of down-sampling levels")
+    pretrained_encoder: str | None = param(
+        None, help="multitask_unet only: a file/URI with VGG16 weights, e.g. a torchvision vgg16 state_dict")
+
+    @property
+    def num_classes(self) -> int:
+        return 1 if self.task == 1 else 5
+
+    @property
+    def downsampling(self) -> int:
+        """The input size must be a multiple of this."""
+        return 32 if self.architecture == "multitask_unet" else 2**self.depth
+
+    def validate(self, source: str, path: str) -> None:
+        if self.input_size % self.downsampling:
+            raise SpecError(source, _key(path, "input_size"),
+                            f"must be a multiple of {self.downsampling} for {self.architecture}"
+                            + (f" with depth {self.depth}" if self.architecture == "unet" else "")
+                            + f", got {self.input_size}")
+        if self.pretrained_encoder and self.architecture != "multitask_unet":
+            raise SpecError(source, _key(path, "pretrained_encoder"),
+                            "only multitask_unet has a VGG16 encoder to load; remove it or set "
+                            "architecture: multitask_unet")
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# --- Blocks ------------------------------------------------------------------------------------
+
+
+def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True))
+
+
+class DecoderBlock(nn.Module):
+    """The seed decoder block: 3x3 conv + ReLU, then a 2x up-sampling transposed conv + ReLU."""
+
+    def __init__(self, in_channels: int, middle_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            conv_relu(in_channels, middle_channels),
+            nn.ConvTranspose2d(middle_channels, out_channels, kernel_size=4, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def vgg16_features() -> nn.Sequential:
+    """VGG16's convolutional part with torchvision's exact module indices (0, 2, 5, ... 28),
+    so a torchvision ``features.N.*`` state_dict maps onto ``N.*`` one to one."""
+    layers: list[nn.Module] = []
+    in_channels = 3
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(in_channels, item, 3, padding=1), nn.ReLU(inplace=True)]
+            in_channels = item
+    return nn.Sequential(*layers)
+
+
+# Slices of vgg16_features() that form the five encoder blocks (each ends before a max-pool).
+VGG16_BLOCKS = ((0, 4), (5, 9), (10, 16), (17, 23), (24, 30))
+
+
+class MultiTaskUNet(nn.Module):
+    """The seed multi-task U-Net (chvlyl/ISIC2018, after TernausNet's UNet16)."""
+
+    def __init__(self, num_classes: int = 5, num_filters: int = 32) -> None:
+        super().__init__()
+        f = num_filters
+        self.encoder = vgg16_features()
+        self.pool = nn.MaxPool2d(2, 2)
+        self.center = DecoderBlock(512, f * 8 * 2, f * 8)
+        self.dec5 = DecoderBlock(512 + f * 8, f * 8 * 2, f * 8)
+        self.dec4 = DecoderBlock(512 + f * 8, f * 8 * 2, f * 8)
+        self.dec3 = DecoderBlock(256 + f * 8, f * 4 * 2, f * 2)
+        self.dec2 = DecoderBlock(128 + f * 2, f * 2 * 2, f)
+        self.dec1 = conv_relu(64 + f, f)
+        self.final = nn.Conv2d(f, num_classes, kernel_size=1)
+        self.head1 = nn.Conv2d(f * 8, num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        skips = []
+        for i, (start, stop) in enumerate(VGG16_BLOCKS):
+            x = self.encoder[start:stop](self.pool(x) if i else x)
+            skips.append(x)
+        center = self.center(self.pool(x))
+        x = center
+        for decoder, skip in zip((self.dec5, self.dec4, self.dec3, self.dec2, self.dec1), reversed(skips), strict=True):
+            x = decoder(torch.cat([x, skip], 1))
+        logits = self.final(x)
+        head1 = F.adaptive_avg_pool2d(self.head1(center), 1).flatten(1)
+        head2 = F.adaptive_max_pool2d(logits, 1).flatten(1)
+        return logits, head1, head2
+
+
+def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """The tutorial's plain U-Net: ``depth`` down/up levels, ``num_filters`` doubled per level."""
+
+    def __init__(self, num_classes: int = 1, num_filters: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        widths = [num_filters * 2**level for level in range(depth + 1)]
+        self.down = nn.ModuleList(
+            double_conv(3 if level == 0 else widths[level - 1], widths[level]) for level in range(depth)
+        )
+        self.bottleneck = double_conv(widths[depth - 1], widths[depth])
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
+        )
+        self.up_conv = nn.ModuleList(double_conv(2 * widths[level], widths[level]) for level in reversed(range(depth)))
+        self.final = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        self.head1 = nn.Conv2d(widths[depth], num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        center = self.bottleneck(x)
+        x = center
+        for up, conv, skip in zip(self.up, self.up_conv, reversed(skips), strict=True):
+            x = conv(torch.cat([up(x), skip], 1))
+        logits = self.final(x)
+        head1 = F.adaptive_avg_pool2d(self.head1(center), 1).flatten(1)
+        head2 = F.adaptive_max_pool2d(logits, 1).flatten(1)
+        return logits, head1, head2
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """A freshly initialised model; loads ``pretrained_encoder`` when the config names one."""
+    if config.architecture == "multitask_unet":
+        model = MultiTaskUNet(config.num_classes, config.num_filters)
+        if config.pretrained_encoder:
+            load_vgg16_encoder(model, config.pretrained_encoder)
+        return model
+    return UNet(config.num_classes, config.num_filters, config.depth)
+
+
+def load_vgg16_encoder(model: MultiTaskUNet, uri: str) -> None:
+    """Copy VGG16 convolution weights from a state_dict file into ``model.encoder``.
+
+    Accepts torchvision's full ``vgg16().state_dict()`` (``features.N.weight``), a bare
+    ``features`` state_dict (``N.weight``), and either wrapped in ``module.`` (DataParallel).
+    Nothing is downloaded: the user provides the file.
+    """
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained_encoder {uri} is not a state_dict (got {type(state).__name__})")
+    encoder = {}
+    for key, tensor in state.items():
+        key = key.removeprefix("module.").removeprefix("features.").removeprefix("encoder.")
+        if key.split(".")[0].isdigit():
+            encoder[key] = tensor
+    expected = model.encoder.state_dict()
+    missing = sorted(set(expected) - set(encoder))
+    if missing:
+        raise ValueError(
+            f"pretrained_encoder {uri} holds no VGG16 convolution weights for {', '.join(missing[:4])}: "
+            "give a torchvision vgg16 state_dict (keys features.0.weight ... features.28.bias)"
+        )
+    for key, tensor in expected.items():
+        if encoder[key].shape != tensor.shape:
+            raise ValueError(f"pretrained_encoder {uri}: {key} has shape {tuple(encoder[key].shape)}, "
+                             f"VGG16 needs {tuple(tensor.shape)}")
+    model.encoder.load_state_dict({k: encoder[k] for k in expected})
+
+
+# --- Losses ------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """``bce``: per-pixel BCE (tutorial). ``seed``: BCE - jaccard_weight * log(soft Jaccard) on the
+    masks + head1_weight * BCE(head 1) + head2_weight * BCE(head 2) against "attribute present"."""
+
+    name: Literal["bce", "seed"] = param("bce", help="bce (tutorial) or seed (multi-task loss)")
+    jaccard_weight: float = param(1.0, min=0.0, help="seed: weight of -log(soft Jaccard)")
+    head1_weight: float = param(0.5, min=0.0, help="seed: weight of head 1's BCE")
+    head2_weight: float = param(0.5, min=0.0, help="seed: weight of head 2's BCE")
+
+
+def soft_jaccard(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Soft Jaccard over the whole batch, as the seed computes it."""
+    prob = torch.sigmoid(logits)
+    intersection = (prob * target).sum()
+    union = prob.sum() + target.sum()
+    return (intersection + eps) / (union - intersection + eps)
+
+
+def compute_loss(
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    present: torch.Tensor,
+    config: LossConfig,
+) -> torch.Tensor:
+    """The configured loss of ``model(x)`` against masks ``[B, C, S, S]`` and labels ``[B, C]`` (0/1)."""
+    logits, head1, head2 = (o.float() for o in outputs)  # losses in fp32 under autocast
+    loss = F.binary_cross_entropy_with_logits(logits, mask)
+    if config.name == "bce":
+        return loss
+    loss = loss - config.jaccard_weight * torch.log(soft_jaccard(logits, mask))
+    loss = loss + config.head1_weight * F.binary_cross_entropy_with_logits(head1, present)
+    return loss + config.head2_weight * F.binary_cross_entropy_with_logits(head2, present)
+
+
+# --- Augmentation ------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Random augmentation on the workers; geometry is applied identically to image and masks."""
+
+    flip: bool = param(True, help="random horizontal and vertical flips")
+    affine: bool = param(True, help="random rotation, translation and scale")
+    rotation: float = param(20.0, min=0, max=180, help="max rotation in degrees")
+    translate: float = param(0.1, min=0, max=0.5, help="max shift as a share of the image size")
+    scale: float = param(0.1, min=0, max=0.5, help="max zoom in/out as a share")
+    color: bool = param(True, help="random brightness and saturation (image only)")
+    brightness: float = param(0.2, min=0, max=1, help="max brightness change as a share")
+    saturation: float = param(0.2, min=0, max=1, help="max saturation change as a share")
+
+
+def augment(image: torch.Tensor, mask: torch.Tensor, config: AugmentConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips and affine warps applied identically to ``image`` [B,3,S,S] and ``mask``
+    [B,C,S,S]; brightness and saturation jitter on the image only. Values stay in [0, 1]."""
+    b, device = len(image), image.device
+
+    def uniform(limit: float, *shape: int) -> torch.Tensor:
+        return (torch.rand(b, *shape, device=device, generator=generator) * 2 - 1) * limit
+
+    if config.flip:
+        for dim in (3, 2):
+            flip = torch.rand(b, device=device, generator=generator) < 0.5
+            image = torch.where(flip[:, None, None, None], image.flip(dim), image)
+            mask = torch.where(flip[:, None, None, None], mask.flip(dim), mask)
+    if config.affine:
+        angle = uniform(config.rotation * torch.pi / 180)
+        scale = 1 + uniform(config.scale)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        shift = uniform(config.translate * 2, 2)  # affine_grid coordinates span [-1, 1]
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        mask = F.grid_sample(mask, grid, mode="nearest", padding_mode="reflection", align_corners=False)
+    if config.color:
+        brightness = 1 + uniform(config.brightness, 1, 1, 1)
+        saturation = 1 + uniform(config.saturation, 1, 1, 1)
+        grey = (image * torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]).sum(1, keepdim=True)
+        image = ((grey + (image - grey) * saturation) * brightness).clamp(0, 1)
+    return image, mask

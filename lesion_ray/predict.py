@@ -1,0 +1,421 @@
+"""``kind: predict``: batch inference over an image archive on Ray Data, resumable and accounted for.
+
+The streaming pipeline (every stage runs concurrently, with Ray Data's backpressure):
+
+1. list the inputs once (:func:`lesion_ray.data.discover`: an ISIC root, an input folder or any
+   folder of images) and the output folder once (resume);
+2. read + decode + resize + scale in CPU tasks (:func:`lesion_ray.preprocess.image_dataset`), so
+   the model never waits on JPEG decoding while there are CPUs to decode;
+3. :class:`Predictor` actors (``ActorPoolStrategy``; ``num_gpus`` when ``gpus_per_actor`` > 0)
+   load the model once each and return sigmoid probabilities at the model's resolution, plus
+   both heads' attribute probabilities (optionally averaged over flips: ``tta``);
+4. CPU tasks (:func:`write_batch`) resize the probabilities back to the original image size,
+   threshold them, encode 0/255 single-channel PNGs in the ISIC submission format
+   (``masks/<id>_segmentation.png`` or ``masks/<id>_attribute_<name>.png``), optionally an
+   input | mask | overlay PNG (``overlays/<id>_overlay.png``), and return one manifest row each;
+5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`),
+   flushing parts to ``manifest_parts/`` every :data:`FLUSH_EVERY_S` so an interrupted run
+   keeps what it finished.
+
+Every input ends as exactly one manifest row, ``ok`` or ``error`` with the reason. With
+``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model and
+threshold exists and all the outputs it names are in the output listing; its row is kept.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+from PIL import Image
+
+from lesion_ray import data, preprocess, registry, report, storage
+from lesion_ray.registry import ModelRef
+from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, param
+
+MANIFEST_FILE = "manifest.parquet"
+PARTS_DIR = "manifest_parts"
+MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
+FLUSH_EVERY_S = 30.0
+OVERLAY_HEIGHT = 256
+# Logical memory reserved per inference actor: a process with torch, plus twice the weights.
+ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
+# Overlay colours: the lesion (Task 1), then one per attribute in data.ATTRIBUTES order (Task 2).
+LESION_COLOUR = (255, 40, 40)
+ATTRIBUTE_COLOURS = ((255, 40, 40), (40, 200, 255), (255, 220, 0), (60, 255, 60), (255, 60, 255))
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),  # "ok" or "error"
+    ("error", pa.string()),  # "" when ok
+    ("masks", pa.list_(pa.string())),  # output URIs: one (Task 1) or five in data.ATTRIBUTES order (Task 2)
+    ("overlay", pa.string()),  # "" when none was written
+    ("height", pa.int32()),  # original image size (0 when the image could not be decoded)
+    ("width", pa.int32()),
+    ("area_fraction", pa.list_(pa.float32())),  # share of mask pixels, per channel
+    ("head1_prob", pa.list_(pa.float32())),  # attribute/lesion presence, head 1 (pooled centre block)
+    ("head2_prob", pa.list_(pa.float32())),  # head 2 (max of the mask logits)
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("threshold", pa.float64()),
+    ("infer_ms", pa.float32()),  # this image's share of its batch's forward pass
+    ("write_ms", pa.float32()),  # resize + threshold + encode + write
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+])
+
+
+@dataclass(kw_only=True)
+class PredictSpec(JobSpec):
+    input: InputUri
+    model: ModelRef
+    output: OutputUri
+    registry: str | None = param(None, help="model registry for name@version (default $LESION_RAY_REGISTRY "
+                                            "or runs/registry)")
+    subset: Literal["Training", "Validation", "Test"] = param(
+        "Validation", help="which subset's images when input is an ISIC root")
+    batch_size: int = param(16, min=1, help="images per forward pass (and per decode task)")
+    min_actors: int = param(1, min=1, help="inference actors kept running")
+    max_actors: int = param(1, min=1, help="inference actors at most (one model copy each)")
+    cpus_per_actor: int = param(1, min=1, help="CPUs reserved per inference actor; also its torch threads")
+    gpus_per_actor: float = param(0.0, min=0.0, help="GPUs per inference actor; 0 runs the model on CPU")
+    threshold: float | None = param(None, min=0.0, max=1.0, help="probability above which a pixel is in "
+                                                                  "the mask (default: the model's own)")
+    overlays: Literal["none", "sample", "all"] = param(
+        "sample", help="input | mask | overlay PNGs: none, the first overlay_sample images by id, or all")
+    overlay_sample: int = param(16, min=1, help="how many images get an overlay with overlays: sample")
+    tta: bool = param(False, help="average the probabilities over the image and its horizontal/vertical flips")
+    resume: bool = param(True, help="skip inputs whose outputs a previous run with the same model finished")
+    max_pixels: int = param(preprocess.DEFAULT_MAX_PIXELS, min=1, help="refuse larger images (decompression "
+                                                                       "bombs)")
+
+    def check(self, ctx: CheckContext) -> None:
+        # A ModelRef alone looks name@version up in the default registry; this spec may name another.
+        check_uris(replace(self, model=registry.qualified(self.model, self.registry)), ctx)
+
+    def validate(self, source: str, path: str) -> None:
+        if self.min_actors > self.max_actors:
+            key = f"{path}.min_actors" if path else "min_actors"
+            raise SpecError(source, key, f"must be at most max_actors ({self.max_actors}), got {self.min_actors}")
+
+
+SPEC = PredictSpec
+
+
+def mask_names(image_id: str, task: int) -> list[str]:
+    """The ISIC submission file names of one image's masks."""
+    if task == 1:
+        return [f"{image_id}_segmentation.png"]
+    return [f"{image_id}_attribute_{name}.png" for name in data.ATTRIBUTES]
+
+
+# --- Inference ----------------------------------------------------------------------------------
+
+
+class Predictor:
+    """A Ray Data actor: the model loaded once, then batches of preprocessed images -> probabilities."""
+
+    def __init__(self, model_dir: str, device: str, tta: bool, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.loaded = registry.load_model(model_dir, device=device)
+        self.device = device
+        self.flips = [(), (3,), (2,)] if tta else [()]
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sigmoid mask probabilities and both heads' probabilities, averaged over the flips."""
+        probs = head1 = head2 = 0
+        for dims in self.flips:
+            logits, h1, h2 = self.loaded.model(images.flip(dims) if dims else images)
+            p = torch.sigmoid(logits)
+            probs = probs + (p.flip(dims) if dims else p)
+            head1, head2 = head1 + torch.sigmoid(h1), head2 + torch.sigmoid(h2)
+        n = len(self.flips)
+        return probs / n, head1 / n, head2 / n
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["error"] == ""
+        count, channels, size = len(ok), self.loaded.config.num_classes, self.loaded.config.input_size
+        probs = np.zeros((count, channels, size, size), np.float16)
+        head1 = np.zeros((count, channels), np.float32)
+        head2 = np.zeros((count, channels), np.float32)
+        start = time.perf_counter()
+        if ok.any():
+            images = torch.from_numpy(batch["image"][ok]).to(self.device)  # boolean indexing copied it
+            p, h1, h2 = self.forward(images)
+            probs[ok] = p.half().cpu().numpy()
+            head1[ok], head2[ok] = h1.float().cpu().numpy(), h2.float().cpu().numpy()
+        infer_ms = 1000 * (time.perf_counter() - start) / max(int(ok.sum()), 1)
+        out = {k: batch[k] for k in ("id", "source", "error", "orig_height", "orig_width")}
+        out.update(probs=probs, head1=head1, head2=head2, infer_ms=np.where(ok, infer_ms, 0.0).astype(np.float32))
+        return out
+
+
+# --- Post-processing ----------------------------------------------------------------------------
+
+
+def to_masks(probs: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
+    """[C, S, S] probabilities -> [C, height, width] uint8 0/255: bilinear resize, then threshold."""
+    out = np.empty((len(probs), height, width), np.uint8)
+    for c, channel in enumerate(probs):
+        resized = Image.fromarray(channel.astype(np.float32), "F").resize((width, height), Image.Resampling.BILINEAR)
+        out[c] = np.where(np.asarray(resized) > threshold, 255, 0)
+    return out
+
+
+def encode_png(mask: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    # Level 1: binary masks compress well anyway, and encoding is the write stage's main cost.
+    Image.fromarray(mask, "L").save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def overlay_png(image: np.ndarray, masks: np.ndarray) -> bytes:
+    """input | mask | overlay, side by side at :data:`OVERLAY_HEIGHT`; masks are [C, H, W] 0/255."""
+    height = min(OVERLAY_HEIGHT, masks.shape[1])
+    width = max(1, round(masks.shape[2] * height / masks.shape[1]))
+    picture = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR), np.float32)
+    # Task 1: a white mask (as the tutorial shows it), tinted red on the image; Task 2: a colour per attribute.
+    colours = [LESION_COLOUR] if len(masks) == 1 else ATTRIBUTE_COLOURS
+    painted = np.zeros_like(picture)
+    blended = picture.copy()
+    for mask, colour in zip(masks, colours, strict=True):
+        on = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)) > 0
+        painted[on] = (255, 255, 255) if len(masks) == 1 else colour
+        blended[on] = 0.5 * picture[on] + 0.5 * np.array(colour, np.float32)
+    panel = np.concatenate([picture, painted, blended], axis=1).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(panel, "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, overlay: bool,
+               max_pixels: int) -> tuple[list[str], str, list[float]]:
+    """Write one image's masks (and overlay); returns (mask URIs, overlay URI, area fractions)."""
+    masks = to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold)
+    uris = [storage.join(out, MASKS_DIR, name) for name in mask_names(str(row["id"]), task)]
+    for uri, mask in zip(uris, masks, strict=True):
+        storage.write_bytes(uri, encode_png(mask))
+    overlay_uri = ""
+    if overlay:
+        image, _ = preprocess.decode_image(storage.read_bytes(str(row["source"])), max_pixels=max_pixels,
+                                           target=OVERLAY_HEIGHT)
+        overlay_uri = storage.join(out, OVERLAYS_DIR, f"{row['id']}_overlay.png")
+        storage.write_bytes(overlay_uri, overlay_png(image, masks))
+    return uris, overlay_uri, [float(np.count_nonzero(m)) / m.size for m in masks]
+
+
+def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, overlay_ids: set[str] | None,
+                model_name: str, model_version: str, max_pixels: int) -> pa.Table:
+    """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included).
+
+    ``overlay_ids``: the images that get an overlay; None for all of them.
+    """
+    rows = []
+    for i in range(len(batch["id"])):
+        row = {k: batch[k][i] for k in batch}
+        image_id, error = str(row["id"]), str(row["error"])
+        start = time.perf_counter()
+        uris, overlay_uri, areas = [], "", []
+        if not error:
+            try:
+                overlay = overlay_ids is None or image_id in overlay_ids
+                uris, overlay_uri, areas = _write_one(row, out, task, threshold, overlay, max_pixels)
+            except Exception as exc:  # one failed write must not lose the rest of the batch
+                error, uris, overlay_uri, areas = f"writing outputs failed: {type(exc).__name__}: {exc}", [], "", []
+        rows.append({
+            "id": image_id,
+            "source": str(row["source"]),
+            "status": "error" if error else "ok",
+            "error": error,
+            "masks": uris,
+            "overlay": overlay_uri,
+            "height": int(row["orig_height"]),
+            "width": int(row["orig_width"]),
+            "area_fraction": areas,
+            "head1_prob": row["head1"].tolist() if not error else [],
+            "head2_prob": row["head2"].tolist() if not error else [],
+            "model_name": model_name,
+            "model_version": model_version,
+            "threshold": threshold,
+            "infer_ms": float(row["infer_ms"]),
+            "write_ms": 1000 * (time.perf_counter() - start),
+            "finished_at": datetime.now(timezone.utc),
+        })
+    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+# --- Manifest and resume ------------------------------------------------------------------------
+
+
+def _read_parquet(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), schema=MANIFEST_SCHEMA)
+
+
+def read_manifest(out: str, listing: set[str]) -> pa.Table:
+    """Every row an earlier run recorded under ``out``, the newest row per id (parts after the manifest)."""
+    uris = [u for u in sorted(listing) if u.endswith(".parquet") and storage.parent(u) == storage.join(out, PARTS_DIR)]
+    if storage.join(out, MANIFEST_FILE) in listing:
+        uris.insert(0, storage.join(out, MANIFEST_FILE))
+    if not uris:
+        return MANIFEST_SCHEMA.empty_table()
+    table = pa.concat_tables([_read_parquet(u) for u in uris])
+    newest = {image_id: i for i, image_id in enumerate(table["id"].to_pylist())}
+    return table.take(sorted(newest.values()))
+
+
+def finished_rows(previous: pa.Table, listing: set[str], ids: set[str], model_name: str, model_version: str,
+                  threshold: float) -> pa.Table:
+    """The earlier rows that stand: ok, same model and threshold, an input now, all outputs present."""
+    keep = []
+    for i, row in enumerate(previous.select(["id", "status", "masks", "overlay", "model_name", "model_version",
+                                             "threshold"]).to_pylist()):
+        outputs = row["masks"] + ([row["overlay"]] if row["overlay"] else [])
+        if (row["status"] == "ok" and row["id"] in ids and row["model_name"] == model_name
+                and row["model_version"] == model_version and row["threshold"] == threshold
+                and all(u in listing for u in outputs)):
+            keep.append(i)
+    return previous.take(pa.array(keep, pa.int64()))
+
+
+class ManifestWriter:
+    """Collects manifest rows on the driver; flushes parts while running, one manifest at the end."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.tables: list[pa.Table] = []
+        self.pending: list[pa.Table] = []
+        self.parts = 0
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        self.last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> None:
+        self.tables.append(table)
+        self.pending.append(table)
+        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            uri = storage.join(self.out, PARTS_DIR, f"part-{self.run_id}-{self.parts:05d}.parquet")
+            _write_parquet(uri, pa.concat_tables(self.pending))
+            self.parts += 1
+            self.pending = []
+        self.last_flush = time.monotonic()
+
+    def finish(self, kept: pa.Table) -> pa.Table:
+        """Write ``kept`` rows + this run's rows as the manifest and drop the parts."""
+        manifest = pa.concat_tables([kept, *self.tables]).sort_by("id")
+        _write_parquet(storage.join(self.out, MANIFEST_FILE), manifest)
+        storage.delete(storage.join(self.out, PARTS_DIR))
+        return manifest
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    with storage.open_write(uri) as f:
+        pq.write_table(table, f)
+
+
+# --- The job ------------------------------------------------------------------------------------
+
+
+def _collect(ds: ray.data.Dataset, writer: ManifestWriter):
+    """Run the pipeline, handing its manifest rows to ``writer``; yields once per image (progress)."""
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        writer.add(table)
+        yield from range(len(table))
+
+
+def run(spec: PredictSpec) -> dict[str, Any]:
+    found = registry.resolve(spec.model, spec.registry)
+    config, model_threshold = registry.config_from_json(
+        json.loads(storage.read_text(storage.join(found.model_dir, registry.CONFIG_FILE))))
+    threshold = model_threshold if spec.threshold is None else spec.threshold
+    if spec.gpus_per_actor > 0 and preprocess.cluster_gpus() < spec.gpus_per_actor:
+        raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has "
+                         f"{preprocess.cluster_gpus()} GPUs: set gpus_per_actor: 0 to predict on CPUs")
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if spec.min_actors * spec.cpus_per_actor >= cpus:
+        report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
+                    "of the cluster and leave none to decode images: lower min_actors or cpus_per_actor unless "
+                    "the cluster will grow")
+    discovery = data.discover(spec.input, spec.subset)
+    samples = discovery.samples
+    if discovery.problems:
+        report.info(f"input {spec.input}: {discovery.summary()}")
+    out = storage.normalize(spec.output)
+    listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
+    if spec.resume:
+        kept = finished_rows(read_manifest(out, listing), listing, {s.id for s in samples}, found.name,
+                             found.version, threshold)
+    else:
+        storage.delete(storage.join(out, PARTS_DIR))
+        kept = MANIFEST_SCHEMA.empty_table()
+    done = set(kept["id"].to_pylist())
+    todo = [s for s in samples if s.id not in done]
+    overlay_ids = None if spec.overlays == "all" else set()  # None: every image, without shipping a million ids
+    if spec.overlays == "sample":
+        overlay_ids = {s.id for s in sorted(samples, key=lambda s: s.id)[: spec.overlay_sample]}
+    report.info(f"predicting {len(todo)} of {len(samples)} images with {found.name}@{found.version} "
+                f"({len(done)} already done)")
+
+    weights_bytes = next(f.size for f in storage.list_files(storage.parent(found.model_file))
+                         if f.uri == found.model_file)
+    writer = ManifestWriter(out)
+    start = time.perf_counter()
+    if todo:
+        ds = preprocess.image_dataset(todo, size=config.input_size, max_pixels=spec.max_pixels,
+                                      batch_size=spec.batch_size, device="cpu")
+        device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"model_dir": found.model_dir, "device": device, "tta": spec.tta,
+                                   "threads": spec.cpus_per_actor},
+            batch_size=spec.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+            num_cpus=spec.cpus_per_actor,
+            # A memory reservation, which the decode tasks lack, also keeps Ray Data from fusing decoding
+            # into these actors (it fuses operators only when their remote args are identical): decoding
+            # must run in parallel CPU tasks, not between forward passes.
+            memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
+            **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
+        )
+        ds = ds.map_batches(write_batch, batch_size=spec.batch_size, fn_kwargs={
+            "out": out, "task": config.task, "threshold": threshold, "overlay_ids": overlay_ids,
+            "model_name": found.name, "model_version": found.version, "max_pixels": spec.max_pixels})
+        for _ in report.progress(_collect(ds, writer), len(todo), "predicted"):
+            pass
+    seconds = time.perf_counter() - start
+    manifest = writer.finish(kept)
+
+    status = manifest["status"].to_pylist()
+    ok, errors = status.count("ok"), status.count("error")
+    if ok + errors != len(samples) or len(set(manifest["id"].to_pylist())) != len(samples):
+        raise RuntimeError(f"the manifest has {len(manifest)} rows for {len(samples)} inputs: please report this bug")
+    if errors:
+        examples = manifest.filter(pc.equal(manifest["status"], "error")).slice(0, 3).to_pylist()
+        report.info(f"{errors} inputs failed, e.g. " + "; ".join(f"{r['id']}: {r['error']}" for r in examples))
+    return {
+        "inputs": len(samples),
+        "ok": ok,
+        "error": errors,
+        "resumed": len(done),
+        "images_per_s": round(len(todo) / seconds, 2) if todo else 0.0,
+        "model": f"{found.name}@{found.version}",
+        "threshold": threshold,
+        "masks": storage.join(out, MASKS_DIR),
+        "overlays": storage.join(out, OVERLAYS_DIR) if spec.overlays != "none" else "none",
+        "manifest": storage.join(out, MANIFEST_FILE),
+    }

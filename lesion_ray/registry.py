@@ -1,0 +1,235 @@
+"""Checkpoints and the model registry: how a trained model is stored, named and loaded.
+
+A *model folder* holds ``model.pt`` (a plain ``state_dict``: tensors only, no ``module.``
+prefix, loadable with ``torch.load`` + ``load_state_dict`` anywhere) and ``config.json``
+(architecture, task, input size, threshold). Training checkpoints, a run's ``best_model/``
+and registry versions are all model folders. The registry layout::
+
+    <registry>/<name>/<version>/{model.pt, config.json, metrics.json}
+    <registry>/<name>/latest.json          {"name", "version", "uri"}
+
+A model reference (:class:`ModelRef`) is ``name@latest``, ``name@3``,
+``<registry uri>/name@latest``, a ``model.pt`` URI, a model folder, or a train run's output
+folder (its ``best_model/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lesion_ray import storage
+from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.spec import CheckContext, CheckedStr
+
+MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
+BEST_MODEL_DIR = "best_model"
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_REGISTRY_REF = re.compile(rf"^(?:(?P<registry>.+)/)?(?P<name>{NAME_PATTERN})@(?P<version>latest|\d+)$")
+
+
+def default_registry() -> str:
+    """``$LESION_RAY_REGISTRY``, else ``runs/registry`` under the working directory."""
+    return storage.normalize(os.environ.get("LESION_RAY_REGISTRY") or "runs/registry")
+
+
+# --- Model folders -----------------------------------------------------------------------------
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU tensors without any training wrapper (DDP, DataParallel) or ``module.`` prefix."""
+    model = getattr(model, "module", model)
+    return {k.removeprefix("module."): v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """A state_dict file as saved here, by ``nn.DataParallel``/DDP (``module.`` keys) or wrapped
+    in ``{"state_dict": ...}`` / ``{"model": ...}`` as many training scripts save it."""
+    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{uri} is not a PyTorch state_dict: save it with torch.save(model.state_dict(), path)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def config_to_json(config: ModelConfig, threshold: float, **extra: Any) -> dict[str, Any]:
+    # The encoder weights are inside model.pt now: loading must not ask for the VGG16 file again.
+    fields = dataclasses.asdict(dataclasses.replace(config, pretrained_encoder=None))
+    return {**fields, "threshold": threshold, **extra}
+
+
+def config_from_json(data: dict[str, Any]) -> tuple[ModelConfig, float]:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in data.items() if k in names}), float(data.get("threshold", 0.5))
+
+
+def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
+                   metrics: dict[str, Any] | None = None) -> None:
+    """Write a model folder: model.pt (plain state_dict), config.json and optionally metrics.json."""
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    storage.write_bytes(storage.join(uri, MODEL_FILE), buf.getvalue())
+    storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(config, indent=2))
+    if metrics is not None:
+        storage.write_text(storage.join(uri, METRICS_FILE), json.dumps(metrics, indent=2))
+
+
+# --- The registry ------------------------------------------------------------------------------
+
+
+def versions(name: str, registry: str | None = None) -> list[int]:
+    """The published versions of ``name``, ascending (empty when there are none)."""
+    root = storage.join(registry or default_registry(), name)
+    if not storage.exists(root):
+        return []
+    found = set()
+    for info in storage.list_files(root, suffixes=(f"/{CONFIG_FILE}",)):
+        version = storage.basename(storage.parent(info.uri))
+        if version.isdigit():
+            found.add(int(version))
+    return sorted(found)
+
+
+def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None) -> str:
+    """Copy a model folder into the registry as the next version of ``name``; returns ``name@N``.
+
+    latest.json is written last, so a reader never sees it point at a half-written version.
+    """
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"model name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    registry = storage.normalize(registry or default_registry())
+    version = max(versions(name, registry), default=0) + 1
+    target = storage.join(registry, name, str(version))
+    config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
+    storage.write_bytes(storage.join(target, MODEL_FILE), storage.read_bytes(storage.join(model_dir, MODEL_FILE)))
+    storage.write_text(storage.join(target, METRICS_FILE), json.dumps(metrics, indent=2))
+    storage.write_text(storage.join(target, CONFIG_FILE), json.dumps({**config, "name": name, "version": version},
+                                                                     indent=2))
+    latest = {"name": name, "version": version, "uri": target}
+    storage.write_text(storage.join(registry, name, LATEST_FILE), json.dumps(latest, indent=2))
+    return f"{name}@{version}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where a model reference points: its model folder and, for registry refs, name and version."""
+
+    model_dir: str
+    model_file: str
+    name: str
+    version: str
+
+
+def resolve(ref: str, registry: str | None = None) -> Resolved:
+    """Find the model folder that ``ref`` names; raises StorageError saying what is missing."""
+    match = _REGISTRY_REF.match(ref)
+    if match:
+        registry = storage.normalize(match["registry"] or registry or default_registry())
+        name, version = match["name"], match["version"]
+        if version == "latest":
+            latest_uri = storage.join(registry, name, LATEST_FILE)
+            if not storage.exists(latest_uri):
+                raise storage.StorageError(
+                    f"model '{name}' is not in the registry {registry} (no {LATEST_FILE}): train it first "
+                    f"(kind: train, model_name: {name}) or give the registry URI as <registry>/{name}@latest"
+                )
+            version = str(json.loads(storage.read_text(latest_uri))["version"])
+        model_dir = storage.join(registry, name, version)
+        if not storage.exists(storage.join(model_dir, MODEL_FILE)):
+            have = ", ".join(str(v) for v in versions(name, registry)) or "none"
+            raise storage.StorageError(f"model {name}@{version} is not in the registry {registry} (versions: {have})")
+        return Resolved(model_dir, storage.join(model_dir, MODEL_FILE), name, version)
+    uri = storage.normalize(ref)
+    if uri.endswith(".pt"):
+        if not storage.exists(uri):
+            raise storage.StorageError(f"no model file at {ref}")
+        model_dir, model_file = storage.parent(uri), uri
+    else:
+        for model_dir in (uri, storage.join(uri, BEST_MODEL_DIR)):
+            model_file = storage.join(model_dir, MODEL_FILE)
+            if storage.exists(model_file):
+                break
+        else:
+            raise storage.StorageError(
+                f"no model at {ref}: expected name@latest, name@N, a model.pt, a folder with model.pt and "
+                f"config.json, or a finished train run's output (with {BEST_MODEL_DIR}/)"
+            )
+    if not storage.exists(storage.join(model_dir, CONFIG_FILE)):
+        raise storage.StorageError(f"{model_file} has no {CONFIG_FILE} beside it: the architecture is unknown")
+    config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
+    return Resolved(model_dir, model_file, str(config.get("name", storage.basename(model_dir))),
+                    str(config.get("version", "")))
+
+
+class ModelRef(CheckedStr):
+    """A model a job loads: checked to exist unless an earlier pipeline step trains it."""
+
+    expected = ("a model: name@latest, name@N, <registry uri>/name@latest, a model.pt URI, "
+                "a model folder or a train run's output folder")
+
+    @classmethod
+    def canonical(cls, value: str) -> str:
+        # Paths become absolute (Ray workers run in other folders); a bare name@version stays.
+        match = _REGISTRY_REF.match(value)
+        if match and match["registry"]:
+            return f"{storage.normalize(match['registry'])}/{match['name']}@{match['version']}"
+        return value if match else storage.normalize(value)
+
+    def check(self, ctx: CheckContext) -> None:
+        match = _REGISTRY_REF.match(self)
+        if match:
+            if f"model:{match['name']}" in ctx.produced:
+                return
+            registry = match["registry"] or default_registry()
+            if not ctx.check_local_paths and not storage.is_s3(storage.normalize(registry)):
+                return
+        elif ctx.skip(self):
+            return
+        resolve(self)
+
+
+def qualified(ref: str, registry: str | None) -> ModelRef:
+    """``ref``, with a bare ``name@version`` placed in ``registry`` (a spec's own registry key)."""
+    if registry and _REGISTRY_REF.match(ref) and "/" not in ref:
+        return ModelRef(ModelRef.canonical(f"{registry}/{ref}"))
+    return ModelRef(ref)
+
+
+# --- Loading -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    config: ModelConfig
+    threshold: float
+    name: str
+    version: str
+    metrics: dict[str, Any]
+    uri: str
+
+
+def load_model(ref: str, registry: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Build the model ``ref`` names, load its weights, and put it in eval mode on ``device``."""
+    found = resolve(ref, registry)
+    config, threshold = config_from_json(json.loads(storage.read_text(storage.join(found.model_dir, CONFIG_FILE))))
+    model = build_model(config)
+    state = read_state_dict(found.model_file)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{found.model_file} does not fit its {CONFIG_FILE} ({config}): {exc}") from None
+    metrics_uri = storage.join(found.model_dir, METRICS_FILE)
+    metrics = json.loads(storage.read_text(metrics_uri)) if storage.exists(metrics_uri) else {}
+    return LoadedModel(model.to(device).eval(), config, threshold, found.name, found.version, metrics,
+                       found.model_dir)

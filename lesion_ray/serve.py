@@ -1,0 +1,574 @@
+"""Online prediction on Ray Serve (``kind: serve``): a registered model behind an HTTP API.
+
+Two deployments, so that bad input never reaches the model and each side scales on its own work:
+
+- ``SegmentationApi`` (FastAPI ingress): bearer-token check, upload limits, decoding and
+  validation (decompression bombs included), resizing to the model input, and turning the
+  model's probabilities into PNG masks at the original size, JSON or an overlay.
+- ``SegmentationModel``: holds the model and answers one request per image; ``@serve.batch``
+  groups the images of all clients into one forward pass. It follows ``name@latest``: every
+  ``poll_latest_s`` it looks at the registry's latest.json and, when a new version appears,
+  loads and checks it beside the current one and swaps it in one assignment, so no request is
+  refused. ``check_health`` fails when the model's forward pass raises or gives NaN/inf.
+
+Endpoints (under ``route_prefix``): ``POST /v1/segment`` (raw bytes or multipart ``file`` ->
+``image/png`` mask; ``?format=json``; ``?overlay=true`` -> JPEG overlay), ``POST /v1/predict``
+(the tutorial's ``{"rows": [{"image": "data:image/png;base64,..."}]}``), ``GET /v1/model``,
+``GET /healthz`` and ``GET /`` (a web page). Errors are JSON ``{"error": "..."}``.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real types of the ingress methods.
+import asyncio
+import base64
+import binascii
+import dataclasses
+import email.parser
+import email.policy
+import hashlib
+import hmac
+import importlib.resources
+import io
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from PIL import Image
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from lesion_ray import registry, report, storage
+from lesion_ray.data import ATTRIBUTES
+from lesion_ray.predict import encode_png, to_masks
+from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, to_model_input
+from lesion_ray.registry import LoadedModel, ModelRef
+from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, param, to_dict
+
+logger = logging.getLogger("ray.serve")
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Overlay colours: red for the lesion (Task 1), one colour per attribute in ATTRIBUTES order (Task 2).
+COLOURS = {1: [(230, 25, 75)], 2: [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48)]}
+OVERLAY_ALPHA = 0.45
+DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^;,]*)*?;base64,(?P<data>.*)$", re.DOTALL)
+DATA_URI_TYPES = ("image/png", "image/jpeg", "image/jpg")
+STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+
+@dataclass(kw_only=True)
+class ServeSpec(JobSpec):
+    model: ModelRef
+    registry: str | None = param(None, help="registry URI (default: $LESION_RAY_REGISTRY or runs/registry)")
+    min_replicas: int = param(1, min=1, help="replicas of each deployment kept running")
+    max_replicas: int = param(2, min=1, help="autoscaling upper bound per deployment")
+    target_ongoing_requests: float = param(16.0, min=0.1, help="autoscaling aims at this many requests per replica")
+    max_ongoing_requests: int = param(64, min=1, help="requests a replica accepts at once (>= max_batch_size)")
+    max_batch_size: int = param(16, min=1, help="images in one forward pass (1 = no batching)")
+    batch_wait_timeout_s: float = param(0.01, min=0.0, help="how long a batch waits to fill up")
+    max_upload_bytes: int = param(20 * 1024 * 1024, min=1, help="larger request bodies get 413")
+    max_pixels: int = param(DEFAULT_MAX_PIXELS, min=1, help="larger images (decompression bombs) get 413")
+    auth_token_env: str | None = param(None, help="NAME of the environment variable holding the bearer token")
+    auth_token_file: str | None = param(None, help="file holding the bearer token (e.g. a mounted secret)")
+    host: str = param("127.0.0.1", help="HTTP listen address (0.0.0.0 for every interface)")
+    port: int = param(8000, min=1, max=65535, help="HTTP port")
+    route_prefix: str = param("/", help="URL path the API lives under")
+    threshold: float | None = param(None, min=0.0, max=1.0, help="mask threshold (default: the model's own)")
+    poll_latest_s: float = param(30.0, min=0.0, help="name@latest: look for a new version this often (0: never)")
+
+    def validate(self, source: str, path: str) -> None:
+        def key(name: str) -> str:
+            return f"{path}.{name}" if path else name
+
+        if self.max_replicas < self.min_replicas:
+            raise SpecError(source, key("max_replicas"), f"must be at least min_replicas ({self.min_replicas})")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise SpecError(source, key("max_ongoing_requests"),
+                            f"must be at least max_batch_size ({self.max_batch_size}), or batches never fill")
+        if not self.route_prefix.startswith("/"):
+            raise SpecError(source, key("route_prefix"), f"must start with '/', got {self.route_prefix!r}")
+        if self.auth_token_env and self.auth_token_file:
+            raise SpecError(source, key("auth_token_env"), "give auth_token_env or auth_token_file, not both")
+        if self.auth_token_env and not ENV_NAME.fullmatch(self.auth_token_env):
+            raise SpecError(source, key("auth_token_env"),
+                            "must be the NAME of an environment variable holding the token (e.g. LESION_RAY_TOKEN), "
+                            "never the token itself")
+
+    def check(self, ctx: CheckContext) -> None:
+        # A ModelRef alone looks name@version up in the default registry; this spec may name another.
+        check_uris(dataclasses.replace(self, model=registry.qualified(self.model, self.registry)), ctx)
+
+
+SPEC = ServeSpec
+
+
+class ApiError(Exception):
+    """A client's mistake: answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def read_token(spec: ServeSpec) -> bytes | None:
+    """The bearer token from the environment variable or file the spec names (None: no auth)."""
+    if spec.auth_token_env:
+        token = os.environ.get(spec.auth_token_env, "").strip()
+        if not token:
+            raise RuntimeError(f"auth_token_env: the environment variable {spec.auth_token_env} is not set or empty; "
+                               f"export {spec.auth_token_env}=<token> where the server runs")
+        return token.encode()
+    if spec.auth_token_file:
+        try:
+            token = storage.read_text(spec.auth_token_file).strip()
+        except storage.StorageError as exc:
+            raise RuntimeError(f"auth_token_file: {exc}") from None
+        if not token:
+            raise RuntimeError(f"auth_token_file {spec.auth_token_file} is empty: write the token into it")
+        return token.encode()
+    return None
+
+
+def labels(task: int) -> tuple[str, ...]:
+    return ("lesion",) if task == 1 else ATTRIBUTES
+
+
+# --- The work of one request, as plain functions (replicas, benchmark and tests share them) -------
+
+
+@dataclass
+class Prediction:
+    """The model's answer for one image at the model's input size."""
+
+    probs: np.ndarray          # float16 [C, S, S] mask probabilities
+    scores: list[float]        # [C] head-1 probabilities ("lesion" / attribute present)
+    threshold: float
+    name: str
+    version: str
+    task: int
+    input_size: int
+
+
+def prepare(data: bytes, max_pixels: int, size: int, full: bool = False,
+            what: str = "the upload") -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width), full image or None).
+
+    Every decoding failure becomes an :class:`ApiError` naming ``what`` was wrong.
+    """
+    try:
+        image, orig = decode_image(data, max_pixels=max_pixels, target=None if full else size)
+    except BadImage as exc:
+        if exc.reason.startswith("decompression bomb"):
+            raise ApiError(413, f"{what} is too large to decode ({exc.reason}); send a smaller image") from None
+        if exc.reason == "not an image":
+            raise ApiError(415, f"{what} is not an image: send PNG or JPEG bytes") from None
+        raise ApiError(422, f"{what} cannot be decoded ({exc.reason}): send a complete PNG or JPEG") from None
+    except OSError as exc:  # PIL's error for damaged data that a decoder step met outside BadImage's checks
+        raise ApiError(422, f"{what} cannot be decoded ({exc}): send a complete PNG or JPEG") from None
+    return to_model_input([image], size)[0].numpy(), orig, image if full else None
+
+
+def check_model(loaded: LoadedModel) -> None:
+    """Raise when a forward pass on a tiny input fails or gives NaN/inf (broken weights)."""
+    side = loaded.config.downsampling
+    with torch.inference_mode():
+        outputs = loaded.model(torch.full((1, 3, side, side), 0.5))
+    if not all(torch.isfinite(o).all() for o in outputs):
+        raise RuntimeError(f"model {loaded.name}@{loaded.version} gives NaN/inf outputs: its weights are broken")
+
+
+def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+    """One forward pass over a batch of :func:`prepare` outputs."""
+    size = loaded.config.input_size
+    x = torch.from_numpy(np.stack(inputs))
+    if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        logits, head1, _ = loaded.model(x)
+    probs = torch.sigmoid(logits).to(torch.float16).numpy()
+    scores = torch.sigmoid(head1).tolist()
+    cut = loaded.threshold if threshold is None else threshold
+    return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size)
+            for i in range(len(inputs))]
+
+
+def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
+    """bool [C, H, W]: probabilities resized to the original size and thresholded, as predict does."""
+    return to_masks(pred.probs, *orig, pred.threshold) > 0
+
+
+def png(mask: np.ndarray) -> bytes:
+    """A greyscale 0/255 PNG, as the ISIC masks are."""
+    return encode_png(mask.astype(np.uint8) * 255)
+
+
+def mask_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
+    """The lesion mask (Task 2: any attribute) at the original size, as PNG."""
+    return png(masks_at(pred, orig).any(0))
+
+
+def overlay_image(image: np.ndarray, masks: np.ndarray, task: int) -> bytes:
+    """The image with each mask channel tinted in its colour, as a JPEG (it is a photograph)."""
+    out = Image.fromarray(image)
+    for mask, colour in zip(masks, COLOURS[task], strict=True):
+        alpha = Image.fromarray(mask.astype(np.uint8) * round(255 * OVERLAY_ALPHA))
+        out = Image.composite(Image.new("RGB", out.size, colour), out, alpha)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def segment_json(pred: Prediction, masks: np.ndarray) -> dict[str, Any]:
+    union = masks.any(0)
+    body: dict[str, Any] = {
+        "model": {"name": pred.name, "version": pred.version},
+        "height": int(union.shape[0]),
+        "width": int(union.shape[1]),
+        "threshold": pred.threshold,
+        "mask": base64.b64encode(png(union)).decode(),
+        "lesion_area_fraction": float(union.mean()),
+        "attributes": dict(zip(labels(pred.task), pred.scores, strict=True)),
+    }
+    if pred.task == 2:
+        body["attribute_masks"] = {a: base64.b64encode(png(m)).decode() for a, m in zip(ATTRIBUTES, masks, strict=True)}
+    return body
+
+
+def multipart_file(body: bytes, content_type: str) -> bytes:
+    """The ``file`` field (or the first part with a file name) of a multipart/form-data body."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise ApiError(400, "malformed multipart/form-data body: it needs a boundary and at least one part")
+    parts = list(message.iter_parts())
+    for part in parts:
+        if part.get_param("name", header="content-disposition") == "file" or part.get_filename():
+            return part.get_payload(decode=True) or b""
+    raise ApiError(422, "the multipart form has no file: send the image in a form field named 'file'")
+
+
+def prepare_row(row: dict[str, Any], index: int, max_pixels: int,
+                size: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+    """:func:`prepare` for one row of the tutorial's API."""
+    where = f"rows[{index}].image"
+    return prepare(data_uri_bytes(row.get("image"), where), max_pixels, size, what=where)
+
+
+def data_uri_bytes(uri: Any, where: str) -> bytes:
+    if not isinstance(uri, str):
+        raise ApiError(422, f"{where} must be a data URI string like 'data:image/png;base64,...'")
+    match = DATA_URI.match(uri)
+    if not match:
+        raise ApiError(422, f"{where} is not a base64 data URI: expected 'data:image/png;base64,...'")
+    if match["mime"].lower() not in DATA_URI_TYPES:
+        raise ApiError(415, f"{where} has type {match['mime']}: send image/png or image/jpeg")
+    try:
+        return base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{where} holds invalid base64 data") from None
+
+
+# --- Deployments -------------------------------------------------------------------------
+
+
+def _pinned(ref: str, version: str) -> str:
+    return ref.removesuffix("@latest") + f"@{version}"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class SegmentationModel:
+    """Holds the model; batches the images of all clients into one forward pass."""
+
+    async def __init__(self, spec: ServeSpec) -> None:
+        if spec.storage:
+            spec.storage.apply()
+        self.spec = spec
+        self.batches = self.images = 0  # this replica's forward passes and the images in them
+        self.loaded = await asyncio.to_thread(self._load, spec.model)
+        self.predict.set_max_batch_size(spec.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        follow = spec.model.endswith("@latest") and spec.poll_latest_s > 0
+        self._follower = asyncio.create_task(self._follow_latest()) if follow else None
+
+    def _load(self, ref: str) -> LoadedModel:
+        loaded = registry.load_model(ref, self.spec.registry)
+        check_model(loaded)
+        logger.info(f"loaded model {loaded.name}@{loaded.version} from {loaded.uri}")
+        return loaded
+
+    async def _follow_latest(self) -> None:
+        broken = None  # a version that failed to load or check: not tried again
+        while True:
+            await asyncio.sleep(self.spec.poll_latest_s)
+            current = f"{self.loaded.name}@{self.loaded.version}"
+            try:
+                version = (await asyncio.to_thread(registry.resolve, self.spec.model, self.spec.registry)).version
+            except Exception as exc:  # storage hiccups: look again at the next poll
+                logger.warning(f"staying on {current}: cannot read the registry: {type(exc).__name__}: {exc}")
+                continue
+            if version in (self.loaded.version, broken):
+                continue
+            try:
+                # Loaded and checked beside the current model while requests keep flowing; then one assignment.
+                self.loaded = await asyncio.to_thread(self._load, _pinned(self.spec.model, version))
+            except Exception as exc:  # broken weights, a config that does not fit, an unreadable file
+                broken = version
+                logger.warning(f"staying on {current}: version {version} cannot be served: {exc}")
+
+    @serve.batch
+    async def predict(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
+        self.batches += 1
+        self.images += len(inputs)
+        return await asyncio.to_thread(forward, loaded, inputs, self.spec.threshold)
+
+    def info(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "name": loaded.name, "version": loaded.version, "task": loaded.config.task,
+            "architecture": loaded.config.architecture, "input_size": loaded.config.input_size,
+            "threshold": loaded.threshold if self.spec.threshold is None else self.spec.threshold,
+            "labels": list(labels(loaded.config.task)), "metrics": loaded.metrics,
+            "replica": {"batches": self.batches, "images": self.images},
+        }
+
+    def check_health(self) -> None:
+        check_model(self.loaded)
+
+
+api = FastAPI(title="lesion-ray", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_query(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"error": f"bad request parameters: {problems}"}, status_code=422)
+
+
+@api.middleware("http")
+async def _no_tracebacks(request: Request, call_next: Any) -> Response:
+    """Anything unexpected is logged here and answered without internals."""
+    try:
+        return await call_next(request)
+    except BackPressureError:
+        return JSONResponse({"error": "the server is busy: retry shortly"}, status_code=503)
+    except Exception:
+        logger.exception(f"{request.method} {request.url.path} failed")
+        return JSONResponse({"error": "internal error: the server logged the details"}, status_code=500)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class SegmentationApi:
+    """HTTP in and out: auth, limits, decoding and validation, encoding the masks."""
+
+    def __init__(self, spec: ServeSpec, model: DeploymentHandle) -> None:
+        token = read_token(spec)
+        self.token_digest = hashlib.sha256(token).digest() if token else None
+        self.spec, self.model = spec, model
+        self.input_size: int | None = None  # learnt from the model, updated by every answer
+        web = importlib.resources.files("lesion_ray") / "web"
+        self.static = {name: (web / name).read_bytes() for name in STATIC}
+
+    def _authorize(self, request: Request) -> None:
+        if self.token_digest is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # Digests have equal length, so compare_digest's time does not depend on the token.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                hashlib.sha256(given.strip().encode()).digest(), self.token_digest):
+            raise ApiError(401, "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.spec.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ApiError(400, f"bad Content-Length header {declared!r}")
+            if int(declared) > limit:
+                raise ApiError(413, f"the body has {int(declared):,} bytes, more than max_upload_bytes={limit:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # counted as it arrives: Content-Length may be absent or lie
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the body is over max_upload_bytes={limit:,} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _size(self) -> int:
+        if self.input_size is None:
+            self.input_size = (await self.model.info.remote())["input_size"]
+        return self.input_size
+
+    async def _run(self, data: bytes, full: bool = False,
+                   what: str = "the upload") -> tuple[Prediction, np.ndarray, np.ndarray | None]:
+        """Decode (off the event loop), predict (batched with other requests), masks at original size."""
+        x, orig, image = await asyncio.to_thread(prepare, data, self.spec.max_pixels, await self._size(), full, what)
+        pred = await self.model.predict.remote(x)
+        self.input_size = pred.input_size
+        return pred, await asyncio.to_thread(masks_at, pred, orig), image
+
+    @api.post("/v1/segment")
+    async def segment(self, request: Request, format: Literal["png", "json"] = "png",
+                      overlay: bool = False) -> Response:
+        self._authorize(request)
+        body = await self._body(request)
+        content_type = request.headers.get("content-type", "application/octet-stream")
+        media = content_type.split(";")[0].strip().lower()
+        if media == "multipart/form-data":
+            body = await asyncio.to_thread(multipart_file, body, content_type)
+        elif not (media.startswith("image/") or media == "application/octet-stream"):
+            raise ApiError(415, f"Content-Type {media} is not supported here: send image bytes (image/jpeg, "
+                                "image/png) or a multipart form with a 'file' field; JSON goes to /v1/predict")
+        pred, masks, image = await self._run(body, full=overlay)
+        headers = {"X-Model": f"{pred.name}@{pred.version}"}
+        if format == "json":
+            return JSONResponse(await asyncio.to_thread(segment_json, pred, masks), headers=headers)
+        if overlay:
+            return Response(await asyncio.to_thread(overlay_image, image, masks, pred.task),
+                            media_type="image/jpeg", headers=headers)
+        return Response(await asyncio.to_thread(png, masks.any(0)), media_type="image/png", headers=headers)
+
+    @api.post("/v1/predict")
+    async def predict(self, request: Request) -> JSONResponse:
+        """The tutorial's deployment API: rows of image data URIs in, rows of mask data URIs out."""
+        self._authorize(request)
+        body = await self._body(request)
+        try:
+            payload = await asyncio.to_thread(json.loads, body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not valid JSON ({exc}): send {{\"rows\": [{{\"image\": "
+                                "\"data:image/png;base64,...\"}]}") from None
+        rows = payload.get("rows") if isinstance(payload, dict) else None
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+            raise ApiError(422, "expected {\"rows\": [{\"image\": \"data:image/png;base64,...\"}, ...]} "
+                                "with at least one row")
+        # Every row is checked before any reaches the model; the rows are then batched together.
+        size = await self._size()
+        prepared = await asyncio.gather(*(asyncio.to_thread(prepare_row, row, i, self.spec.max_pixels, size)
+                                          for i, row in enumerate(rows)))
+        preds = await asyncio.gather(*(self.model.predict.remote(x) for x, _, _ in prepared))
+        origs = [orig for _, orig, _ in prepared]
+        masks = await asyncio.gather(*(asyncio.to_thread(mask_png, p, o) for p, o in zip(preds, origs, strict=True)))
+        out = [{"mask": "data:image/png;base64," + base64.b64encode(m).decode()} for m in masks]
+        return JSONResponse({"rows": out, "model": {"name": preds[0].name, "version": preds[0].version}})
+
+    @api.get("/v1/model")
+    async def model_info(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(await self.model.info.remote())
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """For load balancers and probes (no token): ok when a model replica answers."""
+        try:
+            await self.model.info.remote()
+        except Exception as exc:
+            logger.warning(f"healthz: the model deployment does not answer: {type(exc).__name__}: {exc}")
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/")
+    async def page(self, request: Request) -> Response:
+        if not request.url.path.endswith("/"):  # the page's relative URLs need the trailing slash
+            return RedirectResponse(request.url.path + "/")
+        return HTMLResponse(self.static["index.html"])
+
+    @api.get("/{name}")
+    async def static_file(self, name: str) -> Response:
+        if name not in STATIC:
+            raise ApiError(404, f"no such page: {name}")
+        return Response(self.static[name], media_type=STATIC[name])
+
+
+# --- Job ---------------------------------------------------------------------------------
+
+
+def build_app(spec: ServeSpec) -> serve.Application:
+    """The bound application: ingress -> model, both autoscaled."""
+    spec = dataclasses.replace(spec, registry=storage.normalize(spec.registry or registry.default_registry()))
+    options = {
+        "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+                               "target_ongoing_requests": spec.target_ongoing_requests},
+        "max_ongoing_requests": spec.max_ongoing_requests,
+    }
+    model = SegmentationModel.options(**options).bind(spec)
+    return SegmentationApi.options(**options).bind(spec, model)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
+    spec = from_dict(ServeSpec, args, "serve config args")
+    spec.validate("serve config args", "")
+    return build_app(spec)
+
+
+def serve_config(spec: ServeSpec) -> dict[str, Any]:
+    """A Serve config file (``serve deploy``; KubeRay RayService ``serveConfigV2``) for this spec."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": spec.host, "port": spec.port},
+        "applications": [{
+            "name": spec.name,
+            "route_prefix": spec.route_prefix,
+            "import_path": "lesion_ray.serve:app_builder",
+            "args": to_dict(spec),
+        }],
+    }
+
+
+def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
+    then delete the application and shut Serve down."""
+    read_token(spec)  # fail now, not in every replica, when the token is missing
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+    url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
+    info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
+    report.info(f"serving {info['name']}@{info['version']} at {url} (web page), {url}v1/segment, {url}v1/predict; "
+                "Ctrl-C to stop")
+    started = time.monotonic()
+    stopped_by = _wait(spec.name, stop or threading.Event())
+    if stopped_by != "application deleted":
+        serve.delete(spec.name)
+    serve.shutdown()
+    return {"url": url, "model": f"{info['name']}@{info['version']}", "stopped_by": stopped_by,
+            "served_s": round(time.monotonic() - started, 1)}
+
+
+def _wait(app_name: str, stop: threading.Event) -> str:
+    """Block until a signal (main thread only), ``stop`` or the application is gone; say which."""
+    reason = {"value": "stop requested"}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        reason["value"] = signal.Signals(signum).name
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            if app_name not in serve.status().applications:
+                return "application deleted"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return reason["value"]

@@ -1,0 +1,142 @@
+"""kind: predict on real Ray and a real S3 endpoint: ISIC masks at original sizes and names, bad inputs
+as error rows, resume after an interruption, Task 2 with flips and overlays."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lesion_ray import data, predict, registry, storage
+from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.spec import CheckContext, SpecError, from_dict
+
+SIZES = [(40, 30), (57, 33), (31, 48), (64, 64), (90, 61), (45, 45)]  # (width, height)
+
+
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def publish_tiny_model(tmp_path, registry_uri: str, task: int) -> str:
+    config = ModelConfig(task=task, input_size=32, num_filters=4, depth=2)
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / f"model{task}")
+    registry.save_model_dir(model_dir, registry.plain_state_dict(build_model(config)),
+                            registry.config_to_json(config, threshold=0.5))
+    return registry.publish(model_dir, f"tiny{task}", {}, registry_uri)
+
+
+def make_spec(**keys) -> predict.PredictSpec:
+    return from_dict(predict.PredictSpec, {"kind": "predict", "name": "predict", **keys}, "test")
+
+
+def read_png(uri: str) -> Image.Image:
+    image = Image.open(io.BytesIO(storage.read_bytes(uri)))
+    image.load()
+    return image
+
+
+def test_to_masks_resizes_probabilities_then_thresholds() -> None:
+    probs = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float16)
+    # Bilinear 2 -> 4 columns samples at x = -0.25, 0.25, 0.75, 1.25: 0, .25, .75, 1.
+    assert predict.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[0, 0, 255, 255]] * 3
+    assert predict.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[0, 255, 255, 255]] * 3
+
+
+def test_min_actors_above_max_is_a_spec_error() -> None:
+    with pytest.raises(SpecError, match="min_actors: must be at most max_actors"):
+        make_spec(input="x", model="m@latest", output="y", min_actors=3, max_actors=2).validate("test", "")
+
+
+def test_model_is_checked_in_the_specs_own_registry(tmp_path) -> None:
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
+    keys = {"input": str(tmp_path), "model": ref, "output": str(tmp_path / "out")}
+    make_spec(**keys, registry=str(tmp_path / "registry")).check(CheckContext(source="test"))
+    with pytest.raises(SpecError, match="model: model tiny1@1 is not in the registry .*elsewhere"):
+        make_spec(**keys, registry=str(tmp_path / "elsewhere")).check(CheckContext(source="test"))
+
+
+def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, s3_bucket, tmp_path) -> None:
+    ref = publish_tiny_model(tmp_path, f"{s3_bucket}/registry", task=1)
+    inputs = f"{s3_bucket}/in"  # a plain folder of images
+    for i, (w, h) in enumerate(SIZES):
+        storage.write_bytes(f"{inputs}/ISIC_000000{i}.jpg", jpeg(w, h, i))
+    good = jpeg(50, 40, 99)
+    storage.write_bytes(f"{inputs}/ISIC_0000097.jpg", b"this is not a jpeg")
+    storage.write_bytes(f"{inputs}/ISIC_0000098.jpg", good[: len(good) // 2])  # truncated
+    storage.write_bytes(f"{inputs}/ISIC_0000099.jpg", b"")
+    storage.write_text(f"{inputs}/LICENSE.txt", "not an input")
+    out = f"{s3_bucket}/out"
+    spec = make_spec(input=inputs, model=ref, registry=f"{s3_bucket}/registry", output=out, batch_size=4,
+                     max_actors=2, overlays="sample", overlay_sample=2)
+
+    summary = predict.run(spec)
+    assert (summary["inputs"], summary["ok"], summary["error"], summary["resumed"]) == (9, 6, 3, 0)
+    assert summary["model"] == "tiny1@1" and summary["threshold"] == 0.5
+    for i, (w, h) in enumerate(SIZES):
+        mask = read_png(f"{out}/masks/ISIC_000000{i}_segmentation.png")
+        assert mask.mode == "L" and mask.size == (w, h)
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    assert storage.exists(f"{out}/overlays/ISIC_0000000_overlay.png")
+    assert read_png(f"{out}/overlays/ISIC_0000001_overlay.png").size == (3 * 57, 33)
+    assert not storage.exists(f"{out}/overlays/ISIC_0000002_overlay.png")
+
+    first = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}"))).to_pylist()
+    rows = {r["id"]: r for r in first}
+    assert len(first) == 9
+    assert {k for k, r in rows.items() if r["status"] == "error"} == {"ISIC_0000097", "ISIC_0000098", "ISIC_0000099"}
+    assert rows["ISIC_0000097"]["error"] == "not an image"
+    assert "truncated" in rows["ISIC_0000098"]["error"] and "empty" in rows["ISIC_0000099"]["error"]
+    ok = rows["ISIC_0000003"]
+    assert ok["masks"] == [f"{out}/masks/ISIC_0000003_segmentation.png"]
+    assert (ok["width"], ok["height"]) == (64, 64) and ok["model_version"] == "1"
+    assert len(ok["head1_prob"]) == len(ok["head2_prob"]) == len(ok["area_fraction"]) == 1
+    mask = np.asarray(read_png(ok["masks"][0]))
+    assert ok["area_fraction"][0] == pytest.approx(np.count_nonzero(mask) / mask.size)
+
+    # An interruption: only the rows of four images reached a manifest part, no final manifest,
+    # and one of those four lost its mask.
+    done = ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
+    part = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
+    predict._write_parquet(f"{out}/{predict.PARTS_DIR}/part-0.parquet",
+                           part.filter(np.isin(part["id"].to_numpy(zero_copy_only=False), done)))
+    storage.delete(f"{out}/{predict.MANIFEST_FILE}")
+    storage.delete(f"{out}/masks/ISIC_0000002_segmentation.png")
+
+    again = predict.run(spec)
+    assert (again["inputs"], again["ok"], again["error"], again["resumed"]) == (9, 6, 3, 3)
+    second = {r["id"]: r for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
+              .to_pylist()}
+    for image_id in ("ISIC_0000000", "ISIC_0000001", "ISIC_0000003"):  # kept, not written again
+        assert second[image_id]["finished_at"] == rows[image_id]["finished_at"]
+    for image_id in ("ISIC_0000002", "ISIC_0000004", "ISIC_0000097"):  # done again
+        assert second[image_id]["finished_at"] > rows[image_id]["finished_at"]
+    assert storage.exists(f"{out}/masks/ISIC_0000002_segmentation.png")
+    assert not storage.exists(f"{out}/{predict.PARTS_DIR}")
+
+
+def test_task2_local_with_flips_and_all_overlays(ray_local, tmp_path) -> None:
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=2)
+    inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
+    for i, (w, h) in enumerate(SIZES[:3]):
+        storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), jpeg(w, h, i))
+    out = tmp_path / "out"
+    summary = predict.run(make_spec(input=str(tmp_path), model=ref, registry=str(tmp_path / "registry"),
+                                    output=str(out), tta=True, overlays="all", threshold=0.3))
+    assert (summary["inputs"], summary["ok"], summary["error"], summary["threshold"]) == (3, 3, 0, 0.3)
+    for i, (w, h) in enumerate(SIZES[:3]):
+        for name in data.ATTRIBUTES:
+            with Image.open(out / "masks" / f"ISIC_000000{i}_attribute_{name}.png") as mask:
+                assert mask.mode == "L" and mask.size == (w, h)
+        assert (out / "overlays" / f"ISIC_000000{i}_overlay.png").exists()
+    row = pq.read_table(out / predict.MANIFEST_FILE).to_pylist()[0]
+    assert len(row["masks"]) == len(row["head1_prob"]) == len(row["head2_prob"]) == 5
+    assert all(0.0 <= p <= 1.0 for p in row["head1_prob"] + row["head2_prob"])

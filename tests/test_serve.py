@@ -1,0 +1,340 @@
+"""kind: serve, over real HTTP against a running Ray Serve app (tiny U-Nets in a tmp registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
+
+from lesion_ray import registry
+from lesion_ray import serve as lserve
+from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.registry import LoadedModel, ModelRef
+from lesion_ray.spec import CheckContext, SpecError, from_dict
+
+CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
+TOKEN = "s3cret-token-for-tests"
+MAX_UPLOAD = 300_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lesion_image(size: tuple[int, int] = (90, 60), fmt: str = "PNG") -> bytes:
+    """A skin-coloured picture (width, height) with a dark ellipse, encoded as ``fmt``."""
+    width, height = size
+    yy, xx = np.mgrid[:height, :width]
+    inside = ((xx - width / 2) / (width / 3)) ** 2 + ((yy - height / 2) / (height / 3)) ** 2 < 1
+    pixels = np.where(inside[..., None], [70, 45, 35], [205, 160, 130]).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def publish_unet(registry_uri: str, work: Path, seed: int, broken: bool = False) -> str:
+    torch.manual_seed(seed)
+    model = build_model(CONFIG)
+    if broken:
+        torch.nn.init.constant_(model.final.weight, float("nan"))
+    folder = str(work / f"model-{seed}-{broken}")
+    registry.save_model_dir(folder, registry.plain_state_dict(model), registry.config_to_json(CONFIG, 0.5))
+    return registry.publish(folder, "lesion", {"val_jaccard": 0.1 * seed}, registry_uri)
+
+
+def png_array(data: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG" and image.mode == "L"
+    return np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory):
+    """``run(spec)`` serving lesion@latest in a thread until its ``stop`` event is set."""
+
+    work = tmp_path_factory.mktemp("serve")
+    registry_uri = str(work / "registry")
+    publish_unet(registry_uri, work, seed=1)
+    (work / "token").write_text(TOKEN + "\n")
+    spec = lserve.ServeSpec(
+        kind="serve", name="lesion-test", model=ModelRef("lesion@latest"), registry=registry_uri,
+        min_replicas=1, max_replicas=1, max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.005,
+        max_upload_bytes=MAX_UPLOAD, max_pixels=4_000_000, auth_token_file=str(work / "token"),
+        port=free_port(), poll_latest_s=0.5,
+    )
+    summary: dict = {}
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: summary.update(lserve.run(spec, stop)), daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{spec.port}/"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "healthz", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the Serve app did not become healthy within 240 s")
+    yield {"url": base, "spec": spec, "registry": registry_uri, "work": work}
+    stop.set()
+    thread.join(timeout=120)
+    assert summary["stopped_by"] == "stop requested" and summary["model"] == "lesion@1"  # run() shut Serve down
+
+
+@pytest.fixture
+def client(app):
+    with httpx.Client(base_url=app["url"], headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30) as c:
+        yield c
+
+
+def direct_mask(app, data: bytes) -> np.ndarray:
+    """The same image through the model called in-process: what the service must answer."""
+    loaded = registry.load_model("lesion@latest", app["registry"])
+    x, orig, _ = lserve.prepare(data, 4_000_000, loaded.config.input_size)
+    return lserve.masks_at(lserve.forward(loaded, [x])[0], orig).any(0)
+
+
+# --- Without a server -------------------------------------------------------------------------
+
+
+def test_spec_rules_and_serve_config(tmp_path):
+    base = {"kind": "serve", "name": "s", "model": "lesion@latest"}
+    for bad, key in (({"route_prefix": "api"}, "route_prefix"),
+                     ({"max_replicas": 1, "min_replicas": 2}, "max_replicas"),
+                     ({"auth_token_env": "my token!"}, "auth_token_env"),
+                     ({"auth_token_env": "T", "auth_token_file": "/t"}, "auth_token_env"),
+                     ({"max_batch_size": 32, "max_ongoing_requests": 8}, "max_ongoing_requests")):
+        spec = from_dict(lserve.ServeSpec, base | bad, "t.yaml")
+        with pytest.raises(SpecError, match=key):
+            spec.validate("t.yaml", "")
+    with pytest.raises(SpecError, match="unknown key"):
+        from_dict(lserve.ServeSpec, base | {"auth_token": "abc"}, "t.yaml")
+    spec = from_dict(lserve.ServeSpec, base | {"auth_token_env": "LESION_TOKEN", "registry": str(tmp_path)}, "t.yaml")
+    with pytest.raises(SpecError, match="not in the registry"):
+        spec.check(CheckContext("t.yaml"))
+    spec.check(CheckContext("t.yaml", produced=["model:lesion"]))  # an earlier pipeline step trains it
+    config = lserve.serve_config(spec)
+    (application,) = config["applications"]
+    assert application["import_path"] == "lesion_ray.serve:app_builder"
+    assert application["args"]["auth_token_env"] == "LESION_TOKEN" and config["http_options"]["port"] == 8000
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay's serveConfigV2 accept
+    assert isinstance(lserve.app_builder(application["args"]), Application)
+
+
+def test_token_from_env_or_file(tmp_path, monkeypatch):
+    spec = lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"), auth_token_env="LESION_TEST_TOKEN")
+    monkeypatch.delenv("LESION_TEST_TOKEN", raising=False)
+    with pytest.raises(RuntimeError, match="LESION_TEST_TOKEN is not set"):
+        lserve.read_token(spec)
+    monkeypatch.setenv("LESION_TEST_TOKEN", " abc \n")
+    assert lserve.read_token(spec) == b"abc"
+    (tmp_path / "t").write_text("")
+    with pytest.raises(RuntimeError, match="empty"):
+        lserve.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"),
+                                           auth_token_file=str(tmp_path / "t")))
+    assert lserve.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"))) is None
+
+
+def test_check_model_fails_on_nan_weights():
+    model = build_model(CONFIG).eval()
+    loaded = LoadedModel(model, CONFIG, 0.5, "m", "1", {}, "mem")
+    lserve.check_model(loaded)
+    torch.nn.init.constant_(model.final.bias, float("nan"))
+    with pytest.raises(RuntimeError, match="NaN"):
+        lserve.check_model(loaded)
+
+
+def test_masks_at_resizes_then_thresholds():
+    probs = np.zeros((1, 4, 4), np.float16)
+    probs[0, :, :2] = 0.9
+    pred = lserve.Prediction(probs, [0.7], 0.5, "m", "1", 1, 4)
+    mask = lserve.masks_at(pred, (30, 40))
+    assert mask.shape == (1, 30, 40)
+    assert mask[0, :, :18].all() and not mask[0, :, 22:].any()
+
+
+# --- Over HTTP ---------------------------------------------------------------------------------
+
+
+def test_raw_upload_gives_png_mask_at_original_size(app, client):
+    data = lesion_image((90, 60))
+    r = client.post("v1/segment", content=data, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png" and r.headers["x-model"] == "lesion@1"
+    mask = png_array(r.content)
+    assert mask.shape == (60, 90) and set(np.unique(mask)) <= {0, 255}
+    assert ((mask > 127) != direct_mask(app, data)).mean() < 0.001
+
+
+def test_multipart_and_jpeg_upload(app, client):
+    data = lesion_image((64, 80), "JPEG")
+    r = client.post("v1/segment", files={"file": ("lesion.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    mask = png_array(r.content)
+    assert mask.shape == (80, 64)
+    assert ((mask > 127) != direct_mask(app, data)).mean() < 0.001
+
+
+def test_json_and_overlay(client):
+    data = lesion_image((90, 60))
+    body = client.post("v1/segment?format=json", content=data).json()
+    assert body["model"] == {"name": "lesion", "version": "1"} and (body["height"], body["width"]) == (60, 90)
+    mask = png_array(base64.b64decode(body["mask"])) > 127
+    assert body["lesion_area_fraction"] == pytest.approx(mask.mean())
+    assert set(body["attributes"]) == {"lesion"} and 0 <= body["attributes"]["lesion"] <= 1
+    r = client.post("v1/segment?overlay=true", content=data)
+    assert r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).size == (90, 60)
+
+
+def test_tutorial_predict_round_trip_with_several_rows(client):
+    images = [lesion_image((90, 60)), lesion_image((40, 50), "JPEG"), lesion_image((33, 33))]
+    kinds = ["png", "jpeg", "png"]
+    rows = [{"image": f"data:image/{k};base64," + base64.b64encode(d).decode()}
+            for k, d in zip(kinds, images, strict=True)]
+    r = client.post("v1/predict", json={"rows": rows})
+    assert r.status_code == 200, r.text
+    out = r.json()["rows"]
+    assert len(out) == 3
+    for row, data in zip(out, images, strict=True):
+        assert row["mask"].startswith("data:image/png;base64,")
+        mask = png_array(base64.b64decode(row["mask"].split(",", 1)[1]))
+        assert mask.shape == Image.open(io.BytesIO(data)).size[::-1]
+        assert np.array_equal(mask, png_array(client.post("v1/segment", content=data).content))
+
+
+def bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (3000, 3000)).save(buf, "PNG")  # 9 Mpx in a few kB, over max_pixels=4M
+    return buf.getvalue()
+
+
+def chunks(size: int):
+    for _ in range(size // 65536 + 1):
+        yield b"\0" * 65536
+
+
+BAD_INPUTS = [
+    ("not an image", "v1/segment", {"content": b"hello, world" * 10, "headers": {"Content-Type": "image/jpeg"}}, 415),
+    ("text content type", "v1/segment", {"content": lesion_image(), "headers": {"Content-Type": "text/plain"}}, 415),
+    ("truncated jpeg", "v1/segment", {"content": lesion_image((200, 200), "JPEG")[:800]}, 422),
+    ("empty body", "v1/segment", {"content": b""}, 422),
+    ("over max_upload_bytes", "v1/segment", {"content": b"\xff" * (MAX_UPLOAD + 1)}, 413),
+    ("chunked over limit", "v1/segment", {"content": chunks(MAX_UPLOAD)}, 413),
+    ("decompression bomb", "v1/segment", {"content": bomb()}, 413),
+    ("multipart without file", "v1/segment", {"data": {"name": "x"}, "files": {"other": ("", b"", "text/plain")}},
+     422),
+    ("bad format", "v1/segment?format=tiff", {"content": lesion_image()}, 422),
+    ("malformed json", "v1/predict", {"content": b"{rows: [", "headers": {"Content-Type": "application/json"}}, 400),
+    ("json without rows", "v1/predict", {"json": {"images": []}}, 422),
+    ("gif data uri", "v1/predict", {"json": {"rows": [{"image": "data:image/gif;base64,R0lGOD=="}]}}, 415),
+    ("bad base64", "v1/predict", {"json": {"rows": [{"image": "data:image/png;base64,@@@"}]}}, 422),
+    ("corrupt row", "v1/predict", {"json": {"rows": [
+        {"image": "data:image/png;base64," + base64.b64encode(lesion_image()).decode()},
+        {"image": "data:image/png;base64," + base64.b64encode(lesion_image()[:60]).decode()}]}}, 422),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "kwargs", "status"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_json_client_error(client, case, path, kwargs, status):
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error and "Traceback" not in r.text and 'File "' not in r.text
+    if case == "corrupt row":
+        assert "rows[1].image" in error
+    if case == "decompression bomb":
+        assert "max_pixels" in error
+
+
+def test_bad_input_leaves_the_service_healthy(client):
+    for _ in range(3):
+        client.post("v1/segment", content=b"\x89PNG\r\n\x1a\n garbage")
+    assert client.get("healthz").json()["status"] == "ok"
+    assert client.post("v1/segment", content=lesion_image()).status_code == 200
+
+
+def test_bearer_token_is_required(app, client):
+    url = app["url"]
+    data = lesion_image()
+    assert httpx.post(url + "v1/segment", content=data).status_code == 401
+    for header in (f"Bearer {TOKEN}x", f"Basic {TOKEN}", TOKEN, "Bearer"):
+        r = httpx.post(url + "v1/segment", content=data, headers={"Authorization": header})
+        assert r.status_code == 401 and TOKEN not in r.text
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(url + "v1/predict", json={"rows": []}).status_code == 401
+    assert httpx.get(url + "v1/model").status_code == 401
+    assert httpx.get(url + "healthz").status_code == 200  # probes and the page need no token
+    page = httpx.get(url)
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert httpx.get(url + "app.js").headers["content-type"].startswith("text/javascript")
+
+
+def test_model_info(client):
+    info = client.get("v1/model").json()
+    assert info.pop("replica").keys() == {"batches", "images"}
+    assert info == {"name": "lesion", "version": "1", "task": 1, "architecture": "unet", "input_size": 32,
+                    "threshold": 0.5, "labels": ["lesion"], "metrics": {"val_jaccard": 0.1}}
+
+
+def test_concurrent_images_share_forward_passes(client):
+    before = client.get("v1/model").json()["replica"]
+    rows = [{"image": "data:image/png;base64," + base64.b64encode(lesion_image((40 + i, 40))).decode()}
+            for i in range(16)]
+    assert client.post("v1/predict", json={"rows": rows}).status_code == 200
+    after = client.get("v1/model").json()["replica"]
+    images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images == 16 and batches < images  # @serve.batch put several images in one forward pass
+
+
+def test_new_latest_version_switches_under_load_without_failures(app, client):
+    """Publish v2 while clients send requests: every request succeeds and answers move to v2;
+    a broken v3 (NaN weights) is then refused and v2 keeps serving."""
+    data = lesion_image()
+    results: list[tuple[int, str]] = []
+
+    async def load(stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(base_url=app["url"], headers=client.headers, timeout=30) as c:
+            async def worker() -> None:
+                while not stop.is_set():
+                    r = await c.post("v1/segment?format=json", content=data)
+                    results.append((r.status_code, r.json()["model"]["version"] if r.status_code == 200 else r.text))
+            await asyncio.gather(*(worker() for _ in range(4)))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        clients = asyncio.create_task(load(stop))
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(publish_unet, app["registry"], app["work"], 2)
+        deadline = time.monotonic() + 30
+        while sum(v == "2" for _, v in results) < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        stop.set()
+        await clients
+
+    asyncio.run(scenario())
+    assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:3]
+    versions = [v for _, v in results]
+    assert versions[0] == "1" and versions[-1] == "2" and versions.count("2") >= 20
+    # One model replica: once it answers v2 it never goes back (up to the 4 answers already in flight).
+    assert "1" not in versions[versions.index("2") + 4:]
+    publish_unet(app["registry"], app["work"], 3, broken=True)
+    time.sleep(2.0)  # four polls
+    assert client.get("healthz").json() == {"status": "ok"} and client.get("v1/model").json()["version"] == "2"
+    assert client.post("v1/segment", content=data).headers["x-model"] == "lesion@2"

@@ -1,0 +1,119 @@
+"""The web page in headless Chromium: choose an image, see the served mask drawn over it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesion_ray import registry
+from lesion_ray import serve as lserve
+from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.registry import ModelRef
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} is absent: apt-get install chromium chromium-driver")
+CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
+TOKEN = "web-test-token"
+ALPHA, TINT = 0.45, np.array([230, 25, 75])  # app.js's overlay
+
+
+def picture() -> bytes:
+    """160x120 PNG: skin with a dark lesion (PNG, so the browser draws exactly these pixels)."""
+    yy, xx = np.mgrid[:120, :160]
+    inside = ((xx - 80) / 50) ** 2 + ((yy - 60) / 35) ** 2 < 1
+    buf = io.BytesIO()
+    Image.fromarray(np.where(inside[..., None], [70, 45, 35], [205, 160, 130]).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tmp_path_factory):
+    from ray import serve
+
+    work = tmp_path_factory.mktemp("web")
+    torch.manual_seed(0)
+    folder, registry_uri = str(work / "model"), str(work / "registry")
+    state = registry.plain_state_dict(build_model(CONFIG))
+    registry.save_model_dir(folder, state, registry.config_to_json(CONFIG, 0.5))
+    registry.publish(folder, "lesion", {}, registry_uri)
+    # An untrained net answers nearly the same probability everywhere: cut at its median for a mixed mask.
+    loaded = registry.load_model("lesion@1", registry_uri)
+    x, _, _ = lserve.prepare(picture(), 10**7, CONFIG.input_size)
+    threshold = float(np.median(lserve.forward(loaded, [x])[0].probs))
+    (work / "token").write_text(TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = lserve.ServeSpec(kind="serve", name="lesion-web", model=ModelRef("lesion@1"), registry=registry_uri,
+                            max_replicas=1, threshold=threshold, auth_token_file=str(work / "token"), port=port)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(lserve.build_app(spec), name=spec.name, route_prefix="/lesion")
+    yield {"url": f"http://127.0.0.1:{port}/lesion", "work": work}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(check, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the page")
+
+
+def test_page_draws_the_served_mask_over_the_uploaded_image(app, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    image_path = app["work"] / "lesion.png"
+    image_path.write_bytes(picture())
+    browser.get(app["url"])  # no trailing slash: the page redirects so its relative URLs resolve
+    model = browser.find_element(By.ID, "model")
+    wait_for(lambda: "enter the token" in model.text)
+    browser.find_element(By.ID, "token").send_keys(TOKEN, Keys.TAB)
+    wait_for(lambda: "lesion@1" in model.text)
+    browser.find_element(By.ID, "file").send_keys(str(image_path))
+    canvas = browser.find_element(By.ID, "view")
+    wait_for(lambda: canvas.get_attribute("data-state") in ("overlay", "error"))
+    assert canvas.get_attribute("data-state") == "overlay", browser.find_element(By.ID, "status").text
+    assert "lesion" in browser.find_element(By.ID, "attributes").text
+
+    drawn = browser.execute_script(
+        "const c = document.getElementById('view');"
+        "return [c.width, c.height, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)];")
+    width, height, pixels = drawn
+    drawn = np.array(pixels, np.float64).reshape(height, width, 4)[..., :3]
+    answer = httpx.post(app["url"] + "/v1/segment?format=json", content=picture(),
+                        headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["mask"])))) > 127
+    assert (width, height) == (160, 120) and 0.05 < mask.mean() < 0.95
+    original = np.asarray(Image.open(io.BytesIO(picture())), np.float64)
+    expected = np.where(mask[..., None], original * (1 - ALPHA) + TINT * ALPHA, original)
+    assert np.abs(drawn - expected).max() <= 2  # tinted exactly where the service's mask says lesion
