@@ -62,7 +62,8 @@ class ClusterConfig:
         if self.storage:
             self.storage.apply()
         if self.registry:
-            os.environ[REGISTRY_ENV] = self.registry
+            # Absolute on the embedded Ray, so workers in other folders find the same registry.
+            os.environ[REGISTRY_ENV] = storage.normalize(self.registry) if self.kind == "local" else self.registry
         os.environ.update(self.env_vars)
 
     def worker_env(self) -> dict[str, str]:
@@ -180,7 +181,10 @@ def _explain(exc: Exception, config: ClusterConfig) -> str:
             "cluster config."
         )
     if "403" in text or "Invalid authentication token" in text:
-        return f"the cluster at {config.address} rejected the token from ${config.auth_token_env}/file: it is wrong."
+        source = (f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
+                  if _token(config) else "Ray's own defaults ($RAY_AUTH_TOKEN, ~/.ray/auth_token)")
+        return (f"the cluster at {config.address} rejected the token from {source}: it is not this cluster's. "
+                "Get the right one with `ray get-auth-token` on the head node.")
     if "Failed to connect" in text or "Connection refused" in text or "ConnectionError" in type(exc).__name__:
         return f"cannot reach the Ray Jobs API at {config.address}: is the cluster up and the address right?"
     return f"request to {config.address} failed: {text.splitlines()[0] if text else type(exc).__name__}"

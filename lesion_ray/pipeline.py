@@ -109,14 +109,18 @@ def _interpolate(value: Any, resolved: dict[str, dict[str, Any]], source: str, w
 
 
 def run(pipeline: PipelineSpec) -> dict[str, Any]:
+    """Run the steps in order; each prints its own summary, the pipeline's names where all went."""
     summary: dict[str, Any] = {}
     started = time.monotonic()
+    result: dict[str, Any] = {}
     for index, job in enumerate(pipeline.jobs, start=1):
         report.info(f"step {index}/{len(pipeline.jobs)}: {job.kind} '{job.name}'")
         step_start = time.monotonic()
         result = spec.job_module(job.kind, job.name).run(job)
-        print(report.format_summary(f"{job.kind} '{job.name}' ({time.monotonic() - step_start:.1f}s)", result),
-              flush=True)
-        summary.update({f"{job.name}.{key}": value for key, value in result.items()})
+        seconds = time.monotonic() - step_start
+        print(report.format_summary(f"{job.kind} '{job.name}' ({seconds:.1f}s)", result), flush=True)
+        summary[f"{job.name} ({job.kind})"] = f"{seconds:.1f}s -> {getattr(job, 'output', '')}"
+    # The last step's results (for the quickstart: the scores) close the summary.
+    summary.update({f"{pipeline.jobs[-1].name}.{key}": value for key, value in result.items()})
     summary["total time"] = f"{time.monotonic() - started:.1f}s"
     return summary

@@ -68,23 +68,60 @@ def s3_bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
+def start_local_ray() -> None:
+    """The session's local Ray: more logical CPUs than the 2 physical cores, progress bars off."""
+    import ray
+
+    ray.init(
+        address="local",  # never attach to a `ray start` cluster another test left running
+        num_cpus=8,
+        object_store_memory=512 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": storage.storage_env()},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint: str):
-    """One local Ray for the session with more logical CPUs than the 2 physical cores."""
+    """One local Ray for the session (started on first use)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never attach to a `ray start` cluster another test left running
-            num_cpus=8,
-            object_store_memory=512 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": storage.storage_env()},
-        )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+        start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def without_local_ray(s3_endpoint: str):
+    """For a module that starts its own Ray cluster: the session's local Ray stops, then comes back."""
+    import ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_running:
+        start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def make_isic():
+    """Writes a small synthetic ISIC layout in-process (faster here than Ray tasks); returns its URI."""
+    from lesion_ray import spec, synth
+
+    def write(out: str, num_images: int = 60) -> str:
+        config = spec.from_dict(synth.SynthSpec, {
+            "kind": "synth", "name": "synth", "output": out, "num_images": num_images, "validation_images": 0,
+            "width": [64, 96], "tasks": [1], "max_hairs": 2,
+        }, "test")
+        for index in range(num_images):
+            synth.write_image(config, index)
+        return out
+
+    return write
 
 
 class RayProcessCluster:

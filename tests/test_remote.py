@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -24,17 +28,28 @@ def cluster_file(tmp_path, processes, **overrides) -> str:
     return str(path)
 
 
-def test_client_without_token_is_told_how_to_supply_it(tmp_path, ray_processes, monkeypatch, capsys) -> None:
-    monkeypatch.delenv("LR_TEST_TOKEN", raising=False)
-    assert cli.main(["jobs", "list", "--cluster", cluster_file(tmp_path, ray_processes)]) == 1
-    err = capsys.readouterr().err
-    assert "requires a token" in err and "$LR_TEST_TOKEN" in err and "ray get-auth-token" in err
+def _client(cluster_yaml: str, home, **env: str) -> subprocess.CompletedProcess:
+    """`lesion-ray jobs list` as a fresh client machine runs it: no Ray token anywhere but ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "LR_TEST_TOKEN"}
+    return subprocess.run([sys.executable, "-m", "lesion_ray.cli", "jobs", "list", "--cluster", cluster_yaml],
+                          env={**clean, "HOME": str(home), **env}, capture_output=True, text=True, timeout=120)
 
-    monkeypatch.setenv("LR_TEST_TOKEN", "not-the-token")
-    assert cli.main(["jobs", "list", "--cluster", cluster_file(tmp_path, ray_processes)]) == 1
-    err = capsys.readouterr().err
-    assert "rejected the token" in err
-    assert "not-the-token" not in err
+
+def test_client_without_token_is_told_how_to_supply_it(tmp_path, ray_processes) -> None:
+    config = cluster_file(tmp_path, ray_processes)
+    refused = _client(config, tmp_path)
+    assert refused.returncode == 1
+    assert "requires a token" in refused.stderr and "$LR_TEST_TOKEN" in refused.stderr
+    assert "ray get-auth-token" in refused.stderr and "Traceback" not in refused.stderr
+
+    wrong = _client(config, tmp_path, LR_TEST_TOKEN="not-the-token")
+    assert wrong.returncode == 1
+    assert "rejected the token from $LR_TEST_TOKEN" in wrong.stderr
+    assert "not-the-token" not in wrong.stderr
+
+    right = _client(config, tmp_path, LR_TEST_TOKEN=ray_processes.token)
+    assert right.returncode == 0, right.stderr
+    assert f"job(s) on {ray_processes.dashboard_url}" in right.stdout
 
 
 def test_submitted_job_succeeds_and_logs_come_back(tmp_path, ray_processes, monkeypatch, capsys) -> None:

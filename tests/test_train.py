@@ -9,23 +9,12 @@ import ray
 import torch
 from PIL import Image
 
-from lesion_ray import data, registry, spec, storage, synth, train
+from lesion_ray import data, registry, spec, storage, train
 from lesion_ray.model import AugmentConfig, ModelConfig, augment, build_model
 
 
-def make_isic(out: str, num_images: int = 60) -> str:
-    """A small synthetic ISIC layout, written in-process (a second; Ray tasks would take longer here)."""
-    config = spec.from_dict(synth.SynthSpec, {
-        "kind": "synth", "name": "synth", "output": out, "num_images": num_images, "validation_images": 0,
-        "width": [64, 96], "tasks": [1], "max_hairs": 2,
-    }, "test")
-    for index in range(num_images):
-        synth.write_image(config, index)
-    return out
-
-
 @pytest.fixture(scope="module")
-def isic(tmp_path_factory) -> str:
+def isic(make_isic, tmp_path_factory) -> str:
     return make_isic(str(tmp_path_factory.mktemp("synth") / "isic"))
 
 

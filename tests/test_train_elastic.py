@@ -1,8 +1,7 @@
 """Training across Ray nodes that come and go (``ray.cluster_utils.Cluster``: real raylets on this machine).
 
 These tests start their own multi-node cluster, so they cannot share the session's ``ray_local``:
-the module fixture shuts down any Ray this process holds first (pytest runs this file after
-test_train.py, and ``ray_local`` does not start a new Ray once its session has begun).
+``without_local_ray`` stops it for this module and starts it again afterwards.
 
 Train workers need one unit of a ``trainer`` resource that only the extra nodes have (and those
 nodes have no CPUs, so Ray Data's tasks stay on the head): which node holds a worker is then known,
@@ -22,7 +21,6 @@ from typing import Any
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from test_train import make_isic
 
 from lesion_ray import spec, storage, train
 
@@ -44,18 +42,17 @@ def _trainer_node(cluster: Cluster):
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint: str) -> Iterator[Cluster]:
-    ray.shutdown()
+def cluster(without_local_ray) -> Iterator[Cluster]:
     cluster = Cluster(initialize_head=True, head_node_args=_node_args(num_cpus=2, include_dashboard=False))
     ray.init(address=cluster.address, runtime_env={"env_vars": storage.storage_env()})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield cluster
     ray.shutdown()
-    cluster.shutdown()
+    cluster.shutdown()  # then without_local_ray brings the session's Ray back
 
 
 @pytest.fixture(scope="module")
-def isic(tmp_path_factory) -> str:
+def isic(make_isic, tmp_path_factory) -> str:
     return make_isic(str(tmp_path_factory.mktemp("synth") / "isic"), num_images=40)
 
 
