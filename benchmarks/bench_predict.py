@@ -27,11 +27,7 @@ import argparse
 import io
 import os
 import platform
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,81 +35,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
+from common import PeakMemory, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 
 from lesion_ray import predict, preprocess, registry, storage, synth
 from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.spec import from_dict
 
 BUCKET = "bench"
-
-
-def start_moto() -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    storage.configure(endpoint_url=f"http://127.0.0.1:{port}")
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    import boto3
-
-    boto3.client("s3", endpoint_url=storage.endpoint_url()).create_bucket(Bucket=BUCKET)
-    return server
-
-
-class PeakMemory:
-    """Peak summed PSS of a process tree (minus ``exclude``), sampled in a thread."""
-
-    def __init__(self, root: int, exclude: int) -> None:
-        self.root, self.exclude = root, exclude
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _tree(self) -> list[int]:
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                except OSError:
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        out, stack = [], [self.root]
-        while stack:
-            pid = stack.pop()
-            if pid != self.exclude:
-                out.append(pid)
-                stack.extend(children.get(pid, []))
-        return out
-
-    @staticmethod
-    def _pss(pid: int) -> int:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            return 0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, sum(self._pss(pid) for pid in self._tree()))
-            self._stop.wait(0.2)
 
 
 def publish_model(config: ModelConfig, registry_uri: str, folder: str) -> str:
@@ -185,7 +113,7 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
         "output": output, "batch_size": args.batch_size, "min_actors": args.actors, "max_actors": args.actors,
         "cpus_per_actor": args.threads, "gpus_per_actor": args.gpus_per_actor, "overlays": "none",
         "subset": "Training"}, "bench")
-    with PeakMemory(os.getpid(), moto_pid) as memory:
+    with PeakMemory(exclude=moto_pid) as memory:
         start = time.perf_counter()
         summary = predict.run(spec)
         wall = time.perf_counter() - start
@@ -221,7 +149,7 @@ def main() -> None:
                              "not the bottleneck)")
     args = parser.parse_args()
 
-    moto = start_moto()
+    moto = start_s3(BUCKET)
     work = tempfile.mkdtemp(prefix="bench-predict-")
     try:
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2**30),

@@ -23,10 +23,6 @@ import argparse
 import io
 import os
 import platform
-import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,77 +31,10 @@ import boto3
 import numpy as np
 import ray
 import torch
+from common import PeakMemory, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 from PIL import Image
 
 from lesion_ray import data, preprocess, spec, storage, synth
-
-
-def start_s3() -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    storage.configure(endpoint_url=f"http://127.0.0.1:{port}")
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return server
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("the moto S3 server did not start")
-
-
-def _pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-    except (OSError, StopIteration):
-        return 0  # the process ended between listing and reading
-
-
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = {root}, [root]
-    while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in found]
-        found.update(children)
-        frontier = children
-    return found
-
-
-class PeakMemory:
-    """Samples the summed PSS of this process and its descendants (but ``exclude``) in a thread."""
-
-    def __init__(self, exclude: int, every_s: float = 0.5) -> None:
-        self.exclude, self.every_s, self.peak_kib = exclude, every_s, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            pids = _descendants(os.getpid()) - _descendants(self.exclude)
-            self.peak_kib = max(self.peak_kib, sum(_pss_kib(pid) for pid in pids))
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def bench_images(n: int, cache: str | None) -> list[str]:
@@ -194,9 +123,9 @@ def main() -> None:
         }
         peaks = []
         for items in (uris, uris * args.memory_factor):
-            with PeakMemory(exclude=server.pid) as memory:
+            with PeakMemory(exclude=server.pid, every_s=0.5) as memory:
                 ray_pipeline(items, args.size)
-            peaks.append(memory.peak_kib / 1024)
+            peaks.append(memory.peak / 2**20)
     finally:
         ray.shutdown()
         server.terminate()

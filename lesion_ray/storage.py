@@ -352,20 +352,21 @@ def delete(uri: str) -> None:
         _s3_call(uri, "delete", client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
 
 
+def _require_bucket(uri: str, advice: str = "") -> None:
+    if not bucket_exists(uri):
+        bucket, _ = split_s3(uri)
+        where = f" at {endpoint_url()}" if endpoint_url() else ""
+        raise StorageError(f"bucket '{bucket}' does not exist{where}{advice}")
+
+
 def check_readable(uri: str) -> None:
     """Raise :class:`StorageError` unless ``uri`` exists and can be read."""
     norm = normalize(uri)
     if is_s3(norm):
-        if not bucket_exists(norm):
-            bucket, _ = split_s3(norm)
-            where = f" at {endpoint_url()}" if endpoint_url() else ""
-            raise StorageError(f"bucket '{bucket}' does not exist{where}")
-        if not exists(norm):
-            raise StorageError(f"nothing found at {uri}")
-        return
-    if not os.path.exists(norm):
+        _require_bucket(norm)
+    if not exists(norm):
         raise StorageError(f"nothing found at {uri}")
-    if not os.access(norm, os.R_OK):
+    if not is_s3(norm) and not os.access(norm, os.R_OK):
         raise StorageError(f"{uri} is not readable (permission denied)")
 
 
@@ -373,10 +374,7 @@ def check_writable(uri: str) -> None:
     """Raise :class:`StorageError` unless ``uri`` can be created: its bucket or parent exists."""
     norm = normalize(uri)
     if is_s3(norm):
-        if not bucket_exists(norm):
-            bucket, _ = split_s3(norm)
-            where = f" at {endpoint_url()}" if endpoint_url() else ""
-            raise StorageError(f"bucket '{bucket}' does not exist{where}: create it first")
+        _require_bucket(norm, ": create it first")
         return
     probe = Path(norm)
     while not probe.exists():

@@ -38,9 +38,12 @@ def _restore_environ():
     os.environ.update(saved)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def s3_endpoint() -> str:
-    """URL of a moto S3 server on loopback, exported as AWS_ENDPOINT_URL for the session."""
+    """URL of a moto S3 server on loopback, exported as AWS_ENDPOINT_URL for the whole session.
+
+    Autouse: it is in place before any test's environment snapshot, and no test can reach AWS.
+    """
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log lines in captured stderr
