@@ -73,26 +73,28 @@ class CheckedStr(str):
         """Raise StorageError/ValueError when what the value names is unusable."""
 
 
-class InputUri(CheckedStr):
+class _Uri(CheckedStr):
+    """A storage URI, stored absolute; ``probe`` says whether the job can use it."""
+
+    probe = staticmethod(storage.check_readable)
+    canonical = classmethod(lambda cls, value: storage.normalize(value))
+
+    def check(self, ctx: CheckContext) -> None:
+        if not ctx.skip(self):
+            self.probe(self)
+
+
+class InputUri(_Uri):
     """A path or URI the job reads: it must exist and be readable."""
 
     expected = "a path or URI (local, file:// or s3://) that exists"
-    canonical = classmethod(lambda cls, value: storage.normalize(value))
-
-    def check(self, ctx: CheckContext) -> None:
-        if not ctx.skip(self):
-            storage.check_readable(self)
 
 
-class OutputUri(CheckedStr):
+class OutputUri(_Uri):
     """A path or URI the job writes: its bucket, or its nearest existing folder, must be writable."""
 
     expected = "a path or URI (local, file:// or s3://) to write to"
-    canonical = classmethod(lambda cls, value: storage.normalize(value))
-
-    def check(self, ctx: CheckContext) -> None:
-        if not ctx.skip(self):
-            storage.check_writable(self)
+    probe = staticmethod(storage.check_writable)
 
 
 def param(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
