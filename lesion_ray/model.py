@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lesion_ray import storage
-from lesion_ray.spec import SpecError, param
+from lesion_ray.spec import SpecError, key_path, param
 
 # The channel layout of torchvision's ``vgg16().features``: conv widths, "M" = max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -57,18 +57,14 @@ class ModelConfig:
 
     def validate(self, source: str, path: str) -> None:
         if self.input_size % self.downsampling:
-            raise SpecError(source, _key(path, "input_size"),
+            raise SpecError(source, key_path(path, "input_size"),
                             f"must be a multiple of {self.downsampling} for {self.architecture}"
                             + (f" with depth {self.depth}" if self.architecture == "unet" else "")
                             + f", got {self.input_size}")
         if self.pretrained_encoder and self.architecture != "multitask_unet":
-            raise SpecError(source, _key(path, "pretrained_encoder"),
+            raise SpecError(source, key_path(path, "pretrained_encoder"),
                             "only multitask_unet has a VGG16 encoder to load; remove it or set "
                             "architecture: multitask_unet")
-
-
-def _key(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 # --- Blocks ------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ class PipelineSpec(JobSpec):
 
     def validate(self, source: str, path: str) -> None:
         if not self.steps:
-            raise SpecError(source, spec_path(path, "steps"), "a pipeline needs at least one step")
+            raise SpecError(source, spec.key_path(path, "steps"), "a pipeline needs at least one step")
         resolved: dict[str, dict[str, Any]] = {}
         self.jobs = []
         for index, raw in enumerate(self.steps):
-            where = f"{spec_path(path, 'steps')}[{index}]"
+            where = f"{spec.key_path(path, 'steps')}[{index}]"
             data = _interpolate(_load_step(raw, source, where), resolved, source, where)
             if data.get("kind") in ("pipeline", "serve"):
                 raise SpecError(source, f"{where}.kind", "a pipeline step cannot be a pipeline or a serve job "
@@ -54,10 +54,6 @@ class PipelineSpec(JobSpec):
 
 
 SPEC = PipelineSpec
-
-
-def spec_path(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 def _load_step(raw: Any, source: str, where: str) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from lesion_ray import data, preprocess, registry, report, storage
 from lesion_ray.registry import ModelRef
-from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, param
+from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param
 
 MANIFEST_FILE = "manifest.parquet"
 PARTS_DIR = "manifest_parts"
@@ -106,7 +106,7 @@ class PredictSpec(JobSpec):
 
     def validate(self, source: str, path: str) -> None:
         if self.min_actors > self.max_actors:
-            key = f"{path}.min_actors" if path else "min_actors"
+            key = key_path(path, "min_actors")
             raise SpecError(source, key, f"must be at most max_actors ({self.max_actors}), got {self.min_actors}")
 
 

@@ -54,7 +54,7 @@ from lesion_ray.data import ATTRIBUTES
 from lesion_ray.predict import encode_png, to_masks
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
-from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, param, to_dict
+from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
 
 logger = logging.getLogger("ray.serve")
 
@@ -88,20 +88,20 @@ class ServeSpec(JobSpec):
     poll_latest_s: float = param(30.0, min=0.0, help="name@latest: look for a new version this often (0: never)")
 
     def validate(self, source: str, path: str) -> None:
-        def key(name: str) -> str:
-            return f"{path}.{name}" if path else name
-
         if self.max_replicas < self.min_replicas:
-            raise SpecError(source, key("max_replicas"), f"must be at least min_replicas ({self.min_replicas})")
+            raise SpecError(source, key_path(path, "max_replicas"),
+                            f"must be at least min_replicas ({self.min_replicas})")
         if self.max_ongoing_requests < self.max_batch_size:
-            raise SpecError(source, key("max_ongoing_requests"),
+            raise SpecError(source, key_path(path, "max_ongoing_requests"),
                             f"must be at least max_batch_size ({self.max_batch_size}), or batches never fill")
         if not self.route_prefix.startswith("/"):
-            raise SpecError(source, key("route_prefix"), f"must start with '/', got {self.route_prefix!r}")
+            raise SpecError(source, key_path(path, "route_prefix"),
+                            f"must start with '/', got {self.route_prefix!r}")
         if self.auth_token_env and self.auth_token_file:
-            raise SpecError(source, key("auth_token_env"), "give auth_token_env or auth_token_file, not both")
+            raise SpecError(source, key_path(path, "auth_token_env"),
+                            "give auth_token_env or auth_token_file, not both")
         if self.auth_token_env and not ENV_NAME.fullmatch(self.auth_token_env):
-            raise SpecError(source, key("auth_token_env"),
+            raise SpecError(source, key_path(path, "auth_token_env"),
                             "must be the NAME of an environment variable holding the token (e.g. LESION_RAY_TOKEN), "
                             "never the token itself")
 

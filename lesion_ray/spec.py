@@ -171,7 +171,8 @@ def _plural(tp: Any) -> str:
     return text
 
 
-def _join(path: str, key: str | int) -> str:
+def key_path(path: str, key: str | int) -> str:
+    """The dotted key path of ``key`` under ``path`` (``steps[1].epochs``), for error messages."""
     if isinstance(key, int):
         return f"{path}[{key}]"
     return f"{path}.{key}" if path else key
@@ -206,17 +207,18 @@ def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
         if not isinstance(value, list):
             fail()
         (item,) = typing.get_args(tp)
-        return [_convert(item, v, _join(path, i), source) for i, v in enumerate(value)]
+        return [_convert(item, v, key_path(path, i), source) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             fail()
-        return tuple(_convert(a, v, _join(path, i), source) for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_convert(a, v, key_path(path, i), source) for i, (a, v) in pairs)
     if origin is dict:
         if not isinstance(value, dict):
             fail()
         _, item = typing.get_args(tp)
-        return {str(k): _convert(item, v, _join(path, str(k)), source) for k, v in value.items()}
+        return {str(k): _convert(item, v, key_path(path, str(k)), source) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             fail()
@@ -271,16 +273,16 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str, path: str = "") -
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             allowed = ", ".join(fields)
-            raise SpecError(source, _join(path, str(key)), f"unknown key{hint}; allowed keys: {allowed}")
+            raise SpecError(source, key_path(path, str(key)), f"unknown key{hint}; allowed keys: {allowed}")
     values = {}
     for name, f in fields.items():
-        key_path = _join(path, name)
+        where = key_path(path, name)
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SpecError(source, key_path, f"missing required key: expected {_describe(hints[name])}")
+                raise SpecError(source, where, f"missing required key: expected {_describe(hints[name])}")
             continue
-        values[name] = _convert(hints[name], data[name], key_path, source)
-        _check_bounds(f, values[name], key_path, source)
+        values[name] = _convert(hints[name], data[name], where, source)
+        _check_bounds(f, values[name], where, source)
     return cls(**values)
 
 
@@ -306,13 +308,13 @@ def check_uris(obj: Any, ctx: CheckContext, path: str = "") -> None:
             raise SpecError(ctx.source, path, str(exc)) from None
     elif dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
-            check_uris(getattr(obj, f.name), ctx, _join(path, f.name))
+            check_uris(getattr(obj, f.name), ctx, key_path(path, f.name))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            check_uris(v, ctx, _join(path, i))
+            check_uris(v, ctx, key_path(path, i))
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            check_uris(v, ctx, _join(path, k))
+            check_uris(v, ctx, key_path(path, k))
 
 
 def outputs_of(obj: Any) -> list[str]:
@@ -399,8 +401,8 @@ def parse(data: dict[str, Any], source: str, path: str = "") -> JobSpec:
         raise SpecError(source, path or "(top level)", "expected a mapping of keys to values")
     for key in ("kind", "name"):
         if key not in data:
-            raise SpecError(source, _join(path, key), "missing required key")
-    module = job_module(data["kind"], source, _join(path, "kind"))
+            raise SpecError(source, key_path(path, key), "missing required key")
+    module = job_module(data["kind"], source, key_path(path, "kind"))
     spec = from_dict(module.SPEC, data, source, path)
     spec.validate(source, path)
     return spec

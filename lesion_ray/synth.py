@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from lesion_ray import report, storage
 from lesion_ray.data import ATTRIBUTES
-from lesion_ray.spec import JobSpec, OutputUri, SpecError, param
+from lesion_ray.spec import JobSpec, OutputUri, SpecError, key_path, param
 
 # Share of ISIC 2018 training images whose mask for the attribute is not empty (REFERENCE.md 1).
 ATTRIBUTE_RATES = {
@@ -71,9 +71,9 @@ class SynthSpec(JobSpec):
         for key in ("width", "aspect"):
             low, high = getattr(self, key)
             if low > high:
-                raise SpecError(source, f"{path}.{key}" if path else key, f"expected [low, high], got [{low}, {high}]")
+                raise SpecError(source, key_path(path, key), f"expected [low, high], got [{low}, {high}]")
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise SpecError(source, f"{path}.tasks" if path else "tasks", "expected [1], [2] or [1, 2]")
+            raise SpecError(source, key_path(path, "tasks"), "expected [1], [2] or [1, 2]")
 
 
 SPEC = SynthSpec

@@ -37,7 +37,7 @@ from ray.data.expressions import col
 
 from lesion_ray import data, metrics, preprocess, registry, report, storage
 from lesion_ray.model import AugmentConfig, LossConfig, ModelConfig, augment, build_model, compute_loss
-from lesion_ray.spec import InputUri, JobSpec, OutputUri, SpecError, param
+from lesion_ray.spec import InputUri, JobSpec, OutputUri, SpecError, key_path, param
 
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -69,18 +69,19 @@ class TrainSpec(JobSpec):
     model_name: str = param("lesion-unet", help="name under which the best model is published")
 
     def validate(self, source: str, path: str) -> None:
-        def key(name: str) -> str:
-            return f"{path}.{name}" if path else name
-
-        self.model.validate(source, key("model"))
+        self.model.validate(source, key_path(path, "model"))
         if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
-            raise SpecError(source, key("num_workers"), f"[min, max] needs min <= max, got {list(self.num_workers)}")
+            raise SpecError(source, key_path(path, "num_workers"),
+                            f"[min, max] needs min <= max, got {list(self.num_workers)}")
         if self.precision != "fp32" and not self.use_gpu:
-            raise SpecError(source, key("precision"), f"{self.precision} mixed precision needs use_gpu: true")
+            raise SpecError(source, key_path(path, "precision"),
+                            f"{self.precision} mixed precision needs use_gpu: true")
         if not re.fullmatch(registry.NAME_PATTERN, self.model_name):
-            raise SpecError(source, key("model_name"), "use only letters, digits, '.', '_' and '-'")
+            raise SpecError(source, key_path(path, "model_name"),
+                            "use only letters, digits, '.', '_' and '-'")
         if self.split_csv is None and self.val_fraction <= 0:
-            raise SpecError(source, key("val_fraction"), "must be above 0 (or give split_csv)")
+            raise SpecError(source, key_path(path, "val_fraction"),
+                            "must be above 0 (or give split_csv)")
 
     def produces(self) -> list[str]:
         return [*super().produces(), f"model:{self.model_name}"]
