@@ -22,7 +22,7 @@ def _spec(isic: str, output: str, registry_uri: str, **overrides) -> train.Train
     raw = {
         "kind": "train", "name": "train", "data": isic, "output": output, "registry": registry_uri,
         "model": {"architecture": "unet", "input_size": 32, "num_filters": 8, "depth": 3},
-        "epochs": 8, "batch_size": 8, "lr": 0.01, "num_workers": 2, "model_name": "tiny",
+        "epochs": 12, "batch_size": 8, "lr": 0.01, "num_workers": 2, "model_name": "tiny",
         "augment": {"affine": False},
     }
     parsed = spec.from_dict(train.TrainSpec, raw | overrides, "test")
@@ -39,10 +39,10 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     spec_ = _spec(isic, out, reg)
     summary = train.run(spec_)
 
-    assert summary["model"] == "tiny@1" and summary["epochs"] == 8
+    assert summary["model"] == "tiny@1" and summary["epochs"] == 12
     assert summary["train_images"] + summary["validation_images"] == 60 and summary["unreadable_images"] == 0
     history = json.loads(storage.read_text(f"{out}/metrics.json"))
-    assert [row["epoch"] for row in history] == list(range(1, 9))
+    assert [row["epoch"] for row in history] == list(range(1, 13))
     assert {row["world_size"] for row in history} == {2}
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert storage.read_text(f"{out}/metrics.csv").startswith("epoch,train_loss,val_loss,val_score")
@@ -64,9 +64,9 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert loaded.metrics["val_score"] == summary["best_val_score"]
 
     # Same run, more epochs: resumes from the latest checkpoint in S3 instead of starting over.
-    summary = train.run(_spec(isic, out, reg, epochs=9))
+    summary = train.run(_spec(isic, out, reg, epochs=13))
     history = json.loads(storage.read_text(f"{out}/metrics.json"))
-    assert [row["epoch"] for row in history] == list(range(1, 10))
+    assert [row["epoch"] for row in history] == list(range(1, 14))
     assert history[-1]["starts"] == 1 and history[0]["starts"] == 0
     assert summary["model"] in ("tiny@1", "tiny@2")  # a new version only if the best checkpoint changed
     # The run folder itself is a model reference (its best model).
