@@ -73,6 +73,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("infer_ms", pa.float32()),  # this image's share of its batch's forward pass
     ("write_ms", pa.float32()),  # resize + threshold + encode + write
     ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("node", pa.string()),  # the Ray node id of the inference actor that handled the row
 ])
 
 
@@ -131,6 +132,7 @@ class Predictor:
         self.loaded = registry.load_model(model_dir, device=device)
         self.device = device
         self.flips = [(), (3,), (2,)] if tta else [()]
+        self.node = ray.get_runtime_context().get_node_id()
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +160,8 @@ class Predictor:
             head1[ok], head2[ok] = h1.float().cpu().numpy(), h2.float().cpu().numpy()
         infer_ms = 1000 * (time.perf_counter() - start) / max(int(ok.sum()), 1)
         out = {k: batch[k] for k in ("id", "source", "error", "orig_height", "orig_width")}
-        out.update(probs=probs, head1=head1, head2=head2, infer_ms=np.where(ok, infer_ms, 0.0).astype(np.float32))
+        out.update(probs=probs, head1=head1, head2=head2, infer_ms=np.where(ok, infer_ms, 0.0).astype(np.float32),
+                   node=np.full(count, self.node))
         return out
 
 
@@ -252,6 +255,7 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
             "infer_ms": float(row["infer_ms"]),
             "write_ms": 1000 * (time.perf_counter() - start),
             "finished_at": datetime.now(timezone.utc),
+            "node": str(row["node"]),
         })
     return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
@@ -412,6 +416,7 @@ def run(spec: PredictSpec) -> dict[str, Any]:
         "ok": ok,
         "error": errors,
         "resumed": len(done),
+        "inference_nodes": len({node for table in writer.tables for node in table["node"].to_pylist()}),
         "images_per_s": round(len(todo) / seconds, 2) if todo else 0.0,
         "model": f"{found.name}@{found.version}",
         "threshold": threshold,

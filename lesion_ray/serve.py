@@ -83,6 +83,9 @@ class ServeSpec(JobSpec):
     auth_token_file: str | None = param(None, help="file holding the bearer token (e.g. a mounted secret)")
     host: str = param("127.0.0.1", help="HTTP listen address (0.0.0.0 for every interface)")
     port: int = param(8000, min=1, max=65535, help="HTTP port")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = param(
+        "EveryNode", help="which nodes run an HTTP proxy on host:port (HeadOnly: one entry point, e.g. when "
+                          "several nodes share one machine and so cannot all bind the port)")
     route_prefix: str = param("/", help="URL path the API lives under")
     threshold: float | None = param(None, min=0.0, max=1.0, help="mask threshold (default: the model's own)")
     poll_latest_s: float = param(30.0, min=0.0, help="name@latest: look for a new version this often (0: never)")
@@ -523,7 +526,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
     """A Serve config file (``serve deploy``; KubeRay RayService ``serveConfigV2``) for this spec."""
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": spec.proxy_location,
         "http_options": {"host": spec.host, "port": spec.port},
         "applications": [{
             "name": spec.name,
@@ -538,7 +541,7 @@ def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
     then delete the application and shut Serve down."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
-    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.start(proxy_location=spec.proxy_location, http_options={"host": spec.host, "port": spec.port})
     serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
     url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()

@@ -56,6 +56,20 @@ def isic(make_isic, tmp_path_factory) -> str:
     return make_isic(str(tmp_path_factory.mktemp("synth") / "isic"), num_images=40)
 
 
+def _refresh_elastic_view() -> None:
+    """Make Ray re-read the node list now, as it otherwise does every 20 s.
+
+    Elastic Train sizes its group from Ray Data's AutoscalingCoordinator, which re-reads the node list on a
+    20 s tick. On a real cluster that delay is harmless; here it would let a short run finish before the
+    joined node is seen, or start a group on nodes an earlier test removed.
+    """
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    except ValueError:
+        return  # not created yet: its first view will be fresh
+    ray.get(coordinator.get_reserved_resources.remote("lesion-ray-tests", recompute=True))
+
+
 def _spec(isic: str, out: Path, **overrides: Any) -> train.TrainSpec:
     raw = {
         "kind": "train", "name": "train", "data": isic, "output": str(out / "run"), "registry": str(out / "reg"),
@@ -116,10 +130,12 @@ def test_node_loss_resumes_from_checkpoint(cluster: Cluster, isic: str, tmp_path
 def test_elastic_group_grows_when_a_node_joins(cluster: Cluster, isic: str, tmp_path: Path) -> None:
     first = _trainer_node(cluster)
     cluster.wait_for_nodes()
-    # Long enough to outlast Ray Data's autoscaling coordinator, which sees new nodes every 20 s.
+    _refresh_elastic_view()
     thread, outcome = _start(_spec(isic, tmp_path, num_workers=[1, 2], epochs=12))
     _wait_for_checkpoint(tmp_path / "run", thread)
     second = _trainer_node(cluster)
+    cluster.wait_for_nodes()
+    _refresh_elastic_view()
     history = _finish(thread, outcome, tmp_path / "run")
 
     sizes = [row["world_size"] for row in history]

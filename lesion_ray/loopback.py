@@ -1,0 +1,152 @@
+"""A real multi-node Ray cluster on one machine: a ``ray start`` head and workers on loopback.
+
+For trying ``cluster/remote.yaml`` end to end before there is a cluster (``scripts/multinode.py``)
+and for the multi-node tests. Every node is a ``ray start --block`` process in its own process
+group with its own free ports, so such a cluster can run beside an embedded Ray; stopping a node
+kills exactly that node, as a machine failure would. Token authentication is on, as on Ray 2.60
+clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+NODE_RESOURCE_PREFIX = "loopback_node_"  # a unit resource that names each node (`ray start` has no node names)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Node:
+    name: str
+    process: subprocess.Popen
+    log: str
+
+
+class LoopbackCluster:
+    """A head node (``head_cpus`` logical CPUs, dashboard and Jobs API on a free port) plus workers."""
+
+    def __init__(self, root: str, head_cpus: int = 0, timeout_s: float = 90) -> None:
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.gcs_address = f"127.0.0.1:{free_port()}"
+        dashboard_port = free_port()
+        self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        self.nodes: dict[str, Node] = {}
+        os.makedirs(root, exist_ok=True)
+        self._start("head", ["--head", f"--port={self.gcs_address.split(':')[1]}", f"--dashboard-port={dashboard_port}",
+                             "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={root}"], {})
+        self._wait_for_dashboard(timeout_s)
+
+    def env(self) -> dict[str, str]:
+        """Environment for `ray` commands and drivers that join this cluster."""
+        venv_bin = os.path.dirname(sys.executable)
+        return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def remote_config(self, **overrides: Any) -> dict[str, Any]:
+        """A ``kind: remote`` cluster config (as in cluster/remote.yaml) that reaches this cluster."""
+        return {"kind": "remote", "name": "loopback", "address": self.dashboard_url,
+                "auth_token_env": "RAY_AUTH_TOKEN", "auth_token_file": None, "dependencies": "installed", **overrides}
+
+    def add_worker(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None) -> Node:
+        if name in self.nodes:
+            raise ValueError(f"a node named {name!r} exists already")
+        # Its own temp dir: nodes starting at once in one dir race for the same socket file names.
+        return self._start(name, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                                  f"--temp-dir={os.path.join(self.root, name)}"], resources or {})
+
+    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> Node:
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        resources = {**resources, NODE_RESOURCE_PREFIX + name: 1}
+        # Every node gets its own agent ports: the defaults clash with any other Ray on the machine.
+        flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                 "metrics-export-port")
+        ports = [f"--{flag}={free_port()}" for flag in flags]
+        log = os.path.join(self.root, f"{name}.log")
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [ray_bin, "start", "--block", "--disable-usage-stats", *args, *ports,
+                 f"--resources={json.dumps(resources)}"],
+                env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes[name] = Node(name, process, log)
+        return self.nodes[name]
+
+    def _get(self, path: str) -> Any:
+        request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def _wait_for_dashboard(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self._get("/api/version")
+                return
+            except (OSError, urllib.error.HTTPError, json.JSONDecodeError):
+                time.sleep(0.5)
+        self.shutdown()
+        raise RuntimeError(f"the Ray head did not come up within {timeout_s:g} s; see {self.root}/head.log")
+
+    def alive_nodes(self) -> dict[str, str]:
+        """Node name -> Ray node id, for the nodes Ray reports alive."""
+        nodes = self._get("/api/v0/nodes?limit=1000&detail=true")["data"]["result"]["result"]
+        named = {}
+        for node in nodes:
+            if node["state"] != "ALIVE":
+                continue
+            for resource in node.get("resources_total", {}):
+                if resource.startswith(NODE_RESOURCE_PREFIX):
+                    named[resource[len(NODE_RESOURCE_PREFIX):]] = node["node_id"]
+        return named
+
+    def wait_for_nodes(self, timeout_s: float = 90) -> dict[str, str]:
+        """Until every started node, and no stopped one, is alive in Ray's view."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = self.alive_nodes()
+            if set(alive) == set(self.nodes):
+                return alive
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray sees nodes {sorted(alive)}, expected {sorted(self.nodes)}; "
+                                   f"logs in {self.root}")
+            time.sleep(0.5)
+
+    def actor_nodes(self, class_name_prefix: str) -> list[str]:
+        """Names of the nodes that hold alive actors whose class name starts with the prefix."""
+        actors = self._get("/api/v0/actors?limit=10000&detail=true&filter_keys=state&filter_predicates=%3D"
+                           "&filter_values=ALIVE")["data"]["result"]["result"]
+        by_id = {node_id: name for name, node_id in self.alive_nodes().items()}
+        return sorted(by_id.get(a["node_id"], a["node_id"]) for a in actors
+                      if a["class_name"].startswith(class_name_prefix))
+
+    def stop_node(self, name: str, graceful: bool = False) -> None:
+        """Stop a node and every process it started; not graceful: all killed at once, as a machine failure."""
+        node = self.nodes.pop(name)
+        if graceful:
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(node.process.pid, signal.SIGTERM)
+                node.process.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.process.pid, signal.SIGKILL)  # also the children that outlived `ray start`
+        node.process.wait(30)
+
+    def shutdown(self) -> None:
+        for name in reversed(list(self.nodes)):
+            self.stop_node(name, graceful=True)
