@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -211,6 +212,15 @@ def _package_dir() -> Path:
 
 def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
     """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
+    client, job_id = start_job(job, config)
+    report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
+    if not wait:
+        return 0
+    return follow(client, job_id)
+
+
+def start_job(job: spec.JobSpec, config: ClusterConfig) -> tuple[Any, str]:
+    """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting."""
     client = job_client(config)
     workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
     try:
@@ -221,7 +231,8 @@ def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
         runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": config.worker_env()}
         if config.dependencies == "pinned":
             runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
-        submission_id = f"lesion-ray-{re.sub(r'[^a-zA-Z0-9-]', '-', job.name)}-{int(time.time())}"
+        name = re.sub(r"[^a-zA-Z0-9-]", "-", job.name)
+        submission_id = f"lesion-ray-{name}-{int(time.time())}-{uuid.uuid4().hex[:6]}"  # unique within a second too
         job_id = _submit_when_ready(
             config,
             client,
@@ -232,10 +243,7 @@ def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
         )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
-    if not wait:
-        return 0
-    return follow(client, job_id)
+    return client, job_id
 
 
 def _submit_when_ready(config: ClusterConfig, client, timeout_s: float = 120, **job: Any) -> str:

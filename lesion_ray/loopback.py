@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,16 +44,18 @@ class Node:
 class LoopbackCluster:
     """A head node (``head_cpus`` logical CPUs, dashboard and Jobs API on a free port) plus workers."""
 
-    def __init__(self, root: str, head_cpus: int = 0, timeout_s: float = 90) -> None:
-        self.root = root
+    def __init__(self, root: str | None = None, head_cpus: int = 0, timeout_s: float = 90) -> None:
+        # Default root short and under /tmp: Ray's unix socket paths must stay below ~107 characters.
+        self._own_root = root is None
+        self.root = root or tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp")
         self.token = uuid.uuid4().hex
         self.gcs_address = f"127.0.0.1:{free_port()}"
         dashboard_port = free_port()
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         self.nodes: dict[str, Node] = {}
-        os.makedirs(root, exist_ok=True)
+        os.makedirs(self.root, exist_ok=True)
         self._start("head", ["--head", f"--port={self.gcs_address.split(':')[1]}", f"--dashboard-port={dashboard_port}",
-                             "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={root}"], {})
+                             "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={self.root}"], {})
         self._wait_for_dashboard(timeout_s)
 
     def env(self) -> dict[str, str]:
@@ -136,17 +140,28 @@ class LoopbackCluster:
         return sorted(by_id.get(a["node_id"], a["node_id"]) for a in actors
                       if a["class_name"].startswith(class_name_prefix))
 
-    def stop_node(self, name: str, graceful: bool = False) -> None:
-        """Stop a node and every process it started; not graceful: all killed at once, as a machine failure."""
+    def stop_node(self, name: str) -> None:
+        """Kill a node and every process it started at once, as a machine failure would."""
         node = self.nodes.pop(name)
-        if graceful:
-            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(node.process.pid, signal.SIGTERM)
-                node.process.wait(15)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.process.pid, signal.SIGKILL)  # also the children that outlived `ray start`
+            os.killpg(node.process.pid, signal.SIGKILL)
         node.process.wait(30)
 
     def shutdown(self) -> None:
+        """Stop every node: SIGTERM to all at once, SIGKILL to what is left after 10 s."""
+        for node in self.nodes.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for name in reversed(list(self.nodes)):
-            self.stop_node(name, graceful=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.nodes[name].process.wait(max(deadline - time.monotonic(), 0.1))
+            self.stop_node(name)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> LoopbackCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

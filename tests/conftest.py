@@ -6,11 +6,8 @@ fake credentials through the same environment variables a user would set.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
-import tempfile
 import uuid
 
 import pytest
@@ -87,19 +84,6 @@ def ray_local(s3_endpoint: str):
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def without_local_ray(s3_endpoint: str):
-    """For a module that starts its own Ray cluster: the session's local Ray stops, then comes back."""
-    import ray
-
-    was_running = ray.is_initialized()
-    ray.shutdown()
-    yield
-    ray.shutdown()
-    if was_running:
-        start_local_ray()
-
-
 @pytest.fixture(scope="session")
 def make_isic():
     """Writes a small synthetic ISIC layout in-process (faster here than Ray tasks); returns its URI."""
@@ -120,17 +104,5 @@ def make_isic():
 @pytest.fixture(scope="module")
 def ray_processes(s3_endpoint: str):
     """A real `ray start` head with 4 CPUs and token authentication (add workers with add_worker)."""
-    with loopback_cluster(head_cpus=4) as cluster:
+    with LoopbackCluster(head_cpus=4) as cluster:
         yield cluster
-
-
-@contextlib.contextmanager
-def loopback_cluster(head_cpus: int):
-    # Short root: Ray's unix socket paths under it must stay below ~107 characters.
-    root = tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp")
-    cluster = LoopbackCluster(root, head_cpus=head_cpus)
-    try:
-        yield cluster
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(root, ignore_errors=True)

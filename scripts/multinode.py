@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""Every job kind on a real multi-node Ray cluster, on this one machine.
+
+    python3 scripts/dev.py python scripts/multinode.py           # about 5 minutes on 2 cores
+    python3 scripts/dev.py python scripts/multinode.py --keep    # then leave the cluster up (Ctrl-C stops it)
+
+It starts a `ray start` head (no CPUs: it only coordinates, as on a real cluster) and two 4-CPU
+workers on loopback with token authentication, writes `runs/multinode/remote.yaml` (cluster/remote.yaml
+pointed at this head) and submits every job through it, as `lesion-ray run JOB --cluster ...` would:
+
+1. the quickstart pipeline as one submitted job;
+2. batch inference from S3 (or a folder) with one inference actor per worker, every input accounted for;
+3. elastic training that starts on the two workers, grows when a third node joins and carries on
+   when that node is killed;
+4. the serve job behind the cluster's HTTP proxy, answering again after one replica's node is killed.
+
+`tests/test_multinode.py` runs these same scenarios and checks what they report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a file from any folder
+
+from lesion_ray import cli, cluster, report, storage  # noqa: E402
+from lesion_ray.loopback import LoopbackCluster, free_port  # noqa: E402
+from lesion_ray.predict import read_manifest  # noqa: E402
+
+TOKEN_ENV = "LESION_RAY_MULTINODE_TOKEN"  # the cluster's Ray token, for the Jobs API client
+SERVE_TOKEN = "multinode-serve-token"  # the demo API's bearer token (LESION_RAY_TOKEN in jobs/serve.yaml)
+# On a real cluster elastic Train waits up to 60 s for a lost node's worker before it shrinks the
+# group (Ray Train's own default); a short wait keeps this demo short.
+TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+T = TypeVar("T")
+
+
+def start_cluster(workers: int = 2) -> LoopbackCluster:
+    nodes = LoopbackCluster(head_cpus=0)
+    for index in range(1, workers + 1):
+        nodes.add_worker(f"worker{index}", num_cpus=4, resources={"trainer": 1})
+    nodes.wait_for_nodes()
+    return nodes
+
+
+def write_cluster_config(nodes: LoopbackCluster, folder: Path) -> str:
+    """cluster/remote.yaml with this cluster's address; the token stays in the environment."""
+    os.environ[TOKEN_ENV] = nodes.token
+    config = yaml.safe_load((ROOT / "cluster" / "remote.yaml").read_text())
+    config.update(nodes.remote_config(auth_token_env=TOKEN_ENV, registry=str(folder / "registry"),
+                                      env_vars={"LESION_RAY_TOKEN": SERVE_TOKEN, **TRAIN_ENV}))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "remote.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(path)
+
+
+def wait_for(what: str, check: Callable[[], T], timeout_s: float = 180) -> T:
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.5)
+    return result
+
+
+def quickstart(remote: str, out: Path, small: bool = True) -> int:
+    """The main job as one submitted job; its exit status."""
+    sizes = ["steps.synth.num_images=32", "steps.synth.validation_images=8", "steps.synth.width=[96, 128]",
+             "steps.train.epochs=2"] if small else []
+    return cli.main([
+        "run", str(ROOT / "jobs" / "quickstart.yaml"), "--cluster", remote, *sizes,
+        f"steps.synth.output={out}/data", f"steps.train.output={out}/train",
+        f"steps.predict.output={out}/predictions", f"steps.evaluate.output={out}/evaluation",
+    ])
+
+
+def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path], archive: str,
+                         output: str, copies: int = 5) -> dict[str, Any]:
+    """Copy ``images`` (``copies`` times, so both actors get work) and one broken file into ``archive``,
+    predict them with one actor per worker, and report the manifest's counts and nodes."""
+    ids = [f"ISIC_{9000000 + i:07d}" for i in range(copies * len(images))]
+    for image_id, image in zip(ids, images * copies, strict=True):
+        storage.write_bytes(f"{archive}/{image_id}.jpg", image.read_bytes())
+    storage.write_bytes(f"{archive}/ISIC_0099999.jpg", b"not a JPEG")  # must become an error row
+    status = cli.main(["run", str(ROOT / "jobs" / "predict.yaml"), "--cluster", remote, f"input={archive}",
+                       f"output={output}", "min_actors=2", "max_actors=2", "batch_size=1", "overlays=none"])
+    manifest = read_manifest(output, {f.uri for f in storage.list_files(output)}).to_pylist()
+    names = {node_id: name for name, node_id in nodes.alive_nodes().items()}
+    return {
+        "status": status,
+        "inputs": sorted([*ids, "ISIC_0099999"]),
+        "rows": sorted(r["id"] for r in manifest),
+        "ok": sorted(r["id"] for r in manifest if r["status"] == "ok"),
+        "errors": sorted(r["id"] for r in manifest if r["status"] == "error"),
+        "nodes": sorted({names.get(r["node"], r["node"]) for r in manifest}),
+        "masks": len(storage.list_files(f"{output}/masks")),
+    }
+
+
+def refresh_elastic_view(nodes: LoopbackCluster) -> None:
+    """Make Ray re-read the node list now, as it otherwise does every 20 s.
+
+    Elastic Train sizes its group from Ray Data's AutoscalingCoordinator, which re-reads the node
+    list on a 20 s tick. On a real cluster that delay is harmless; here it only makes the demo slow.
+    """
+    code = ("import ray; ray.init(address={address!r}); "
+            "c = ray.get_actor('AutoscalingCoordinator', namespace='AutoscalingCoordinator'); "
+            "ray.get(c.get_reserved_resources.remote('lesion-ray-multinode', recompute=True))")
+    subprocess.run([sys.executable, "-c", code.format(address=nodes.gcs_address)], env=nodes.env(), check=True,
+                   capture_output=True, timeout=120)
+
+
+def _resumed_and_continued(logs: str, workers: int) -> bool:
+    """An epoch finished after the last resume with ``workers`` workers, continuing its count."""
+    resumes = list(re.finditer(rf"resumed after epoch (\d+) with {workers} workers", logs))
+    return bool(resumes) and f"epoch {int(resumes[-1].group(1)) + 1}/" in logs[resumes[-1].end():]
+
+
+def elastic_training(nodes: LoopbackCluster, remote: str, data: str, output: str) -> dict[str, Any]:
+    """Train with num_workers [1, 3] on the trainer nodes; add a third, then kill it. Reports the
+    group sizes seen in order and the epochs that finished."""
+    job, config = cli.prepare(str(ROOT / "jobs" / "train.yaml"), remote, [
+        f"data={data}", f"output={output}", "model_name=elastic-unet", "model.input_size=32",
+        "model.num_filters=4", "model.depth=2", "epochs=1000", "batch_size=4", "num_workers=[1, 3]",
+        "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1"])
+    client, job_id = cluster.start_job(job, config)
+    logs = lambda: client.get_job_logs(job_id)  # noqa: E731
+    try:
+        report.info("elastic: waiting for the first epoch on the nodes present")
+        wait_for("the first epoch", lambda: "images/s on 2 workers" in logs())
+        report.info("elastic: a third trainer node joins")
+        nodes.add_worker("joiner", num_cpus=1, resources={"trainer": 1})
+        nodes.wait_for_nodes()
+        refresh_elastic_view(nodes)
+        wait_for("growth to 3 workers", lambda: "images/s on 3 workers" in logs())
+        report.info("elastic: the third node is killed")
+        nodes.stop_node("joiner")
+        nodes.wait_for_nodes()
+        refresh_elastic_view(nodes)
+        wait_for("an epoch on 2 workers after the loss", lambda: _resumed_and_continued(logs(), 2))
+    finally:
+        cluster.stop_job(config, job_id)  # 1,000 epochs: it would go on
+    text = logs()
+    sizes = [int(n) for n in re.findall(r"images/s on (\d+) workers", text)]
+    return {
+        "sizes": [n for i, n in enumerate(sizes) if i == 0 or n != sizes[i - 1]],
+        "epochs": sorted({int(e) for e in re.findall(r"epoch (\d+)/1000: ", text)}),
+    }
+
+
+def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -> dict[str, Any]:
+    """The serve job with two replicas per deployment; kill a worker that holds a model replica."""
+    import httpx
+
+    port = free_port()
+    # HeadOnly: the nodes share one machine, so only one of them can bind the port.
+    job, config = cli.prepare(str(ROOT / "jobs" / "serve.yaml"), remote, [
+        "min_replicas=2", "max_replicas=2", f"port={port}", "proxy_location=HeadOnly", "poll_latest_s=0"])
+    _, job_id = cluster.start_job(job, config)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {SERVE_TOKEN}", "Content-Type": "image/jpeg"}
+
+    def segment() -> bool:
+        try:
+            response = httpx.post(f"{url}/v1/segment", content=image, headers=headers, timeout=30)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200 and response.content.startswith(b"\x89PNG")
+
+    try:
+        report.info(f"serve: waiting for {url}")
+        wait_for("the API to answer", segment)
+        replicas = wait_for("two model replicas", lambda: len(
+            found := nodes.actor_nodes("ServeReplica:lesion:SegmentationModel")) == 2 and found, 60)
+        victim = next(name for name in replicas if name != "head")
+        report.info(f"serve: model replicas on {', '.join(replicas)}; killing {victim}")
+        nodes.stop_node(victim)
+        # Requests in flight on the killed node may fail; then every request is answered again.
+        stopped = time.monotonic()
+        wait_for("requests to succeed again", lambda: all(segment() for _ in range(10)), 120)
+        recovered_s = time.monotonic() - stopped
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+    finally:
+        cluster.stop_job(config, job_id)
+    return {"replica_nodes": replicas, "killed": victim, "recovered_s": round(recovered_s, 1), "health": health}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "runs" / "multinode"), help="outputs and the cluster config")
+    parser.add_argument("--keep", action="store_true", help="keep the cluster up afterwards, until Ctrl-C")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    started = time.monotonic()
+    report.info("starting a head and two workers on loopback")
+    with start_cluster() as nodes:
+        remote = write_cluster_config(nodes, out)
+        report.info(f"cluster up: {nodes.dashboard_url}; config {remote}")
+        results: dict[str, Any] = {"quickstart": "ok" if quickstart(remote, out / "quickstart") == 0 else "failed"}
+        images = sorted((out / "quickstart" / "data" / "ISIC2018_Task1-2_Validation_Input").glob("*.jpg"))
+        predicted = predict_across_nodes(nodes, remote, images, str(out / "archive"), str(out / "predict"))
+        results["predict"] = (f"{len(predicted['ok'])} ok + {len(predicted['errors'])} errors = "
+                              f"{len(predicted['rows'])} of {len(predicted['inputs'])} inputs, "
+                              f"actors on {', '.join(predicted['nodes'])}")
+        elastic = elastic_training(nodes, remote, str(out / "quickstart" / "data"), str(out / "elastic"))
+        results["elastic"] = (f"group sizes {' -> '.join(map(str, elastic['sizes']))}, "
+                              f"epochs 1-{max(elastic['epochs'])}")
+        served = serve_through_node_loss(nodes, remote, images[0].read_bytes())
+        results["serve"] = (f"replicas on {', '.join(served['replica_nodes'])}; killed {served['killed']}; "
+                            f"answering again after {served['recovered_s']} s")
+        print(report.format_summary(f"multinode demo finished in {time.monotonic() - started:.0f}s", results))
+        if args.keep:
+            report.info(f"the cluster stays up: lesion-ray run JOB --cluster {remote} (with ${TOKEN_ENV}="
+                        f"{nodes.token}); Ctrl-C stops it")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    return 0 if results["quickstart"] == "ok" and predicted["status"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

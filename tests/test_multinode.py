@@ -1,0 +1,78 @@
+"""Every job kind across real Ray nodes, submitted through a ``kind: remote`` cluster config.
+
+The scenarios are the documented demo's (``scripts/multinode.py``): a ``ray start`` head without
+CPUs and two 4-CPU workers on loopback with token authentication, and ``cluster/remote.yaml``
+pointed at it. The tests run in file order: the quickstart trains the model that inference and
+serving use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lesion_ray.loopback import LoopbackCluster
+from scripts import multinode
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def nodes(s3_endpoint: str) -> Iterator[LoopbackCluster]:
+    with multinode.start_cluster() as nodes:
+        yield nodes
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("multinode")
+
+
+@pytest.fixture(scope="module")
+def remote(nodes: LoopbackCluster, workdir: Path) -> str:
+    return multinode.write_cluster_config(nodes, workdir)
+
+
+def _validation_images(workdir: Path) -> list[Path]:
+    images = sorted((workdir / "quickstart" / "data" / "ISIC2018_Task1-2_Validation_Input").glob("*.jpg"))
+    assert images, "the quickstart test writes these images"
+    return images
+
+
+def test_quickstart_pipeline_runs_as_a_submitted_job(remote: str, workdir: Path, capsys) -> None:
+    status = multinode.quickstart(remote, workdir / "quickstart")
+    printed = capsys.readouterr()
+    assert status == 0, printed.out[-3000:] + printed.err[-3000:]
+    assert "pipeline 'quickstart' finished in" in printed.out  # the job's own summary, streamed back
+    assert "SUCCEEDED" in printed.err
+    assert (workdir / "registry" / "quickstart-unet" / "latest.json").exists()
+    assert (workdir / "quickstart" / "evaluation" / "report.json").exists()
+
+
+def test_batch_inference_spreads_over_nodes_and_accounts_for_every_input(
+        nodes: LoopbackCluster, remote: str, workdir: Path, s3_bucket: str) -> None:
+    images = _validation_images(workdir)
+    result = multinode.predict_across_nodes(nodes, remote, images, f"{s3_bucket}/archive", f"{s3_bucket}/masks")
+    assert result["status"] == 0
+    assert result["rows"] == result["inputs"]  # one row per input, no more, no fewer
+    assert result["errors"] == ["ISIC_0099999"]  # the broken file, reported and not fatal
+    assert len(result["ok"]) == result["masks"] == 5 * len(images)
+    assert result["nodes"] == ["worker1", "worker2"]  # both inference actors did work, one per worker
+
+
+def test_elastic_training_grows_when_a_node_joins_and_survives_one_leaving(
+        nodes: LoopbackCluster, remote: str, workdir: Path, make_isic) -> None:
+    data = make_isic(str(workdir / "elastic-data"), num_images=24)
+    result = multinode.elastic_training(nodes, remote, data, str(workdir / "elastic"))
+    assert result["sizes"] == [2, 3, 2]  # the workers present, then the joiner, then without it
+    assert result["epochs"] == list(range(1, max(result["epochs"]) + 1))  # every resize resumed from a checkpoint
+
+
+def test_serve_answers_through_the_cluster_proxy_and_survives_a_replica_node_stopping(
+        nodes: LoopbackCluster, remote: str, workdir: Path) -> None:
+    result = multinode.serve_through_node_loss(nodes, remote, _validation_images(workdir)[0].read_bytes())
+    assert result["replica_nodes"] == ["worker1", "worker2"]  # Serve spread the model replicas
+    assert result["killed"] in {"worker1", "worker2"}
+    assert result["health"] == {"status": "ok"}
