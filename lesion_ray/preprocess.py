@@ -96,7 +96,12 @@ def _as_uint8(im: Image.Image, mode: str) -> np.ndarray:
 
 def _oriented_size(im: Image.Image) -> tuple[int, int]:
     width, height = im.size
-    transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF Orientation rotates by 90 degrees
+    try:
+        # Reading EXIF can mean reading the file (PNG keeps it in chunks after the pixel data).
+        orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _broken(exc, f"{im.format or 'image'} metadata") from None
+    transposed = orientation in (5, 6, 7, 8)  # EXIF Orientation rotates by 90 degrees
     return (width, height) if transposed else (height, width)
 
 
