@@ -14,6 +14,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -133,6 +134,12 @@ def start_local(config: ClusterConfig) -> None:
             include_dashboard=False,
             runtime_env=runtime_env,
         )
+    if not sys.stderr.isatty():
+        # Without a terminal (a submitted job, CI) Ray Data's progress bars become blocks of log lines
+        # every few seconds; lesion-ray's own progress lines say enough there.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     report.info(
         f"Ray ready: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"

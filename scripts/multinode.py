@@ -211,7 +211,7 @@ def main() -> int:
         results: dict[str, Any] = {"quickstart": "ok" if quickstart(remote, out / "quickstart") == 0 else "failed"}
         images = sorted((out / "quickstart" / "data" / "ISIC2018_Task1-2_Validation_Input").glob("*.jpg"))
         predicted = predict_across_nodes(nodes, remote, images, str(out / "archive"), str(out / "predict"))
-        results["predict"] = (f"{len(predicted['ok'])} ok + {len(predicted['errors'])} errors = "
+        results["predict"] = (f"{len(predicted['ok'])} ok + {len(predicted['errors'])} failed = "
                               f"{len(predicted['rows'])} of {len(predicted['inputs'])} inputs, "
                               f"actors on {', '.join(predicted['nodes'])}")
         elastic = elastic_training(nodes, remote, str(out / "quickstart" / "data"), str(out / "elastic"))
