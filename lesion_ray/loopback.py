@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,23 @@ from typing import Any
 NODE_RESOURCE_PREFIX = "loopback_node_"  # a unit resource that names each node (`ray start` has no node names)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range (32768+) and above Ray's worker ports (10002-19999),
+    so that no outgoing connection can take it before the node binds it."""
+    while True:
+        port = random.randint(20000, 32767)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @dataclass
@@ -128,6 +142,7 @@ class LoopbackCluster:
             if set(alive) == set(self.nodes):
                 return alive
             if time.monotonic() > deadline:
+                self._own_root = False  # keep the logs
                 raise RuntimeError(f"Ray sees nodes {sorted(alive)}, expected {sorted(self.nodes)}; "
                                    f"logs in {self.root}")
             time.sleep(0.5)

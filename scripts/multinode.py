@@ -90,6 +90,7 @@ def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path]
                          output: str, copies: int = 5) -> dict[str, Any]:
     """Copy ``images`` (``copies`` times, so both actors get work) and one broken file into ``archive``,
     predict them with one actor per worker, and report the manifest's counts and nodes."""
+    nodes.wait_for_nodes(timeout_s=30)  # all there: a node lost earlier would be reported here, with its logs
     ids = [f"ISIC_{9000000 + i:07d}" for i in range(copies * len(images))]
     for image_id, image in zip(ids, images * copies, strict=True):
         storage.write_bytes(f"{archive}/{image_id}.jpg", image.read_bytes())
@@ -135,6 +136,7 @@ def elastic_training(nodes: LoopbackCluster, remote: str, data: str, output: str
         f"data={data}", f"output={output}", "model_name=elastic-unet", "model.input_size=32",
         "model.num_filters=4", "model.depth=2", "epochs=1000", "batch_size=4", "num_workers=[1, 3]",
         "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1"])
+    nodes.wait_for_nodes(timeout_s=30)
     client, job_id = cluster.start_job(job, config)
     logs = lambda: client.get_job_logs(job_id)  # noqa: E731
     try:
@@ -168,6 +170,7 @@ def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -
     # HeadOnly: the nodes share one machine, so only one of them can bind the port.
     job, config = cli.prepare(str(ROOT / "jobs" / "serve.yaml"), remote, [
         "min_replicas=2", "max_replicas=2", f"port={port}", "proxy_location=HeadOnly", "poll_latest_s=0"])
+    nodes.wait_for_nodes(timeout_s=30)
     _, job_id = cluster.start_job(job, config)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {SERVE_TOKEN}", "Content-Type": "image/jpeg"}

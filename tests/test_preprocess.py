@@ -56,7 +56,7 @@ INPUTS = {
     "empty.jpg": (b"", "empty file"),
     "truncated.jpg": (NOISE[: len(NOISE) * 2 // 3], "truncated JPEG data"),
     "truncated_header.jpg": (JPEG[:300], "truncated"),
-    "truncated.png": (_encode(Image.fromarray(np.zeros((150, 200, 3), np.uint8)), "PNG", compress_level=0)[:2000],
+    "cut.png": (_encode(Image.fromarray(np.zeros((150, 200, 3), np.uint8)), "PNG", compress_level=0)[:2000],
                       "truncated PNG"),
     "text.jpg": (b"this is not an image\n" * 10, "not an image"),
     "bomb.png": (BOMB, "decompression bomb"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from lesion_ray import registry
 from lesion_ray import serve as lserve
+from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -27,12 +27,6 @@ from lesion_ray.spec import CheckContext, SpecError, from_dict
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "s3cret-token-for-tests"
 MAX_UPLOAD = 300_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def lesion_image(size: tuple[int, int] = (90, 60), fmt: str = "PNG") -> bytes:
