@@ -40,9 +40,14 @@ from lesion_ray.predict import read_manifest  # noqa: E402
 
 TOKEN_ENV = "LESION_RAY_MULTINODE_TOKEN"  # the cluster's Ray token, for the Jobs API client
 SERVE_TOKEN = "multinode-serve-token"  # the demo API's bearer token (LESION_RAY_TOKEN in jobs/serve.yaml)
-# On a real cluster elastic Train waits up to 60 s for a lost node's worker before it shrinks the
-# group (Ray Train's own default); a short wait keeps this demo short.
-TRAIN_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+DEMO_ENV = {
+    # Elastic Train waits up to 60 s (Ray's default) for a group of the old size before it shrinks
+    # after a node loss; a shorter wait keeps the demo short.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+    # Ray Data starts streaming when the first inference actor is up; in a job this short the other
+    # actor could start after the work is done. Waiting for both shows the spread.
+    "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
+}
 T = TypeVar("T")
 
 
@@ -59,7 +64,7 @@ def write_cluster_config(nodes: LoopbackCluster, folder: Path) -> str:
     os.environ[TOKEN_ENV] = nodes.token
     config = yaml.safe_load((ROOT / "cluster" / "remote.yaml").read_text())
     config.update(nodes.remote_config(auth_token_env=TOKEN_ENV, registry=str(folder / "registry"),
-                                      env_vars={"LESION_RAY_TOKEN": SERVE_TOKEN, **TRAIN_ENV}))
+                                      env_vars={"LESION_RAY_TOKEN": SERVE_TOKEN, **DEMO_ENV}))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "remote.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
