@@ -35,20 +35,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from common import PeakMemory, start_s3  # benchmarks/common.py: the script's folder is on sys.path
+from common import PeakMemory, publish_model, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 
 from lesion_ray import predict, preprocess, registry, storage, synth
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.model import ModelConfig
 from lesion_ray.spec import from_dict
 
 BUCKET = "bench"
-
-
-def publish_model(config: ModelConfig, registry_uri: str, folder: str) -> str:
-    torch.manual_seed(0)
-    registry.save_model_dir(folder, registry.plain_state_dict(build_model(config)),
-                            registry.config_to_json(config, threshold=0.5))
-    return registry.publish(folder, "bench", {}, registry_uri)
 
 
 def forward_only(model: torch.nn.Module, config: ModelConfig, batch_size: int, images: int, device: str) -> float:

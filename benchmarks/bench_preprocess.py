@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import numpy as np
 import ray
 import torch
@@ -101,9 +100,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loops are single-process, single-thread baselines
 
-    server = start_s3()  # the benchmark's own S3 endpoint, like tests/conftest.py's
+    server = start_s3("bench")  # the benchmark's own S3 endpoint, like tests/conftest.py's
     try:
-        boto3.client("s3", endpoint_url=storage.endpoint_url()).create_bucket(Bucket="bench")
         ray.init(
             address="local",  # a Ray of its own, even when a `ray start` cluster runs on this machine
             num_cpus=args.num_cpus,

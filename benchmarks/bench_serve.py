@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import tempfile
 import time
 
@@ -24,12 +23,14 @@ import httpx
 import numpy as np
 import ray
 import torch
+from common import publish_model  # benchmarks/common.py: the script's folder is on sys.path
 from PIL import Image
 from ray import serve
 
 from lesion_ray import registry
 from lesion_ray import serve as lserve
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.loopback import free_port
+from lesion_ray.model import ModelConfig
 from lesion_ray.registry import ModelRef
 
 
@@ -108,10 +109,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-serve-")
     config = ModelConfig(architecture="unet", input_size=args.input_size, num_filters=args.num_filters,
                          depth=args.depth)
-    torch.manual_seed(0)
-    registry.save_model_dir(f"{work}/model", registry.plain_state_dict(build_model(config)),
-                            registry.config_to_json(config, 0.5))
-    registry.publish(f"{work}/model", "bench", {}, f"{work}/registry")
+    publish_model(config, f"{work}/registry", f"{work}/model")
     data = jpeg(*(int(v) for v in args.image_size.split("x")))
 
     torch.set_num_threads(1)  # the direct path gets what one model replica gets
@@ -119,9 +117,7 @@ def main() -> None:
     base = direct(loaded, data, args.requests)
     fwd1, fwdb = forward_ms(loaded, 1), forward_ms(loaded, args.max_batch_size)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[tuple[int, int], dict[str, float]] = {}
     mean_batch: dict[int, float] = {}

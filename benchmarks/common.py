@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a moto S3 server of their own and a peak-memory sampler.
+"""Shared by the benchmarks: a moto S3 server of their own, an untrained published model and a
+peak-memory sampler.
 
 The benchmarks run as ``python benchmarks/bench_x.py``, which puts this folder on ``sys.path``,
 so they import it as ``from common import ...``.
@@ -14,8 +15,11 @@ import threading
 import time
 
 import boto3
+import torch
 
-from lesion_ray import storage
+from lesion_ray import registry, storage
+from lesion_ray.loopback import free_port
+from lesion_ray.model import ModelConfig, build_model
 
 
 def start_s3(bucket: str | None = None) -> subprocess.Popen:
@@ -24,9 +28,7 @@ def start_s3(bucket: str | None = None) -> subprocess.Popen:
 
     The server runs in a separate process, so it shares no GIL with the benchmark; the caller
     terminates it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -50,6 +52,14 @@ def start_s3(bucket: str | None = None) -> subprocess.Popen:
         server.wait()
         raise
     return server
+
+
+def publish_model(config: ModelConfig, registry_uri: str, folder: str) -> str:
+    """An untrained model of ``config`` (seed 0), published as ``bench`` in ``registry_uri``."""
+    torch.manual_seed(0)
+    registry.save_model_dir(folder, registry.plain_state_dict(build_model(config)),
+                            registry.config_to_json(config, threshold=0.5))
+    return registry.publish(folder, "bench", {}, registry_uri)
 
 
 def process_tree(root: int, exclude: int | None = None) -> list[int]:

@@ -73,7 +73,7 @@ def sample_id(uri: str) -> str:
     return found.group(0) if found else name.rsplit(".", 1)[0]
 
 
-_FOLDERS = {
+FOLDERS = {
     "input": "ISIC2018_Task1-2_{subset}_Input",
     "task1": "ISIC2018_Task1_{subset}_GroundTruth",
     "task2": "ISIC2018_Task2_{subset}_GroundTruth",  # Training's is ..._GroundTruth_v3
@@ -82,7 +82,7 @@ _FOLDERS = {
 
 def _folder_re(kind: str, subset: str) -> re.Pattern[str]:
     version = r"(_v\d+)?" if kind == "task2" else ""
-    return re.compile(rf"(^|/){_FOLDERS[kind].format(subset=subset)}{version}/", re.IGNORECASE)
+    return re.compile(rf"(^|/){FOLDERS[kind].format(subset=subset)}{version}/", re.IGNORECASE)
 
 
 def _subsets(files: list[str], kind: str) -> list[str]:
@@ -112,14 +112,14 @@ def discover(uri: str, subset: str = "Training", task: int | None = None) -> Dis
     root, named_subset = _layout_root(uri)
     subset = named_subset or subset
     files = [f.uri for f in storage.list_files(root)]
-    inputs = _in_folder(files, "input", subset)
-    if named_subset is None and not inputs:
-        if others := _subsets(files, "input"):
-            raise ValueError(f"no {subset} images under {uri}; it holds the subsets {', '.join(others)}")
-        return _plain_folder(uri, files, task)
     if named_subset is not None:
-        norm = storage.normalize(uri)
-        inputs = [f for f in files if f.startswith(norm + "/")]
+        inputs = [f for f in files if f.startswith(storage.normalize(uri) + "/")]
+    else:
+        inputs = _in_folder(files, "input", subset)
+        if not inputs:
+            if others := _subsets(files, "input"):
+                raise ValueError(f"no {subset} images under {uri}; it holds the subsets {', '.join(others)}")
+            return _plain_folder(uri, files, task)
     images, problems = _images(inputs)
     segmentations, attributes = _ground_truth(files, subset, task, root, problems)
     return _pair(images, segmentations, attributes, task, problems)
@@ -165,7 +165,7 @@ def _ground_truth(
         if task == wanted and not found:
             raise ValueError(
                 f"no Task {wanted} ground truth for subset {subset!r} under {root}: expected a folder "
-                f"{_FOLDERS[f'task{wanted}'].format(subset=subset)}/ holding the masks"
+                f"{FOLDERS[f'task{wanted}'].format(subset=subset)}/ holding the masks"
             )
     return _segmentations(task1, problems), _attributes(task2, problems)
 

@@ -20,10 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 NODE_RESOURCE_PREFIX = "loopback_node_"  # a unit resource that names each node (`ray start` has no node names)
@@ -48,13 +46,6 @@ def free_port() -> int:
         return port
 
 
-@dataclass
-class Node:
-    name: str
-    process: subprocess.Popen
-    log: str
-
-
 class LoopbackCluster:
     """A head node (``head_cpus`` logical CPUs, dashboard and Jobs API on a free port) plus workers."""
 
@@ -66,7 +57,7 @@ class LoopbackCluster:
         self.gcs_address = f"127.0.0.1:{free_port()}"
         dashboard_port = free_port()
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-        self.nodes: dict[str, Node] = {}
+        self.nodes: dict[str, subprocess.Popen] = {}  # name -> its `ray start` process
         os.makedirs(self.root, exist_ok=True)
         self._start("head", ["--head", f"--port={self.gcs_address.split(':')[1]}", f"--dashboard-port={dashboard_port}",
                              "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={self.root}"], {})
@@ -83,28 +74,25 @@ class LoopbackCluster:
         return {"kind": "remote", "name": "loopback", "address": self.dashboard_url,
                 "auth_token_env": "RAY_AUTH_TOKEN", "auth_token_file": None, "dependencies": "installed", **overrides}
 
-    def add_worker(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None) -> Node:
+    def add_worker(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None) -> None:
         if name in self.nodes:
             raise ValueError(f"a node named {name!r} exists already")
         # Its own temp dir: nodes starting at once in one dir race for the same socket file names.
-        return self._start(name, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+        self._start(name, [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
                                   f"--temp-dir={os.path.join(self.root, name)}"], resources or {})
 
-    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> Node:
+    def _start(self, name: str, args: list[str], resources: dict[str, float]) -> None:
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         resources = {**resources, NODE_RESOURCE_PREFIX + name: 1}
         # Every node gets its own agent ports: the defaults clash with any other Ray on the machine.
         flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                  "metrics-export-port")
         ports = [f"--{flag}={free_port()}" for flag in flags]
-        log = os.path.join(self.root, f"{name}.log")
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
+        with open(os.path.join(self.root, f"{name}.log"), "wb") as out:
+            self.nodes[name] = subprocess.Popen(
                 [ray_bin, "start", "--block", "--disable-usage-stats", *args, *ports,
                  f"--resources={json.dumps(resources)}"],
                 env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.nodes[name] = Node(name, process, log)
-        return self.nodes[name]
 
     def _get(self, path: str) -> Any:
         request = urllib.request.Request(self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"})
@@ -117,7 +105,7 @@ class LoopbackCluster:
             try:
                 self._get("/api/version")
                 return
-            except (OSError, urllib.error.HTTPError, json.JSONDecodeError):
+            except (OSError, json.JSONDecodeError):  # HTTPError is an OSError
                 time.sleep(0.5)
         self.shutdown()
         raise RuntimeError(f"the Ray head did not come up within {timeout_s:g} s; see {self.root}/head.log")
@@ -157,20 +145,20 @@ class LoopbackCluster:
 
     def stop_node(self, name: str) -> None:
         """Kill a node and every process it started at once, as a machine failure would."""
-        node = self.nodes.pop(name)
+        process = self.nodes.pop(name)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.process.pid, signal.SIGKILL)
-        node.process.wait(30)
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(30)
 
     def shutdown(self) -> None:
         """Stop every node: SIGTERM to all at once, SIGKILL to what is left after 10 s."""
-        for node in self.nodes.values():
+        for process in self.nodes.values():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.process.pid, signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for name in reversed(list(self.nodes)):
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.nodes[name].process.wait(max(deadline - time.monotonic(), 0.1))
+                self.nodes[name].wait(max(deadline - time.monotonic(), 0.1))
             self.stop_node(name)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)

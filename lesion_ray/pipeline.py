@@ -32,7 +32,7 @@ class PipelineSpec(JobSpec):
         resolved: dict[str, dict[str, Any]] = {}
         self.jobs = []
         for index, raw in enumerate(self.steps):
-            where = f"{spec.key_path(path, 'steps')}[{index}]"
+            where = spec.key_path(spec.key_path(path, "steps"), index)
             data = _interpolate(_load_step(raw, source, where), resolved, source, where)
             if data.get("kind") in ("pipeline", "serve"):
                 raise SpecError(source, f"{where}.kind", "a pipeline step cannot be a pipeline or a serve job "

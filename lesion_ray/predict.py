@@ -25,7 +25,6 @@ threshold exists and all the outputs it names are in the output listing; its row
 from __future__ import annotations
 
 import io
-import json
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -343,12 +342,11 @@ def _collect(ds: ray.data.Dataset, writer: ManifestWriter):
 
 def run(spec: PredictSpec) -> dict[str, Any]:
     found = registry.resolve(spec.model, spec.registry)
-    config, model_threshold = registry.config_from_json(
-        json.loads(storage.read_text(storage.join(found.model_dir, registry.CONFIG_FILE))))
+    config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
-    if spec.gpus_per_actor > 0 and preprocess.cluster_gpus() < spec.gpus_per_actor:
+    if spec.gpus_per_actor > 0 and (gpus := preprocess.cluster_gpus()) < spec.gpus_per_actor:
         raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has "
-                         f"{preprocess.cluster_gpus()} GPUs: set gpus_per_actor: 0 to predict on CPUs")
+                         f"{gpus} GPUs: set gpus_per_actor: 0 to predict on CPUs")
 
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
@@ -375,8 +373,7 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     report.info(f"predicting {len(todo)} of {len(samples)} images with {found.name}@{found.version} "
                 f"({len(done)} already done)")
 
-    weights_bytes = next(f.size for f in storage.list_files(storage.parent(found.model_file))
-                         if f.uri == found.model_file)
+    weights_bytes = storage.file_size(found.model_file) or 0
     writer = ManifestWriter(out)
     start = time.perf_counter()
     if todo:

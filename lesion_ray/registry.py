@@ -219,10 +219,15 @@ class LoadedModel:
     uri: str
 
 
+def read_config(model_dir: str) -> tuple[ModelConfig, float]:
+    """A model folder's config.json: (model config, mask threshold)."""
+    return config_from_json(json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE))))
+
+
 def load_model(ref: str, registry: str | None = None, device: str = "cpu") -> LoadedModel:
     """Build the model ``ref`` names, load its weights, and put it in eval mode on ``device``."""
     found = resolve(ref, registry)
-    config, threshold = config_from_json(json.loads(storage.read_text(storage.join(found.model_dir, CONFIG_FILE))))
+    config, threshold = read_config(found.model_dir)
     model = build_model(config)
     state = read_state_dict(found.model_file)
     try:

@@ -196,20 +196,24 @@ def exists(uri: str) -> bool:
 
 
 def is_file(uri: str) -> bool:
+    return file_size(uri) is not None
+
+
+def file_size(uri: str) -> int | None:
+    """Size in bytes of the file at ``uri``; None when there is no such file."""
     uri = normalize(uri)
     if not is_s3(uri):
-        return os.path.isfile(uri)
+        return os.path.getsize(uri) if os.path.isfile(uri) else None
     from botocore.exceptions import ClientError
 
     bucket, key = split_s3(uri)
     if not key:
-        return False
+        return None
     try:
-        _s3_client().head_object(Bucket=bucket, Key=key)
-        return True
+        return _s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
+            return None
         raise _s3_error(exc, uri, "check") from None
 
 

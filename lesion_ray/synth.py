@@ -26,7 +26,7 @@ import ray
 from PIL import Image, ImageDraw, ImageFilter
 
 from lesion_ray import report, storage
-from lesion_ray.data import ATTRIBUTES
+from lesion_ray.data import ATTRIBUTES, FOLDERS
 from lesion_ray.spec import JobSpec, OutputUri, SpecError, key_path, param
 
 # Share of ISIC 2018 training images whose mask for the attribute is not empty (REFERENCE.md 1).
@@ -40,17 +40,11 @@ ATTRIBUTE_RATES = {
 SKIN_TONES = np.array([[0.93, 0.78, 0.68], [0.87, 0.69, 0.57], [0.78, 0.58, 0.45], [0.64, 0.45, 0.33]], np.float32)
 LESION_TONES = np.array([[0.62, 0.42, 0.28], [0.45, 0.28, 0.18], [0.28, 0.17, 0.11], [0.44, 0.42, 0.5]], np.float32)
 
+# (input, Task 1, Task 2) folders per subset, named as discovery expects (Training's Task 2 ends in _v3).
 SUBSET_FOLDERS = {
-    "Training": (
-        "ISIC2018_Task1-2_Training_Input",
-        "ISIC2018_Task1_Training_GroundTruth",
-        "ISIC2018_Task2_Training_GroundTruth_v3",
-    ),
-    "Validation": (
-        "ISIC2018_Task1-2_Validation_Input",
-        "ISIC2018_Task1_Validation_GroundTruth",
-        "ISIC2018_Task2_Validation_GroundTruth",
-    ),
+    subset: (FOLDERS["input"].format(subset=subset), FOLDERS["task1"].format(subset=subset),
+             FOLDERS["task2"].format(subset=subset) + ("_v3" if subset == "Training" else ""))
+    for subset in ("Training", "Validation")
 }
 
 

@@ -17,6 +17,7 @@ next to the run::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -210,12 +211,12 @@ def _publish_once(spec: TrainSpec, checkpoint: ray.train.Checkpoint, best: dict[
         previous = json.loads(storage.read_text(marker))
         if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
             return previous["model"]
-    with checkpoint.as_directory() as local:
-        config = json.loads(storage.read_text(os.path.join(local, registry.CONFIG_FILE)))
-        state = registry.read_state_dict(os.path.join(local, registry.MODEL_FILE))
     model_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float))}
-    registry.save_model_dir(best_dir, state, config)
-    ref = registry.publish(best_dir, spec.model_name, model_metrics, spec.registry)
+    with checkpoint.as_directory() as local:
+        # A checkpoint is already a model folder (plain state_dict + config.json): copy its bytes, publish it as is.
+        for name in (registry.MODEL_FILE, registry.CONFIG_FILE):
+            storage.write_bytes(storage.join(best_dir, name), storage.read_bytes(os.path.join(local, name)))
+        ref = registry.publish(local, spec.model_name, model_metrics, spec.registry)
     storage.write_text(marker, json.dumps({**model_metrics, "checkpoint": checkpoint_name, "model": ref}, indent=2))
     return ref
 
@@ -279,13 +280,14 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model)
+    checkpoint = ray.train.get_checkpoint()
+    # A resumed worker takes every weight from the checkpoint: reading the pretrained encoder would be wasted.
+    model = build_model(dataclasses.replace(spec.model, pretrained_encoder=None) if checkpoint else spec.model)
     if spec.loss.name == "bce":
         model.head1.requires_grad_(False)  # only the seed loss trains head 1; DDP must not wait for its grads
     optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=spec.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.8, patience=5)
     state: dict[str, Any] = {"epoch": 0, "history": [], "starts": 0}
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             model.load_state_dict(registry.read_state_dict(os.path.join(folder, registry.MODEL_FILE)))

@@ -143,7 +143,10 @@ def elastic_training(nodes: LoopbackCluster, remote: str, data: str, output: str
         "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1"])
     nodes.wait_for_nodes(timeout_s=30)
     client, job_id = cluster.start_job(job, config)
-    logs = lambda: client.get_job_logs(job_id)  # noqa: E731
+
+    def logs() -> str:
+        return client.get_job_logs(job_id)
+
     try:
         report.info("elastic: waiting for the first epoch on the nodes present")
         wait_for("the first epoch", lambda: "images/s on 2 workers" in logs())

@@ -58,28 +58,22 @@ def s3_bucket(s3_endpoint: str) -> str:
     return f"s3://{name}"
 
 
-def start_local_ray() -> None:
-    """The session's local Ray: more logical CPUs than the 2 physical cores, progress bars off."""
-    import ray
-
-    ray.init(
-        address="local",  # never attach to a `ray start` cluster another test left running
-        num_cpus=8,
-        object_store_memory=512 * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": storage.storage_env()},
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
 @pytest.fixture(scope="session")
 def ray_local(s3_endpoint: str):
-    """One local Ray for the session (started on first use)."""
+    """One local Ray for the session (started on first use): more logical CPUs than the 2 physical
+    cores, progress bars off."""
     import ray
 
     if not ray.is_initialized():
-        start_local_ray()
+        ray.init(
+            address="local",  # never attach to a `ray start` cluster another test left running
+            num_cpus=8,
+            object_store_memory=512 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": storage.storage_env()},
+        )
+        ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 

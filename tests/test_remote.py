@@ -13,16 +13,9 @@ from lesion_ray import cli, cluster, storage
 
 
 def cluster_file(tmp_path, processes, **overrides) -> str:
-    config = {
-        "kind": "remote",
-        "name": "test-remote",
-        "address": processes.dashboard_url,
-        "auth_token_env": "LR_TEST_TOKEN",
-        "auth_token_file": None,
-        "dependencies": "pinned",
-        "registry": str(tmp_path / "registry"),
-        **overrides,
-    }
+    config = processes.remote_config(**{"name": "test-remote", "auth_token_env": "LR_TEST_TOKEN",
+                                        "dependencies": "pinned", "registry": str(tmp_path / "registry"),
+                                        **overrides})
     path = tmp_path / f"remote-{len(overrides)}-{abs(hash(str(overrides)))}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)

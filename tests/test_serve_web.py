@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import time
 
 import httpx
@@ -16,6 +15,7 @@ from PIL import Image
 
 from lesion_ray import registry
 from lesion_ray import serve as lserve
+from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
 
@@ -51,9 +51,7 @@ def app(ray_local, tmp_path_factory):
     x, _, _ = lserve.prepare(picture(), 10**7, CONFIG.input_size)
     threshold = float(np.median(lserve.forward(loaded, [x])[0].probs))
     (work / "token").write_text(TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spec = lserve.ServeSpec(kind="serve", name="lesion-web", model=ModelRef("lesion@1"), registry=registry_uri,
                             max_replicas=1, threshold=threshold, auth_token_file=str(work / "token"), port=port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
