@@ -30,6 +30,9 @@ from lesion_ray.spec import SpecError, StorageSettings, param
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
 REGISTRY_ENV = "LESION_RAY_REGISTRY"
 MIN_LOCAL_CPUS = 8
+# Variable names that carry secrets. A cluster config's env_vars travel in plain text: in a job's
+# runtime_env (shown to everyone with dashboard access) and in rendered KubeRay manifests.
+SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE_?KEY", re.IGNORECASE)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -55,6 +58,10 @@ class ClusterConfig:
     raycluster: str | None = param(None, help="kuberay: RayCluster manifest, relative to this file")
     image: str | None = param(None, help="kuberay: container image with lesion-ray installed")
     namespace: str = param("default", help="kuberay: Kubernetes namespace")
+    auth_secret: str = param("lesion-ray-auth", help="kuberay: Secret holding the cluster's Ray token "
+                                                     "under the key auth_token")
+    serve_token_secret: str = param("lesion-ray-serve-token", help="kuberay: Secret holding the serve API's "
+                                                                   "bearer token under the key token")
     # all kinds
     registry: str | None = param(None, help="model registry URI for name@version references")
     storage: StorageSettings | None = None
@@ -82,6 +89,13 @@ def load_cluster(source: str | None) -> ClusterConfig:
             return ClusterConfig(kind="local")
         source = DEFAULT_CLUSTER_FILE
     config = spec.from_dict(ClusterConfig, spec.read_yaml(source), source)
+    for name in config.env_vars:
+        if SECRET_ENV_NAME.search(name):
+            raise SpecError(source, f"env_vars.{name}", (
+                "looks like a secret, and env_vars are readable by everyone with access to the Ray dashboard "
+                "(the job's runtime_env) or the rendered manifests. Put it in a file on the cluster (serve's "
+                "auth_token_file), a Kubernetes Secret or the nodes' instance role; for the embedded Ray, "
+                "export it in your shell."))
     if config.kind == "remote" and not config.address:
         raise SpecError(source, "address", "a remote cluster needs the Ray Jobs API URL, e.g. http://head:8265")
     if config.kind == "remote" and not re.match(r"^https?://", config.address or ""):

@@ -3,11 +3,16 @@
 Both embed the RayCluster named by the ``kind: kuberay`` cluster config, so the cluster shape
 lives in one file (``cluster/kuberay/raycluster.yaml``). A RayJob carries the spec unchanged in
 a ConfigMap mounted into the head pod; a RayService carries it as its Serve config's args.
+
+Both start authenticated: the cluster's Ray token comes from the Secret ``auth_secret`` and a
+RayService's bearer token from the Secret ``serve_token_secret``, mounted as a file. Manifests
+name the Secrets; no token value is ever in them.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from typing import Any
 
@@ -18,6 +23,10 @@ from lesion_ray.cluster import ClusterConfig
 from lesion_ray.spec import JobSpec, SpecError
 
 SPEC_MOUNT = "/home/ray/lesion-ray-job"
+SERVE_TOKEN_MOUNT = "/etc/lesion-ray/serve-token"
+SERVE_TOKEN_KEY = "token"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName requires
+AUTH_ENV_NAMES = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
 
 
 def _dns_name(text: str) -> str:
@@ -30,19 +39,36 @@ def _cluster_spec(config: ClusterConfig) -> dict[str, Any]:
     if manifest.get("kind") != "RayCluster" or "spec" not in manifest:
         raise SpecError(config.raycluster or "", "kind", "expected a ray.io/v1 RayCluster manifest")
     cluster_spec = copy.deepcopy(manifest["spec"])
+    # KubeRay >= 1.6.0 (secretName): only through authOptions does the operator give the token to the
+    # RayJob submitter pod and to its own dashboard calls (RayService deploys, RayJob status).
+    cluster_spec["authOptions"] = {**cluster_spec.get("authOptions", {}), "mode": "token",
+                                   "secretName": config.auth_secret}
+    # On the Ray containers too (the operator keeps variables already set): should an older operator
+    # ignore authOptions, the cluster still starts authenticated and its jobs fail instead of running open.
+    auth = [{"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN",
+             "valueFrom": {"secretKeyRef": {"name": config.auth_secret, "key": RAY_TOKEN_KEY}}}]
     env = [{"name": k, "value": v} for k, v in sorted(config.worker_env().items())]
     for template in _pod_templates(cluster_spec):
         for container in template["spec"]["containers"]:
             if config.image:
                 container["image"] = config.image
-            if env:
-                container["env"] = [*container.get("env", []), *env]
+            own = [e for e in container.get("env", []) if e["name"] not in AUTH_ENV_NAMES]
+            container["env"] = [*own, *auth, *env]
     return cluster_spec
 
 
 def _pod_templates(cluster_spec: dict[str, Any]) -> list[dict[str, Any]]:
     groups = [cluster_spec["headGroupSpec"], *cluster_spec.get("workerGroupSpecs", [])]
     return [group["template"] for group in groups]
+
+
+def _mount(templates: list[dict[str, Any]], name: str, source: dict[str, Any], path: str) -> None:
+    """Add volume ``name`` (a configMap or secret ``source``) to ``templates``, mounted read-only at ``path``."""
+    for template in templates:
+        template["spec"].setdefault("volumes", []).append({"name": name, **source})
+        for container in template["spec"]["containers"]:
+            container.setdefault("volumeMounts", []).append({"name": name, "mountPath": path, "readOnly": True})
 
 
 def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
@@ -54,6 +80,10 @@ def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
     if job.kind == "serve":
         from lesion_ray import serve
 
+        # Every node may run the HTTP ingress, so every pod gets the serve token file.
+        _mount(_pod_templates(cluster_spec), "serve-token", {"secret": {"secretName": config.serve_token_secret}},
+               SERVE_TOKEN_MOUNT)
+        job = dataclasses.replace(job, auth_token_env=None, auth_token_file=f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}")
         return [{
             "apiVersion": "ray.io/v1",
             "kind": "RayService",
@@ -73,10 +103,8 @@ def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
             "cluster.yaml": yaml.safe_dump(inside, sort_keys=False),
         },
     }
-    head = cluster_spec["headGroupSpec"]["template"]["spec"]
-    head.setdefault("volumes", []).append({"name": "lesion-ray-job", "configMap": {"name": f"{name}-spec"}})
-    for container in head["containers"]:
-        container.setdefault("volumeMounts", []).append({"name": "lesion-ray-job", "mountPath": SPEC_MOUNT})
+    _mount([cluster_spec["headGroupSpec"]["template"]], "lesion-ray-job", {"configMap": {"name": f"{name}-spec"}},
+           SPEC_MOUNT)
     ray_job = {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",

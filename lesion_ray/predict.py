@@ -13,19 +13,33 @@ The streaming pipeline (every stage runs concurrently, with Ray Data's backpress
    threshold them, encode 0/255 single-channel PNGs in the ISIC submission format
    (``masks/<id>_segmentation.png`` or ``masks/<id>_attribute_<name>.png``), optionally an
    input | mask | overlay PNG (``overlays/<id>_overlay.png``), and return one manifest row each;
-5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`),
-   flushing parts to ``manifest_parts/`` every :data:`FLUSH_EVERY_S` so an interrupted run
-   keeps what it finished.
+   and write them as a part file in ``manifest_parts/`` next to the masks, so a run killed at
+   any moment keeps every row it finished;
+5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`) and drops
+   the parts.
 
 Every input ends as exactly one manifest row, ``ok`` or ``error`` with the reason. With
 ``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model and
-threshold exists and all the outputs it names are in the output listing; its row is kept.
+threshold exists and all the outputs it names are in the output listing; its row is kept. When
+the pipeline itself fails mid-run (an inference actor or a node lost for good), the images not
+done yet are run again, up to :data:`ATTEMPTS` times.
+
+A run owns its output while it works: ``lock.json`` (owner, host, pid, start time), created only
+if absent, so two runs never write into one folder. A crashed run's lock is taken over only with
+``take_over_lock: true``. ``output`` may neither be ``input`` nor lie inside it or contain it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import io
+import json
+import os
+import socket
 import time
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -46,7 +60,11 @@ MANIFEST_FILE = "manifest.parquet"
 PARTS_DIR = "manifest_parts"
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
-FLUSH_EVERY_S = 30.0
+LOCK_FILE = "lock.json"
+ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left after a lost actor or node
+# What a lost actor, worker or node raises out of a Ray Data execution: worth running the rest again.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+        ray.exceptions.ObjectLostError)
 OVERLAY_HEIGHT = 256
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
@@ -99,6 +117,7 @@ class PredictSpec(JobSpec):
     resume: bool = param(True, help="skip inputs whose outputs a previous run with the same model finished")
     max_pixels: int = param(preprocess.DEFAULT_MAX_PIXELS, min=1, help="refuse larger images (decompression "
                                                                        "bombs)")
+    take_over_lock: bool = param(False, help="take over the output's lock.json left by a run that crashed")
 
     def check(self, ctx: CheckContext) -> None:
         # A ModelRef alone looks name@version up in the default registry; this spec may name another.
@@ -108,6 +127,11 @@ class PredictSpec(JobSpec):
         if self.min_actors > self.max_actors:
             key = key_path(path, "min_actors")
             raise SpecError(source, key, f"must be at most max_actors ({self.max_actors}), got {self.min_actors}")
+        # Predictions must never land on (or among) what they are made from, e.g. an archive's annotations.
+        if storage.is_within(self.output, self.input) or storage.is_within(self.input, self.output):
+            raise SpecError(source, key_path(path, "output"),
+                            f"{self.output} is, contains or lies inside the input {self.input}: "
+                            "write predictions to a folder of their own")
 
 
 SPEC = PredictSpec
@@ -219,8 +243,9 @@ def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, overl
 
 
 def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, overlay_ids: set[str] | None,
-                model_name: str, model_version: str, max_pixels: int) -> pa.Table:
-    """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included).
+                model_name: str, model_version: str, max_pixels: int, run_id: str) -> pa.Table:
+    """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included),
+    the rows also written as a manifest part, so they survive the driver.
 
     ``overlay_ids``: the images that get an overlay; None for all of them.
     """
@@ -256,7 +281,10 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
             "finished_at": datetime.now(timezone.utc),
             "node": str(row["node"]),
         })
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    # Named by run, so a later run's rows sort after an earlier run's (read_manifest keeps the newest).
+    _write_parquet(storage.join(out, PARTS_DIR, f"part-{run_id}-{uuid.uuid4().hex}.parquet"), table)
+    return table
 
 
 # --- Manifest and resume ------------------------------------------------------------------------
@@ -273,7 +301,11 @@ def read_manifest(out: str, listing: set[str]) -> pa.Table:
         uris.insert(0, storage.join(out, MANIFEST_FILE))
     if not uris:
         return MANIFEST_SCHEMA.empty_table()
-    table = pa.concat_tables([_read_parquet(u) for u in uris])
+    return _newest_per_id(pa.concat_tables([_read_parquet(u) for u in uris]))
+
+
+def _newest_per_id(table: pa.Table) -> pa.Table:
+    """The last row of each id (rows come oldest first)."""
     newest = {image_id: i for i, image_id in enumerate(table["id"].to_pylist())}
     return table.take(sorted(newest.values()))
 
@@ -292,39 +324,6 @@ def finished_rows(previous: pa.Table, listing: set[str], ids: set[str], model_na
     return previous.take(pa.array(keep, pa.int64()))
 
 
-class ManifestWriter:
-    """Collects manifest rows on the driver; flushes parts while running, one manifest at the end."""
-
-    def __init__(self, out: str) -> None:
-        self.out = out
-        self.tables: list[pa.Table] = []
-        self.pending: list[pa.Table] = []
-        self.parts = 0
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        self.last_flush = time.monotonic()
-
-    def add(self, table: pa.Table) -> None:
-        self.tables.append(table)
-        self.pending.append(table)
-        if time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            uri = storage.join(self.out, PARTS_DIR, f"part-{self.run_id}-{self.parts:05d}.parquet")
-            _write_parquet(uri, pa.concat_tables(self.pending))
-            self.parts += 1
-            self.pending = []
-        self.last_flush = time.monotonic()
-
-    def finish(self, kept: pa.Table) -> pa.Table:
-        """Write ``kept`` rows + this run's rows as the manifest and drop the parts."""
-        manifest = pa.concat_tables([kept, *self.tables]).sort_by("id")
-        _write_parquet(storage.join(self.out, MANIFEST_FILE), manifest)
-        storage.delete(storage.join(self.out, PARTS_DIR))
-        return manifest
-
-
 def _write_parquet(uri: str, table: pa.Table) -> None:
     with storage.open_write(uri) as f:
         pq.write_table(table, f)
@@ -333,14 +332,98 @@ def _write_parquet(uri: str, table: pa.Table) -> None:
 # --- The job ------------------------------------------------------------------------------------
 
 
-def _collect(ds: ray.data.Dataset, writer: ManifestWriter):
-    """Run the pipeline, handing its manifest rows to ``writer``; yields once per image (progress)."""
+class OutputLocked(RuntimeError):
+    """Another run owns the output folder (or crashed while owning it)."""
+
+
+@contextlib.contextmanager
+def output_lock(out: str, job_name: str, take_over: bool) -> Iterator[dict[str, Any]]:
+    """Own ``out`` for the duration of the block through ``lock.json``, created only if absent."""
+    uri = storage.join(out, LOCK_FILE)
+    lock = {"owner": getpass.getuser(), "host": socket.gethostname(), "pid": os.getpid(), "job": job_name,
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # Sortable by time: a later run's manifest parts sort after an earlier run's.
+            "run_id": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f-") + uuid.uuid4().hex[:8]}
+    body = json.dumps(lock, indent=2).encode()
+    if not storage.create_exclusive(uri, body):
+        try:
+            held = json.loads(storage.read_text(uri))
+            holder = (f"{held.get('job', '?')} run by {held.get('owner', '?')} on {held.get('host', '?')} "
+                      f"(pid {held.get('pid', '?')}) since {held.get('started_at', '?')}")
+        except (storage.StorageError, ValueError):
+            holder = "an unknown run (its lock is unreadable)"
+        if not take_over:
+            raise OutputLocked(
+                f"{out} is in use by {holder} ({uri}). Wait for it to finish; if that run crashed, run again with "
+                "take_over_lock=true to take over its lock and resume its work.")
+        report.info(f"taking over the lock of {holder} (take_over_lock)")
+        storage.write_bytes(uri, body)
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(storage.StorageError, ValueError):
+            # Only our own lock: a run that took it over meanwhile keeps it.
+            if json.loads(storage.read_text(uri)).get("run_id") == lock["run_id"]:
+                storage.delete(uri)
+
+
+def _plan(spec: PredictSpec, out: str, samples: list[data.Sample], model_name: str, model_version: str,
+          threshold: float) -> tuple[pa.Table, list[data.Sample]]:
+    """(the earlier rows that stand, the samples still to do), from the manifest, its parts and the outputs."""
+    listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
+    kept = finished_rows(read_manifest(out, listing), listing, {s.id for s in samples}, model_name, model_version,
+                         threshold)
+    done = set(kept["id"].to_pylist())
+    return kept, [s for s in samples if s.id not in done]
+
+
+def _collect(ds: ray.data.Dataset, tables: list[pa.Table]) -> Iterator[int]:
+    """Run the pipeline, appending its manifest rows to ``tables``; yields once per image (progress)."""
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        writer.add(table)
+        tables.append(table)
         yield from range(len(table))
 
 
+def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolved, config: Any, out: str,
+              threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
+    weights_bytes = storage.file_size(found.model_file) or 0
+    ds = preprocess.image_dataset(todo, size=config.input_size, max_pixels=spec.max_pixels,
+                                  batch_size=spec.batch_size, device="cpu")
+    device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_dir": found.model_dir, "device": device, "tta": spec.tta,
+                               "threads": spec.cpus_per_actor},
+        batch_size=spec.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+        num_cpus=spec.cpus_per_actor,
+        # A memory reservation, which the decode tasks lack, also keeps Ray Data from fusing decoding
+        # into these actors (it fuses operators only when their remote args are identical): decoding
+        # must run in parallel CPU tasks, not between forward passes.
+        memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
+        **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
+    )
+    return ds.map_batches(write_batch, batch_size=spec.batch_size, fn_kwargs={
+        "out": out, "task": config.task, "threshold": threshold, "overlay_ids": overlay_ids,
+        "model_name": found.name, "model_version": found.version, "max_pixels": spec.max_pixels, "run_id": run_id})
+
+
+def _not_done_rows(todo: list[data.Sample], reason: str, found: registry.Resolved, threshold: float) -> pa.Table:
+    now = datetime.now(timezone.utc)
+    return pa.Table.from_pylist([{
+        "id": s.id, "source": s.image, "status": "error", "error": reason, "masks": [], "overlay": "", "height": 0,
+        "width": 0, "area_fraction": [], "head1_prob": [], "head2_prob": [], "model_name": found.name,
+        "model_version": found.version, "threshold": threshold, "infer_ms": 0.0, "write_ms": 0.0,
+        "finished_at": now, "node": ""} for s in todo], schema=MANIFEST_SCHEMA)
+
+
 def run(spec: PredictSpec) -> dict[str, Any]:
+    out = storage.normalize(spec.output)
+    with output_lock(out, spec.name, spec.take_over_lock) as lock:
+        return _predict(spec, out, lock["run_id"])
+
+
+def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
     found = registry.resolve(spec.model, spec.registry)
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
@@ -357,49 +440,21 @@ def run(spec: PredictSpec) -> dict[str, Any]:
     samples = discovery.samples
     if discovery.problems:
         report.info(f"input {spec.input}: {discovery.summary()}")
-    out = storage.normalize(spec.output)
-    listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
-    if spec.resume:
-        kept = finished_rows(read_manifest(out, listing), listing, {s.id for s in samples}, found.name,
-                             found.version, threshold)
-    else:
+    if not spec.resume:
         storage.delete(storage.join(out, PARTS_DIR))
-        kept = MANIFEST_SCHEMA.empty_table()
-    done = set(kept["id"].to_pylist())
-    todo = [s for s in samples if s.id not in done]
+    kept, todo = (_plan(spec, out, samples, found.name, found.version, threshold) if spec.resume
+                  else (MANIFEST_SCHEMA.empty_table(), samples))
     overlay_ids = None if spec.overlays == "all" else set()  # None: every image, without shipping a million ids
     if spec.overlays == "sample":
         overlay_ids = {s.id for s in sorted(samples, key=lambda s: s.id)[: spec.overlay_sample]}
     report.info(f"predicting {len(todo)} of {len(samples)} images with {found.name}@{found.version} "
-                f"({len(done)} already done)")
+                f"({len(kept)} already done)")
 
-    weights_bytes = storage.file_size(found.model_file) or 0
-    writer = ManifestWriter(out)
     start = time.perf_counter()
-    if todo:
-        ds = preprocess.image_dataset(todo, size=config.input_size, max_pixels=spec.max_pixels,
-                                      batch_size=spec.batch_size, device="cpu")
-        device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
-        ds = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs={"model_dir": found.model_dir, "device": device, "tta": spec.tta,
-                                   "threads": spec.cpus_per_actor},
-            batch_size=spec.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
-            num_cpus=spec.cpus_per_actor,
-            # A memory reservation, which the decode tasks lack, also keeps Ray Data from fusing decoding
-            # into these actors (it fuses operators only when their remote args are identical): decoding
-            # must run in parallel CPU tasks, not between forward passes.
-            memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
-            **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
-        )
-        ds = ds.map_batches(write_batch, batch_size=spec.batch_size, fn_kwargs={
-            "out": out, "task": config.task, "threshold": threshold, "overlay_ids": overlay_ids,
-            "model_name": found.name, "model_version": found.version, "max_pixels": spec.max_pixels})
-        for _ in report.progress(_collect(ds, writer), len(todo), "predicted"):
-            pass
+    tables = _run_attempts(lambda remaining: _pipeline(spec, remaining, found, config, out, threshold, overlay_ids,
+                                                       run_id), todo, found, threshold)
     seconds = time.perf_counter() - start
-    manifest = writer.finish(kept)
+    manifest = _finish(out, kept, tables)
 
     status = manifest["status"].to_pylist()
     ok, errors = status.count("ok"), status.count("error")
@@ -412,8 +467,8 @@ def run(spec: PredictSpec) -> dict[str, Any]:
         "inputs": len(samples),
         "ok": ok,
         "error": errors,
-        "resumed": len(done),
-        "inference_nodes": len({node for table in writer.tables for node in table["node"].to_pylist()}),
+        "resumed": len(kept),
+        "inference_nodes": len({node for table in tables for node in table["node"].to_pylist() if node}),
         "images_per_s": round(len(todo) / seconds, 2) if todo else 0.0,
         "model": f"{found.name}@{found.version}",
         "threshold": threshold,
@@ -421,3 +476,42 @@ def run(spec: PredictSpec) -> dict[str, Any]:
         "overlays": storage.join(out, OVERLAYS_DIR) if spec.overlays != "none" else "none",
         "manifest": storage.join(out, MANIFEST_FILE),
     }
+
+
+def _run_attempts(pipeline: Callable[[list[data.Sample]], ray.data.Dataset], todo: list[data.Sample],
+                  found: registry.Resolved, threshold: float) -> list[pa.Table]:
+    """Run ``pipeline`` over ``todo``; when an actor or node is lost for good, again over what is left.
+
+    Returns this run's manifest rows: one per sample (after the last attempt, the samples still left
+    become error rows, so the manifest accounts for them and a later run retries them).
+    """
+    tables: list[pa.Table] = []
+    remaining = todo
+    for attempt in range(1, ATTEMPTS + 1):
+        if not remaining:
+            break
+        try:
+            for _ in report.progress(_collect(pipeline(remaining), tables), len(remaining), "predicted"):
+                pass
+            break
+        except LOST as exc:
+            seen = {image_id for table in tables for image_id in table["id"].to_pylist()}
+            remaining = [s for s in remaining if s.id not in seen]
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if attempt < ATTEMPTS:
+                report.info(f"warning: the pipeline failed ({reason}); running the {len(remaining)} images not done "
+                            f"yet again (attempt {attempt + 1} of {ATTEMPTS})")
+                continue
+            report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); {len(remaining)} images are recorded as "
+                        "not processed: run again to retry them")
+            tables.append(_not_done_rows(remaining, f"not processed: the pipeline failed: {reason}", found,
+                                         threshold))
+    return tables
+
+
+def _finish(out: str, kept: pa.Table, tables: list[pa.Table]) -> pa.Table:
+    """Write the kept rows + this run's rows (the newest per id) as the manifest, then drop the parts."""
+    manifest = _newest_per_id(pa.concat_tables([kept, *tables])).sort_by("id")
+    _write_parquet(storage.join(out, MANIFEST_FILE), manifest)
+    storage.delete(storage.join(out, PARTS_DIR))
+    return manifest

@@ -5,8 +5,12 @@ prefix, loadable with ``torch.load`` + ``load_state_dict`` anywhere) and ``confi
 (architecture, task, input size, threshold). Training checkpoints, a run's ``best_model/``
 and registry versions are all model folders. The registry layout::
 
-    <registry>/<name>/<version>/{model.pt, config.json, metrics.json}
-    <registry>/<name>/latest.json          {"name", "version", "uri"}
+    <registry>/<name>/<version>/claim.json   {"host", "pid", "time"} of the publisher
+    <registry>/<name>/<version>/{model.pt, metrics.json, config.json}
+    <registry>/<name>/latest.json            {"name", "version", "uri"}
+
+A version exists once its config.json does (see :func:`publish`); versions are never
+overwritten, and latest.json only moves forward.
 
 A model reference (:class:`ModelRef`) is ``name@latest``, ``name@3``,
 ``<registry uri>/name@latest``, a ``model.pt`` URI, a model folder, or a train run's output
@@ -20,7 +24,9 @@ import io
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import torch
@@ -31,6 +37,7 @@ from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.spec import CheckContext, CheckedStr
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
+CLAIM_FILE = "claim.json"
 BEST_MODEL_DIR = "best_model"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REGISTRY_REF = re.compile(rf"^(?:(?P<registry>.+)/)?(?P<name>{NAME_PATTERN})@(?P<version>latest|\d+)$")
@@ -89,35 +96,79 @@ def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], config: dict[s
 
 def versions(name: str, registry: str | None = None) -> list[int]:
     """The published versions of ``name``, ascending (empty when there are none)."""
-    root = storage.join(registry or default_registry(), name)
+    return sorted(_numbered(storage.join(registry or default_registry(), name), CONFIG_FILE))
+
+
+def _numbered(root: str, filename: str | None = None) -> set[int]:
+    """The numbers of the version folders under ``root`` that hold ``filename`` (None: any file)."""
     if not storage.exists(root):
-        return []
+        return set()
+    suffixes = (f"/{filename}",) if filename else None
     found = set()
-    for info in storage.list_files(root, suffixes=(f"/{CONFIG_FILE}",)):
+    for info in storage.list_files(root, suffixes=suffixes):
         version = storage.basename(storage.parent(info.uri))
         if version.isdigit():
             found.add(int(version))
-    return sorted(found)
+    return found
 
 
 def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None) -> str:
     """Copy a model folder into the registry as the next version of ``name``; returns ``name@N``.
 
-    latest.json is written last, so a reader never sees it point at a half-written version.
+    Safe when several trainings publish one name at once: each claims its own number N by
+    creating ``N/claim.json`` exclusively (local: a hard link that fails when the name is taken;
+    S3: a PUT with ``If-None-Match: *``), then creates model.pt, metrics.json and, last,
+    config.json the same way, so nothing is ever overwritten and a version is visible
+    (:func:`versions`, :func:`resolve`) only once complete. latest.json then moves to N by
+    compare-and-swap unless it already points at a higher version. A publisher that dies after
+    its claim leaves that number claimed but never visible; later versions take higher numbers.
     """
     if not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(f"model name {name!r} may hold only letters, digits, '.', '_' and '-'")
     registry = storage.normalize(registry or default_registry())
-    version = max(versions(name, registry), default=0) + 1
-    target = storage.join(registry, name, str(version))
+    root = storage.join(registry, name)
+    # Read the source first: a missing file must not cost a version number.
+    weights = storage.read_bytes(storage.join(model_dir, MODEL_FILE))
     config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
-    storage.write_bytes(storage.join(target, MODEL_FILE), storage.read_bytes(storage.join(model_dir, MODEL_FILE)))
-    storage.write_text(storage.join(target, METRICS_FILE), json.dumps(metrics, indent=2))
-    storage.write_text(storage.join(target, CONFIG_FILE), json.dumps({**config, "name": name, "version": version},
-                                                                     indent=2))
-    latest = {"name": name, "version": version, "uri": target}
-    storage.write_text(storage.join(registry, name, LATEST_FILE), json.dumps(latest, indent=2))
+    version = _claim_version(root)
+    target = storage.join(root, str(version))
+    for filename, data in (
+        (MODEL_FILE, weights),
+        (METRICS_FILE, _json_bytes(metrics)),
+        (CONFIG_FILE, _json_bytes({**config, "name": name, "version": version})),
+    ):
+        if not storage.create_exclusive(storage.join(target, filename), data):
+            raise storage.StorageError(
+                f"{storage.join(target, filename)} already exists although this process claimed {name}@{version}: "
+                "something other than lesion-ray writes into the registry"
+            )
+    _advance_latest(root, {"name": name, "version": version, "uri": target})
     return f"{name}@{version}"
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=2).encode("utf-8")
+
+
+def _claim_version(root: str) -> int:
+    """The lowest free number above every version folder under ``root``, now claimed by this process."""
+    owner = _json_bytes({"host": socket.gethostname(), "pid": os.getpid(),
+                         "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    version = max(_numbered(root), default=0) + 1
+    while not storage.create_exclusive(storage.join(root, str(version), CLAIM_FILE), owner):
+        version += 1
+    return version
+
+
+def _advance_latest(root: str, latest: dict[str, Any]) -> None:
+    """Point latest.json at ``latest`` unless a concurrent publisher already moved it past it."""
+    uri = storage.join(root, LATEST_FILE)
+    while True:
+        current = storage.read_with_tag(uri)
+        if current and json.loads(current[0])["version"] >= latest["version"]:
+            return
+        if storage.replace_if_unchanged(uri, _json_bytes(latest), current[1] if current else None):
+            return
 
 
 @dataclass(frozen=True)
@@ -145,7 +196,8 @@ def resolve(ref: str, registry: str | None = None) -> Resolved:
                 )
             version = str(json.loads(storage.read_text(latest_uri))["version"])
         model_dir = storage.join(registry, name, version)
-        if not storage.exists(storage.join(model_dir, MODEL_FILE)):
+        # config.json is written last: a version without it is still being published.
+        if not storage.exists(storage.join(model_dir, CONFIG_FILE)):
             have = ", ".join(str(v) for v in versions(name, registry)) or "none"
             raise storage.StorageError(f"model {name}@{version} is not in the registry {registry} (versions: {have})")
         return Resolved(model_dir, storage.join(model_dir, MODEL_FILE), name, version)

@@ -2,9 +2,11 @@
 
 Two deployments, so that bad input never reaches the model and each side scales on its own work:
 
-- ``SegmentationApi`` (FastAPI ingress): bearer-token check, upload limits, decoding and
-  validation (decompression bombs included), resizing to the model input, and turning the
-  model's probabilities into PNG masks at the original size, JSON or an overlay.
+- ``SegmentationApi`` (FastAPI ingress): bearer-token check, request budgets (body bytes, rows,
+  pixels counted from the image headers before anything is decoded, multipart parts), decoding
+  and validation (decompression bombs included) in a small pool of threads per replica, resizing
+  to the model input, and turning the model's probabilities into PNG masks at the original size,
+  JSON or an overlay.
 - ``SegmentationModel``: holds the model and answers one request per image; ``@serve.batch``
   groups the images of all clients into one forward pass. It follows ``name@latest``: every
   ``poll_latest_s`` it looks at the registry's latest.json and, when a new version appears,
@@ -14,20 +16,24 @@ Two deployments, so that bad input never reaches the model and each side scales 
 Endpoints (under ``route_prefix``): ``POST /v1/segment`` (raw bytes or multipart ``file`` ->
 ``image/png`` mask; ``?format=json``; ``?overlay=true`` -> JPEG overlay), ``POST /v1/predict``
 (the tutorial's ``{"rows": [{"image": "data:image/png;base64,..."}]}``), ``GET /v1/model``,
-``GET /healthz`` and ``GET /`` (a web page). Errors are JSON ``{"error": "..."}``.
+``GET /healthz`` and ``GET /`` (a web page). Errors are JSON ``{"error": "..."}``; Serve's proxies
+answer 503 when ``max_queued_requests`` requests already wait and 408 after ``request_timeout_s``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real types of the ingress methods.
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
+import email.message
 import email.parser
 import email.policy
 import hashlib
 import hmac
 import importlib.resources
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -35,8 +41,10 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -52,7 +60,7 @@ from ray.serve.handle import DeploymentHandle
 from lesion_ray import registry, report, storage
 from lesion_ray.data import ATTRIBUTES
 from lesion_ray.predict import encode_png, to_masks
-from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, to_model_input
+from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, _open, decode_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
 
@@ -65,6 +73,10 @@ OVERLAY_ALPHA = 0.45
 DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^;,]*)*?;base64,(?P<data>.*)$", re.DOTALL)
 DATA_URI_TYPES = ("image/png", "image/jpeg", "image/jpg")
 STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+# The upload form needs one part; a bound keeps a crafted body of thousands of parts cheap to refuse.
+MAX_FORM_PARTS = 16
+MAX_PART_HEADER_BYTES = 16 * 1024
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -79,9 +91,21 @@ class ServeSpec(JobSpec):
     batch_wait_timeout_s: float = param(0.01, min=0.0, help="how long a batch waits to fill up")
     max_upload_bytes: int = param(20 * 1024 * 1024, min=1, help="larger request bodies get 413")
     max_pixels: int = param(DEFAULT_MAX_PIXELS, min=1, help="larger images (decompression bombs) get 413")
+    # 32 Mpx: 2.6x the largest ISIC 2018 image. Work on a decoded image peaks at ~25 bytes/pixel (RGB,
+    # model input, float masks, overlay), so 4 decodes at the budget stay near 3 GiB per ingress replica.
+    max_request_pixels: int = param(32_000_000, min=1,
+                                    help="pixels of all images of one request, read from their headers; more gets "
+                                         "413 before anything is decoded")
+    max_rows: int = param(16, min=1, help="rows of one /v1/predict request; more get 413")
+    max_concurrent_decodes: int = param(4, min=1, help="threads per ingress replica that parse, decode and encode "
+                                                       "request content; other requests wait for one")
+    max_queued_requests: int = param(64, min=1, help="requests each HTTP proxy holds waiting for an ingress replica; "
+                                                     "more get 503 at once")
+    request_timeout_s: float = param(60.0, min=0.1, help="a request not answered within this time gets 408")
     auth_token_env: str | None = param(None, help="NAME of the environment variable holding the bearer token")
     auth_token_file: str | None = param(None, help="file holding the bearer token (e.g. a mounted secret)")
-    host: str = param("127.0.0.1", help="HTTP listen address (0.0.0.0 for every interface)")
+    allow_unauthenticated: bool = param(False, help="serve without a token on a non-loopback host")
+    host: str = param("127.0.0.1", help="HTTP listen address (0.0.0.0 for every interface: needs a token)")
     port: int = param(8000, min=1, max=65535, help="HTTP port")
     proxy_location: Literal["EveryNode", "HeadOnly"] = param(
         "EveryNode", help="which nodes run an HTTP proxy on host:port (HeadOnly: one entry point, e.g. when "
@@ -107,6 +131,10 @@ class ServeSpec(JobSpec):
             raise SpecError(source, key_path(path, "auth_token_env"),
                             "must be the NAME of an environment variable holding the token (e.g. LESION_RAY_TOKEN), "
                             "never the token itself")
+        if not (self.auth_token_env or self.auth_token_file or self.allow_unauthenticated or is_loopback(self.host)):
+            raise SpecError(source, key_path(path, "host"),
+                            f"{self.host} accepts connections from other machines, so requests need a token: set "
+                            "auth_token_env or auth_token_file, or allow_unauthenticated: true to serve anyone")
 
     def check(self, ctx: CheckContext) -> None:
         # A ModelRef alone looks name@version up in the default registry; this spec may name another.
@@ -114,6 +142,16 @@ class ServeSpec(JobSpec):
 
 
 SPEC = ServeSpec
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` admits this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 class ApiError(Exception):
@@ -163,14 +201,11 @@ class Prediction:
     input_size: int
 
 
-def prepare(data: bytes, max_pixels: int, size: int, full: bool = False,
-            what: str = "the upload") -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
-    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width), full image or None).
-
-    Every decoding failure becomes an :class:`ApiError` naming ``what`` was wrong.
-    """
+@contextlib.contextmanager
+def client_errors(what: str) -> Iterator[None]:
+    """Turn a failure to read or decode the image ``what`` into the client error it is (413, 415, 422)."""
     try:
-        image, orig = decode_image(data, max_pixels=max_pixels, target=None if full else size)
+        yield
     except BadImage as exc:
         if exc.reason.startswith("decompression bomb"):
             raise ApiError(413, f"{what} is too large to decode ({exc.reason}); send a smaller image") from None
@@ -179,7 +214,29 @@ def prepare(data: bytes, max_pixels: int, size: int, full: bool = False,
         raise ApiError(422, f"{what} cannot be decoded ({exc.reason}): send a complete PNG or JPEG") from None
     except OSError as exc:  # PIL's error for damaged data that a decoder step met outside BadImage's checks
         raise ApiError(422, f"{what} cannot be decoded ({exc}): send a complete PNG or JPEG") from None
-    return to_model_input([image], size)[0].numpy(), orig, image if full else None
+
+
+def check_pixels(images: list[tuple[bytes, str]], max_pixels: int, max_request_pixels: int) -> None:
+    """413 when one image is over ``max_pixels`` or all of them are over ``max_request_pixels``
+    together, from their headers alone: nothing is decoded. ``images``: (bytes, what it is)."""
+    total = 0
+    for data, what in images:
+        with client_errors(what):
+            width, height = _open(data, max_pixels).size
+        total += width * height
+    if total > max_request_pixels:
+        raise ApiError(413, f"the request's images have {total:,} pixels, more than max_request_pixels="
+                            f"{max_request_pixels:,}: send fewer or smaller images")
+
+
+def prepare(data: bytes, max_pixels: int, size: int, what: str = "the upload") -> tuple[np.ndarray, tuple[int, int]]:
+    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width)).
+
+    Every decoding failure becomes an :class:`ApiError` naming ``what`` was wrong.
+    """
+    with client_errors(what):
+        image, orig = decode_image(data, max_pixels=max_pixels, target=size)
+    return to_model_input([image], size)[0].numpy(), orig
 
 
 def check_model(loaded: LoadedModel) -> None:
@@ -221,10 +278,15 @@ def mask_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
     return png(masks_at(pred, orig).any(0))
 
 
-def overlay_image(image: np.ndarray, masks: np.ndarray, task: int) -> bytes:
-    """The image with each mask channel tinted in its colour, as a JPEG (it is a photograph)."""
+def overlay_image(data: bytes, pred: Prediction, orig: tuple[int, int], max_pixels: int) -> bytes:
+    """The image with each mask channel tinted in its colour, as a JPEG (it is a photograph).
+
+    The image is decoded again here rather than kept at full size while the model works.
+    """
+    with client_errors("the upload"):
+        image, _ = decode_image(data, max_pixels=max_pixels)
     out = Image.fromarray(image)
-    for mask, colour in zip(masks, COLOURS[task], strict=True):
+    for mask, colour in zip(masks_at(pred, orig), COLOURS[pred.task], strict=True):
         alpha = Image.fromarray(mask.astype(np.uint8) * round(255 * OVERLAY_ALPHA))
         out = Image.composite(Image.new("RGB", out.size, colour), out, alpha)
     buf = io.BytesIO()
@@ -232,7 +294,8 @@ def overlay_image(image: np.ndarray, masks: np.ndarray, task: int) -> bytes:
     return buf.getvalue()
 
 
-def segment_json(pred: Prediction, masks: np.ndarray) -> dict[str, Any]:
+def segment_json(pred: Prediction, orig: tuple[int, int]) -> dict[str, Any]:
+    masks = masks_at(pred, orig)
     union = masks.any(0)
     body: dict[str, Any] = {
         "model": {"name": pred.name, "version": pred.version},
@@ -249,23 +312,69 @@ def segment_json(pred: Prediction, masks: np.ndarray) -> dict[str, Any]:
 
 
 def multipart_file(body: bytes, content_type: str) -> bytes:
-    """The ``file`` field (or the first part with a file name) of a multipart/form-data body."""
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not message.is_multipart():
+    """The ``file`` field (or the first part with a file name) of a multipart/form-data body.
+
+    The body is cut at its boundary in C (count, then split): email.parser, which parses line by
+    line, takes minutes and gigabytes on a crafted 20 MB body of tiny parts or lines.
+    """
+    boundary = _headers(b"Content-Type: " + content_type.encode("latin-1")).get_boundary()
+    delimiter = b"--" + boundary.encode("latin-1") if boundary else b""
+    delimiters = body.count(delimiter) if delimiter else 0
+    if not delimiters:
         raise ApiError(400, "malformed multipart/form-data body: it needs a boundary and at least one part")
-    parts = list(message.iter_parts())
-    for part in parts:
-        if part.get_param("name", header="content-disposition") == "file" or part.get_filename():
-            return part.get_payload(decode=True) or b""
+    if delimiters > MAX_FORM_PARTS + 1:  # the closing delimiter ends the last part
+        raise ApiError(413, f"the multipart form has more than {MAX_FORM_PARTS} parts: send the image in a "
+                            "single field named 'file'")
+    # After each delimiter: optional padding, CRLF, headers, a blank line, the content, CRLF; "--" closes.
+    for part in body.split(delimiter)[1:]:
+        if part.startswith(b"--"):
+            break
+        end = part.find(b"\r\n\r\n", 0, MAX_PART_HEADER_BYTES)
+        if end < 0:
+            raise ApiError(400, "malformed multipart/form-data part: its headers need to end with a blank line "
+                                f"within {MAX_PART_HEADER_BYTES:,} bytes")
+        headers = _headers(part[:end].strip())
+        if headers.get_param("name", header="content-disposition") == "file" or headers.get_filename():
+            return part[end + 4:].removesuffix(b"\r\n")
     raise ApiError(422, "the multipart form has no file: send the image in a form field named 'file'")
 
 
-def prepare_row(row: dict[str, Any], index: int, max_pixels: int,
-                size: int) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
-    """:func:`prepare` for one row of the tutorial's API."""
-    where = f"rows[{index}].image"
-    return prepare(data_uri_bytes(row.get("image"), where), max_pixels, size, what=where)
+def _headers(block: bytes) -> email.message.Message:
+    return email.parser.BytesHeaderParser(policy=email.policy.HTTP).parsebytes(block)
+
+
+def upload_image(body: bytes, content_type: str, max_pixels: int, max_request_pixels: int) -> bytes:
+    """The image of a /v1/segment body (raw bytes or a multipart ``file``), checked against the pixel budgets."""
+    media = content_type.split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        body = multipart_file(body, content_type)
+    elif not (media.startswith("image/") or media == "application/octet-stream"):
+        raise ApiError(415, f"Content-Type {media} is not supported here: send image bytes (image/jpeg, "
+                            "image/png) or a multipart form with a 'file' field; JSON goes to /v1/predict")
+    check_pixels([(body, "the upload")], max_pixels, max_request_pixels)
+    return body
+
+
+def predict_images(body: bytes, max_rows: int, max_pixels: int, max_request_pixels: int) -> list[tuple[bytes, str]]:
+    """The images of a /v1/predict body with what each is (``rows[i].image``), checked against the budgets."""
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
+        raise ApiError(400, f"the body is not valid JSON ({exc}): send {{\"rows\": [{{\"image\": "
+                            "\"data:image/png;base64,...\"}]}") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply: send {\"rows\": [{\"image\": "
+                            "\"data:image/png;base64,...\"}]}") from None
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    if isinstance(rows, list) and len(rows) > max_rows:
+        raise ApiError(413, f"{len(rows):,} rows, more than max_rows={max_rows}: send them in several requests")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ApiError(422, "expected {\"rows\": [{\"image\": \"data:image/png;base64,...\"}, ...]} "
+                            "with at least one row")
+    wheres = [f"rows[{i}].image" for i in range(len(rows))]
+    images = [(data_uri_bytes(row.get("image"), where), where) for row, where in zip(rows, wheres, strict=True)]
+    check_pixels(images, max_pixels, max_request_pixels)
+    return images
 
 
 def data_uri_bytes(uri: Any, where: str) -> bytes:
@@ -350,6 +459,31 @@ class SegmentationModel:
         check_model(self.loaded)
 
 
+class DecodePool:
+    """``size`` threads for the work whose memory grows with a request's content (JSON, multipart,
+    decoding, masks at the original size). Unlike a semaphore around ``asyncio.to_thread``, a
+    request cancelled mid-decode (client gone, timeout) keeps its thread until the decode ends,
+    so the cap holds under cancellations too."""
+
+    def __init__(self, size: int) -> None:
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="decode")
+        self._lock = threading.Lock()
+        self._running = self.peak = 0  # peak: the most at once, reported by /v1/model
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._counted, fn, args)
+
+    def _counted(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._lock:
+            self._running += 1
+            self.peak = max(self.peak, self._running)
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
 api = FastAPI(title="lesion-ray", docs_url=None, redoc_url=None)
 
 
@@ -386,6 +520,7 @@ class SegmentationApi:
         token = read_token(spec)
         self.token_digest = hashlib.sha256(token).digest() if token else None
         self.spec, self.model = spec, model
+        self.pool = DecodePool(spec.max_concurrent_decodes)
         self.input_size: int | None = None  # learnt from the model, updated by every answer
         web = importlib.resources.files("lesion_ray") / "web"
         self.static = {name: (web / name).read_bytes() for name in STATIC}
@@ -407,6 +542,16 @@ class SegmentationApi:
                 raise ApiError(400, f"bad Content-Length header {declared!r}")
             if int(declared) > limit:
                 raise ApiError(413, f"the body has {int(declared):,} bytes, more than max_upload_bytes={limit:,}")
+        # Serve's proxy lets each request lift its timeout (header x-request-timeout-seconds), so a
+        # body trickling in would hold a slot for good: it gets request_timeout_s here as well.
+        timeout = self.spec.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._read(request, limit), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the body did not arrive within request_timeout_s={timeout:g}") from None
+
+    @staticmethod
+    async def _read(request: Request, limit: int) -> bytes:
         chunks, size = [], 0
         async for chunk in request.stream():  # counted as it arrives: Content-Length may be absent or lie
             size += len(chunk)
@@ -420,63 +565,54 @@ class SegmentationApi:
             self.input_size = (await self.model.info.remote())["input_size"]
         return self.input_size
 
-    async def _run(self, data: bytes, full: bool = False,
-                   what: str = "the upload") -> tuple[Prediction, np.ndarray, np.ndarray | None]:
-        """Decode (off the event loop), predict (batched with other requests), masks at original size."""
-        x, orig, image = await asyncio.to_thread(prepare, data, self.spec.max_pixels, await self._size(), full, what)
-        pred = await self.model.predict.remote(x)
+    async def _prepare(self, images: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        size = await self._size()
+        return await asyncio.gather(*(self.pool.run(prepare, data, self.spec.max_pixels, size, what)
+                                      for data, what in images))
+
+    async def _predict(self, x: np.ndarray) -> Prediction:
+        pred = await self.model.predict.remote(x)  # batched with the images of other requests
         self.input_size = pred.input_size
-        return pred, await asyncio.to_thread(masks_at, pred, orig), image
+        return pred
 
     @api.post("/v1/segment")
     async def segment(self, request: Request, format: Literal["png", "json"] = "png",
                       overlay: bool = False) -> Response:
         self._authorize(request)
         body = await self._body(request)
-        content_type = request.headers.get("content-type", "application/octet-stream")
-        media = content_type.split(";")[0].strip().lower()
-        if media == "multipart/form-data":
-            body = await asyncio.to_thread(multipart_file, body, content_type)
-        elif not (media.startswith("image/") or media == "application/octet-stream"):
-            raise ApiError(415, f"Content-Type {media} is not supported here: send image bytes (image/jpeg, "
-                                "image/png) or a multipart form with a 'file' field; JSON goes to /v1/predict")
-        pred, masks, image = await self._run(body, full=overlay)
+        spec = self.spec
+        data = await self.pool.run(upload_image, body, request.headers.get("content-type", "application/octet-stream"),
+                                   spec.max_pixels, spec.max_request_pixels)
+        ((x, orig),) = await self._prepare([(data, "the upload")])
+        pred = await self._predict(x)
         headers = {"X-Model": f"{pred.name}@{pred.version}"}
         if format == "json":
-            return JSONResponse(await asyncio.to_thread(segment_json, pred, masks), headers=headers)
+            return JSONResponse(await self.pool.run(segment_json, pred, orig), headers=headers)
         if overlay:
-            return Response(await asyncio.to_thread(overlay_image, image, masks, pred.task),
+            return Response(await self.pool.run(overlay_image, data, pred, orig, spec.max_pixels),
                             media_type="image/jpeg", headers=headers)
-        return Response(await asyncio.to_thread(png, masks.any(0)), media_type="image/png", headers=headers)
+        return Response(await self.pool.run(mask_png, pred, orig), media_type="image/png", headers=headers)
 
     @api.post("/v1/predict")
     async def predict(self, request: Request) -> JSONResponse:
         """The tutorial's deployment API: rows of image data URIs in, rows of mask data URIs out."""
         self._authorize(request)
         body = await self._body(request)
-        try:
-            payload = await asyncio.to_thread(json.loads, body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON ({exc}): send {{\"rows\": [{{\"image\": "
-                                "\"data:image/png;base64,...\"}]}") from None
-        rows = payload.get("rows") if isinstance(payload, dict) else None
-        if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-            raise ApiError(422, "expected {\"rows\": [{\"image\": \"data:image/png;base64,...\"}, ...]} "
-                                "with at least one row")
-        # Every row is checked before any reaches the model; the rows are then batched together.
-        size = await self._size()
-        prepared = await asyncio.gather(*(asyncio.to_thread(prepare_row, row, i, self.spec.max_pixels, size)
-                                          for i, row in enumerate(rows)))
-        preds = await asyncio.gather(*(self.model.predict.remote(x) for x, _, _ in prepared))
-        origs = [orig for _, orig, _ in prepared]
-        masks = await asyncio.gather(*(asyncio.to_thread(mask_png, p, o) for p, o in zip(preds, origs, strict=True)))
+        spec = self.spec
+        images = await self.pool.run(predict_images, body, spec.max_rows, spec.max_pixels, spec.max_request_pixels)
+        # Every row is decoded before any reaches the model; the rows are then batched together.
+        prepared = await self._prepare(images)
+        preds = await asyncio.gather(*(self._predict(x) for x, _ in prepared))
+        masks = await asyncio.gather(*(self.pool.run(mask_png, p, orig)
+                                       for p, (_, orig) in zip(preds, prepared, strict=True)))
         out = [{"mask": "data:image/png;base64," + base64.b64encode(m).decode()} for m in masks]
         return JSONResponse({"rows": out, "model": {"name": preds[0].name, "version": preds[0].version}})
 
     @api.get("/v1/model")
     async def model_info(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse(await self.model.info.remote())
+        ingress = {"max_concurrent_decodes": self.spec.max_concurrent_decodes, "decodes_peak": self.pool.peak}
+        return JSONResponse(await self.model.info.remote() | {"ingress": ingress})
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -513,7 +649,9 @@ def build_app(spec: ServeSpec) -> serve.Application:
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
     model = SegmentationModel.options(**options).bind(spec)
-    return SegmentationApi.options(**options).bind(spec, model)
+    # Only the proxies' queue needs a bound: the ingress calls the model for at most
+    # max_ongoing_requests x max_rows images, and a model queue limit would turn a burst of rows into 503s.
+    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(spec, model)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -527,7 +665,7 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
     """A Serve config file (``serve deploy``; KubeRay RayService ``serveConfigV2``) for this spec."""
     return {
         "proxy_location": spec.proxy_location,
-        "http_options": {"host": spec.host, "port": spec.port},
+        "http_options": http_options(spec),
         "applications": [{
             "name": spec.name,
             "route_prefix": spec.route_prefix,
@@ -537,11 +675,15 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
     }
 
 
+def http_options(spec: ServeSpec) -> dict[str, Any]:
+    return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
+
+
 def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
     then delete the application and shut Serve down."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
-    serve.start(proxy_location=spec.proxy_location, http_options={"host": spec.host, "port": spec.port})
+    serve.start(proxy_location=spec.proxy_location, http_options=http_options(spec))
     serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
     url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()

@@ -52,8 +52,7 @@ class CheckContext:
     def will_exist(self, uri: str) -> bool:
         if uri in self.produced:
             return True
-        norm = storage.normalize(uri)
-        return any(norm == p or norm.startswith(p.rstrip("/") + "/") for p in self.produced)
+        return any(storage.is_within(uri, p) for p in self.produced if not p.startswith("model:"))
 
     def skip(self, uri: str) -> bool:
         return self.will_exist(uri) or (not self.check_local_paths and not storage.is_s3(uri))

@@ -4,17 +4,27 @@ Every stage reads and writes through these functions, so a job that works on a l
 folder works unchanged on AWS S3 or any S3-compatible store. The S3 endpoint comes from
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (set by the cluster config or the spec,
 see :func:`configure`), credentials from the standard AWS chain. Writes are atomic: a
-reader never sees a partially written object under its final name.
+reader never sees a partially written object under its final name. Local files are created
+with mode 0o666 less the process umask, like any file the user creates.
+
+For things several processes write at once (the model registry): :func:`create_exclusive`
+creates an object only if nothing is there, and :func:`read_with_tag` with
+:func:`replace_if_unchanged` is a compare-and-swap. On S3 both are conditional PUTs
+(``If-None-Match: *``, ``If-Match: <ETag>``), which the store must honour (AWS S3 does).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import hashlib
 import io
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +34,9 @@ import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MULTIPART_CHUNK = 16 * 1024 * 1024
+DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS says otherwise
+_MISSING_CODES = ("404", "NoSuchKey", "NotFound")
+_CONFLICT_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 class StorageError(Exception):
@@ -51,7 +64,7 @@ def configure(endpoint_url: str | None = None, region: str | None = None) -> Non
 
 def storage_env() -> dict[str, str]:
     """The storage settings of this process, to forward to Ray workers (no secrets)."""
-    names = (*ENDPOINT_ENV_VARS, "AWS_DEFAULT_REGION", "AWS_REGION")
+    names = (*ENDPOINT_ENV_VARS, "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS")
     return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
@@ -97,6 +110,12 @@ def parent(uri: str) -> str:
     return str(Path(uri).parent)
 
 
+def is_within(uri: str, folder: str) -> bool:
+    """True when ``uri`` is ``folder`` or lies under it (after normalisation)."""
+    uri, folder = normalize(uri).rstrip("/"), normalize(folder).rstrip("/")
+    return uri == folder or uri.startswith(folder + "/")
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")``."""
     rest = uri[len("s3://") :]
@@ -109,11 +128,14 @@ def split_s3(uri: str) -> tuple[str, str]:
 # --- S3 -----------------------------------------------------------------------------------
 
 def _s3_client():
-    return _client_for(endpoint_url(), os.environ.get("AWS_DEFAULT_REGION"), os.getpid())
+    # AWS_MAX_ATTEMPTS is the AWS SDKs' own setting; ours is higher than their 3, since one archive
+    # job makes millions of requests and a transient error must not cost an image.
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_ATTEMPTS)
+    return _client_for(endpoint_url(), os.environ.get("AWS_DEFAULT_REGION"), attempts, os.getpid())
 
 
 @functools.lru_cache(maxsize=8)
-def _client_for(endpoint: str | None, region: str | None, pid: int):
+def _client_for(endpoint: str | None, region: str | None, attempts: int, pid: int):
     # Keyed by pid too: a boto3 client must not cross a fork into a Ray worker.
     import boto3
     from botocore.config import Config
@@ -122,7 +144,8 @@ def _client_for(endpoint: str | None, region: str | None, pid: int):
         "s3",
         endpoint_url=endpoint,
         region_name=region,
-        config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, max_pool_connections=32),
+        # Retries back off exponentially with jitter (500, 503, throttling, dropped connections).
+        config=Config(retries={"max_attempts": attempts, "mode": "adaptive"}, max_pool_connections=32),
     )
 
 
@@ -140,7 +163,7 @@ def _s3_error(exc: Exception, uri: str, action: str) -> StorageError:
         if code == "NoSuchBucket":
             bucket, _ = split_s3(uri)
             return StorageError(f"cannot {action} {uri}: bucket '{bucket}' does not exist{where}")
-        if code in ("NoSuchKey", "404", "NotFound"):
+        if code in _MISSING_CODES:
             return StorageError(f"cannot {action} {uri}: no such object{where}")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return StorageError(f"cannot {action} {uri}: access denied ({code}); check the credentials")
@@ -188,7 +211,7 @@ def exists(uri: str) -> bool:
             _s3_client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            if exc.response.get("Error", {}).get("Code") not in _MISSING_CODES:
                 raise _s3_error(exc, uri, "check") from None
     prefix = key.rstrip("/") + "/" if key else ""
     resp = _s3_call(uri, "list", _s3_client().list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1)
@@ -212,7 +235,7 @@ def file_size(uri: str) -> int | None:
     try:
         return _s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        if exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
             return None
         raise _s3_error(exc, uri, "check") from None
 
@@ -294,20 +317,33 @@ def open_write(uri: str) -> Iterator[io.BufferedIOBase]:
             buf.seek(0)
             _s3_upload(uri, buf, size)
         return
-    folder = os.path.dirname(uri)
+    with _local_temp(uri) as (f, tmp):
+        yield f
+        f.close()
+        os.replace(tmp, uri)
+
+
+@contextlib.contextmanager
+def _local_temp(uri: str) -> Iterator[tuple[io.BufferedWriter, str]]:
+    """A new hidden ``.partial`` file beside ``uri`` (listings skip it), removed on exit unless
+    renamed away. Close it before publishing it under ``uri``, so its content is complete.
+
+    Created with mode 0o666 so that the umask decides who may read the result (``mkstemp``
+    would make every output 0600, unreadable to the account that serves or archives it).
+    """
+    folder, name = os.path.split(uri)
+    tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.partial")
     try:
         os.makedirs(folder, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         raise StorageError(f"cannot write {uri}: {exc.strerror}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(uri)}.", suffix=".partial", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, uri)
-    except BaseException:
+            yield f, tmp
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
 
 
 def _s3_upload(uri: str, buf, size: int) -> None:
@@ -334,6 +370,115 @@ def _s3_upload(uri: str, buf, size: int) -> None:
         if isinstance(exc, Exception):
             raise _s3_error(exc, uri, "write") from None
         raise
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if nothing is there: True when this call created it,
+    False when something was there already. Of many concurrent callers exactly one wins, and the
+    object appears complete or not at all.
+
+    Local: a temporary file hard-linked to the name (the link fails when the name is taken).
+    S3: one PUT with ``If-None-Match: *`` (so at most 5 GiB).
+    """
+    uri = normalize(uri)
+    if is_s3(uri):
+        return _s3_put_if(uri, data, IfNoneMatch="*")
+    with _local_temp(uri) as (f, tmp):
+        f.write(data)
+        f.close()
+        try:
+            os.link(tmp, uri)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise StorageError(f"cannot create {uri}: {exc.strerror}") from None
+    return True
+
+
+def read_with_tag(uri: str) -> tuple[bytes, str] | None:
+    """The bytes at ``uri`` and a tag for :func:`replace_if_unchanged`; None when nothing is there.
+
+    S3: the object's ETag. Local: the content's SHA-256, so the swap compares content.
+    """
+    uri = normalize(uri)
+    if is_s3(uri):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            resp = _s3_client().get_object(Bucket=bucket, Key=key)
+            return resp["Body"].read(), resp["ETag"]
+        except (BotoCoreError, ClientError) as exc:
+            if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in _MISSING_CODES:
+                return None
+            raise _s3_error(exc, uri, "read") from None
+    try:
+        with open(uri, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StorageError(f"cannot read {uri}: {exc.strerror}") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def replace_if_unchanged(uri: str, data: bytes, tag: str | None) -> bool:
+    """Compare-and-swap for small objects such as pointers: write ``data`` at ``uri`` only if it
+    still holds what :func:`read_with_tag` returned with ``tag`` (None: only if nothing is there).
+    False when it changed meanwhile: read it again and decide again.
+
+    S3: a PUT with ``If-Match: <ETag>`` or ``If-None-Match: *``. Local: the compare and the atomic
+    replace run under an exclusive ``flock`` on a hidden sibling ``.<name>.lock``, which serialises
+    the processes of one machine (of several only where the file system shares flock locks).
+    """
+    uri = normalize(uri)
+    if is_s3(uri):
+        return _s3_put_if(uri, data, **({"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}))
+    with _local_lock(uri):
+        current = read_with_tag(uri)
+        if (current[1] if current else None) != tag:
+            return False
+        write_bytes(uri, data)
+    return True
+
+
+@contextlib.contextmanager
+def _local_lock(uri: str) -> Iterator[None]:
+    folder, name = os.path.split(uri)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # Read-only is enough for flock, so a lock file another account created still works.
+        fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise StorageError(f"cannot lock {uri}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _s3_put_if(uri: str, data: bytes, **condition: str) -> bool:
+    """One conditional PUT: True when written, False when the condition failed (412)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    delays = iter(_CONFLICT_DELAYS_S)
+    while True:
+        try:
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)
+            return True
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:
+                return False
+            # 409 ConditionalRequestConflict: another conditional write of this key was in flight.
+            delay = next(delays, None) if status == 409 else None
+            if delay is None:
+                raise _s3_error(exc, uri, "write") from None
+        except BotoCoreError as exc:
+            raise _s3_error(exc, uri, "write") from None
+        time.sleep(delay)
 
 
 def delete(uri: str) -> None:

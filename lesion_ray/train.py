@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -180,7 +181,7 @@ def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str
 def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict[str, int],
             unreadable: int) -> dict[str, Any]:
     with result.checkpoint.as_directory() as latest:
-        history = torch.load(os.path.join(latest, TRAIN_STATE_FILE), weights_only=False)["history"]
+        history = read_train_state(latest)["history"]
     best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
     best_dir = storage.join(output, registry.BEST_MODEL_DIR)
     ref = _publish_once(spec, best_checkpoint, best, best_dir)
@@ -291,7 +292,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             model.load_state_dict(registry.read_state_dict(os.path.join(folder, registry.MODEL_FILE)))
-            state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), map_location="cpu", weights_only=False)
+            state = read_train_state(folder)
         optimizer.load_state_dict(state.pop("optimizer"))
         scheduler.load_state_dict(state.pop("scheduler"))
         state["starts"] += 1
@@ -351,6 +352,25 @@ def _report(row: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.
         ray.train.report(row, checkpoint=checkpoint)
 
 
+def read_train_state(folder: str) -> dict[str, Any]:
+    """A checkpoint's train state (epoch, history, optimizer and scheduler state).
+
+    Only tensors, numbers, strings, lists and dicts are unpickled (``weights_only``): a checkpoint in
+    shared storage that someone tampered with must not run code in every training worker.
+    """
+    path = os.path.join(folder, TRAIN_STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message advises weights_only=False, the very thing to avoid: keep only what it found.
+        found = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = found[0].strip().rstrip(".") if found else type(exc).__name__
+        raise ValueError(f"refused to load {TRAIN_STATE_FILE} of the checkpoint {folder}: it holds objects other "
+                         f"than tensors, numbers, strings, lists and dicts, and loading them could run code "
+                         f"({reason}). Resume from a checkpoint lesion-ray wrote, or start a new run in another "
+                         "output folder.") from None
+
+
 def _all_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         values = values.to(device)
@@ -396,9 +416,10 @@ def validate(model: torch.nn.Module, val_data: Any, spec: TrainSpec, device: tor
             totals[5:] += torch.from_numpy(counts / truth[0, 0].numel()).sum(0).flatten()
     totals = _all_sum(totals, device).numpy()
     n = max(totals[1], 1)
-    out = {"val_loss": totals[0] / n}
+    # Plain floats: the history goes into checkpoints, which load weights_only (no numpy scalars).
+    out = {"val_loss": float(totals[0] / n)}
     if spec.model.task == 1:
-        out.update(val_score=totals[2] / n, val_jaccard=totals[3] / n, val_dice=totals[4] / n)
+        out.update(val_score=float(totals[2] / n), val_jaccard=float(totals[3] / n), val_dice=float(totals[4] / n))
         return out
     pooled = totals[5:].reshape(classes, 4)
     out.update(val_score=float(metrics.jaccard(pooled.sum(0))), val_dice=float(metrics.dice(pooled.sum(0))))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -38,8 +39,13 @@ from lesion_ray import cli, cluster, report, storage  # noqa: E402
 from lesion_ray.loopback import LoopbackCluster, free_port  # noqa: E402
 from lesion_ray.predict import read_manifest  # noqa: E402
 
-TOKEN_ENV = "LESION_RAY_MULTINODE_TOKEN"  # the cluster's Ray token, for the Jobs API client
-SERVE_TOKEN = "multinode-serve-token"  # the demo API's bearer token (LESION_RAY_TOKEN in jobs/serve.yaml)
+# Tokens live in files readable by this user only, in the cluster's folder (every node is on this
+# machine): never in a cluster config, a job's env_vars (shown on the dashboard) or the output.
+RAY_TOKEN_FILE = "ray_token"  # the cluster's Ray token, for the Jobs API client (remote.yaml's auth_token_file)
+SERVE_TOKEN_FILE = "serve_token"  # the demo API's bearer token (the serve spec's auth_token_file)
+# remote.yaml's auth_token_env: a name nobody sets, so that a $RAY_AUTH_TOKEN meant for another cluster
+# does not win over the token file.
+TOKEN_ENV = "LESION_RAY_MULTINODE_TOKEN"
 DEMO_ENV = {
     # Elastic Train waits up to 60 s (Ray's default) for a group of the old size before it shrinks
     # after a node loss; a shorter wait keeps the demo short.
@@ -59,12 +65,21 @@ def start_cluster(workers: int = 2) -> LoopbackCluster:
     return nodes
 
 
+def write_secret(folder: str, name: str, value: str) -> Path:
+    """``value`` in ``folder/name``, a new file readable by this user only."""
+    path = Path(folder) / name
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(value)
+    return path
+
+
 def write_cluster_config(nodes: LoopbackCluster, folder: Path) -> str:
-    """cluster/remote.yaml with this cluster's address; the token stays in the environment."""
-    os.environ[TOKEN_ENV] = nodes.token
+    """cluster/remote.yaml with this cluster's address; it names the token's file, not the token."""
+    token_file = write_secret(nodes.root, RAY_TOKEN_FILE, nodes.token)
     config = yaml.safe_load((ROOT / "cluster" / "remote.yaml").read_text())
-    config.update(nodes.remote_config(auth_token_env=TOKEN_ENV, registry=str(folder / "registry"),
-                                      env_vars={"LESION_RAY_TOKEN": SERVE_TOKEN, **DEMO_ENV}))
+    config.update(nodes.remote_config(auth_token_env=TOKEN_ENV, auth_token_file=str(token_file),
+                                      registry=str(folder / "registry"), env_vars=DEMO_ENV))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "remote.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -175,13 +190,16 @@ def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -
     import httpx
 
     port = free_port()
+    token = secrets.token_hex(16)
+    token_file = write_secret(nodes.root, SERVE_TOKEN_FILE, token)
     # HeadOnly: the nodes share one machine, so only one of them can bind the port.
     job, config = cli.prepare(str(ROOT / "jobs" / "serve.yaml"), remote, [
-        "min_replicas=2", "max_replicas=2", f"port={port}", "proxy_location=HeadOnly", "poll_latest_s=0"])
+        "min_replicas=2", "max_replicas=2", f"port={port}", "proxy_location=HeadOnly", "poll_latest_s=0",
+        "auth_token_env=null", f"auth_token_file={token_file}"])
     nodes.wait_for_nodes(timeout_s=30)
     _, job_id = cluster.start_job(job, config)
     url = f"http://127.0.0.1:{port}"
-    headers = {"Authorization": f"Bearer {SERVE_TOKEN}", "Content-Type": "image/jpeg"}
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"}
 
     def segment() -> bool:
         try:
@@ -233,8 +251,8 @@ def main() -> int:
                             f"answering again after {served['recovered_s']} s")
         print(report.format_summary(f"multinode demo finished in {time.monotonic() - started:.0f}s", results))
         if args.keep:
-            report.info(f"the cluster stays up: lesion-ray run JOB --cluster {remote} (with ${TOKEN_ENV}="
-                        f"{nodes.token}); Ctrl-C stops it")
+            report.info(f"the cluster stays up: lesion-ray run JOB --cluster {remote} (its token is in "
+                        f"{Path(nodes.root) / RAY_TOKEN_FILE}, readable by you only); Ctrl-C stops it")
             try:
                 while True:
                     time.sleep(3600)

@@ -100,3 +100,96 @@ def ray_processes(s3_endpoint: str):
     """A real `ray start` head with 4 CPUs and token authentication (add workers with add_worker)."""
     with LoopbackCluster(head_cpus=4) as cluster:
         yield cluster
+
+
+class FaultyS3Proxy:
+    """A real HTTP hop between S3 clients and the moto server that answers some requests itself with
+    500 InternalError / 503 ServiceUnavailable: a share of all requests at random (seeded), and every
+    request whose path holds one of ``always_fail``. ``forwarded`` records (method, path) of the rest."""
+
+    def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = (), seed: int = 0) -> None:
+        import http.client
+        import random
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        self.failure_rate, self.always_fail = failure_rate, always_fail
+        self.injected = 0
+        self.forwarded: list[tuple[str, str]] = []
+        self._random, self._lock = random.Random(seed), threading.Lock()
+        target = urlparse(upstream)
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy._fault(self.path)
+                if fault:
+                    status, code = fault
+                    error = f"<Error><Code>{code}</Code><Message>injected fault</Message></Error>".encode()
+                    self._answer(status, {"Content-Type": "application/xml"}, error)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+                upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                try:
+                    upstream_conn.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream_conn.getresponse()
+                    payload = response.read()
+                    keep = {k: v for k, v in response.getheaders()
+                            if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                    if self.command == "HEAD":  # a HEAD answer declares the object's length, without a body
+                        keep["Content-Length"] = response.getheader("Content-Length", "0")
+                    self._answer(response.status, keep, payload)
+                finally:
+                    upstream_conn.close()
+                with proxy._lock:
+                    proxy.forwarded.append((self.command, self.path))
+
+            def _answer(self, status: int, headers: dict[str, str], payload: bytes) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _fault(self, path: str) -> tuple[int, str] | None:
+        """The (status, S3 error code) to answer ``path`` with, or None to forward it."""
+        with self._lock:
+            if not any(key in path for key in self.always_fail) and self._random.random() >= self.failure_rate:
+                return None
+            self.injected += 1
+            return self._random.choice([(500, "InternalError"), (503, "ServiceUnavailable")])
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint: str):
+    """Starts :class:`FaultyS3Proxy` instances in front of the moto server; stops them after the test."""
+    proxies: list[FaultyS3Proxy] = []
+
+    def start(failure_rate: float, always_fail: tuple[str, ...] = ()) -> FaultyS3Proxy:
+        proxies.append(FaultyS3Proxy(s3_endpoint, failure_rate, always_fail, seed=len(proxies)))
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        proxy.close()

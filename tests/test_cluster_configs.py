@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
 
-from lesion_ray import cli, spec
+from lesion_ray import cli, kuberay, spec
 
 
 def test_aws_launcher_config_passes_rays_own_schema() -> None:
@@ -22,6 +23,20 @@ def test_aws_launcher_config_passes_rays_own_schema() -> None:
     assert config["idle_timeout_minutes"] > 0
 
 
+def test_aws_every_node_type_starts_with_token_auth_and_the_heads_token() -> None:
+    # tests/test_cluster_auth.py starts a head and a worker with these commands for real.
+    config = yaml.safe_load(Path("cluster/aws.yaml").read_text())
+    for node_type in config["available_node_types"]:
+        head = node_type == config["head_node_type"]
+        commands = config["head_start_ray_commands" if head else "worker_start_ray_commands"]
+        starts = [command for command in commands if "ray start" in command]
+        assert starts and all(re.search(r"\bRAY_AUTH_MODE=token ray start\b", c) for c in starts), node_type
+    head_commands = config["head_start_ray_commands"]
+    generate = next(i for i, c in enumerate(head_commands) if "ray get-auth-token --generate" in c)
+    assert generate < next(i for i, c in enumerate(head_commands) if "ray start --head" in c)
+    assert config["cluster_synced_files"] == ["~/.ray/auth_token"]  # to each worker, before it starts
+
+
 def test_raycluster_manifest_autoscales_gpu_workers() -> None:
     manifest = yaml.safe_load(Path("cluster/kuberay/raycluster.yaml").read_text())
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
@@ -32,10 +47,11 @@ def test_raycluster_manifest_autoscales_gpu_workers() -> None:
     assert limits["nvidia.com/gpu"] == "1"
 
 
-def _render(capsys, tmp_path, job: str, *overrides: str) -> list[dict]:
+def _render(capsys, tmp_path, job: str, *overrides: str, **cluster: str) -> list[dict]:
     # The shipped config, with a registry this test can reach (a local one is not checked).
     config = yaml.safe_load(Path("cluster/kuberay.yaml").read_text())
-    config.update(raycluster=os.path.abspath("cluster/kuberay/raycluster.yaml"), registry=str(tmp_path / "reg"))
+    config.update(raycluster=os.path.abspath("cluster/kuberay/raycluster.yaml"), registry=str(tmp_path / "reg"),
+                  **cluster)
     (tmp_path / "kuberay.yaml").write_text(yaml.safe_dump(config))
     assert cli.main(["render", job, "--cluster", str(tmp_path / "kuberay.yaml"), *overrides]) == 0
     return list(yaml.safe_load_all(capsys.readouterr().out))
@@ -63,8 +79,59 @@ def test_rayservice_carries_the_serve_config(capsys, tmp_path) -> None:
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     app = serve_config["applications"][0]
     assert app["import_path"] == "lesion_ray.serve:app_builder"
-    assert app["args"] == spec.to_dict(spec.load("jobs/serve.yaml"))
+    # The spec, but with the bearer token from the mounted Secret.
+    expected = spec.to_dict(spec.load("jobs/serve.yaml", ["auth_token_env=null",
+                                                          f"auth_token_file={kuberay.SERVE_TOKEN_MOUNT}/token"]))
+    assert app["args"] == expected
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+
+
+def _containers(cluster_spec: dict) -> list[dict]:
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    return [c for group in groups for c in group["template"]["spec"]["containers"]]
+
+
+def test_rendered_manifests_authenticate_through_secrets_and_hold_no_token(capsys, tmp_path, monkeypatch) -> None:
+    # Tokens everywhere a careless renderer could pick one up: Ray's variables, the serve spec's variable
+    # (jobs/serve.yaml: auth_token_env: LESION_RAY_TOKEN) and Ray's default token file.
+    tokens = {"RAY_AUTH_TOKEN": "ray-token-4f1c9e", "LESION_RAY_TOKEN": "serve-token-7b2d5a"}
+    for name, value in tokens.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("file-token-9e3a1b")
+    ray_job = _render(capsys, tmp_path, "jobs/train.yaml")[1]
+    (service,) = _render(capsys, tmp_path, "jobs/serve.yaml")
+    for text in (yaml.safe_dump_all([ray_job, service]), service["spec"]["serveConfigV2"]):
+        assert not any(token in text for token in [*tokens.values(), "file-token-9e3a1b"])
+
+    token_ref = {"secretKeyRef": {"name": "lesion-ray-auth", "key": "auth_token"}}
+    for cluster_spec in (ray_job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
+        # KubeRay's operator passes this Secret's token to the RayJob submitter and its own dashboard calls.
+        assert cluster_spec["authOptions"] == {"mode": "token", "secretName": "lesion-ray-auth"}
+        for container in _containers(cluster_spec):
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+            assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == token_ref, container["name"]
+
+    args = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["auth_token_env"] is None
+    assert args["auth_token_file"] == f"{kuberay.SERVE_TOKEN_MOUNT}/token"
+    cluster_spec = service["spec"]["rayClusterConfig"]
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    for pod in (group["template"]["spec"] for group in groups):  # the HTTP ingress may run on any node
+        volume = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "lesion-ray-serve-token")
+        assert all({"name": volume["name"], "mountPath": kuberay.SERVE_TOKEN_MOUNT, "readOnly": True}
+                   in c["volumeMounts"] for c in pod["containers"])
+
+
+def test_secret_names_come_from_the_kuberay_config(capsys, tmp_path) -> None:
+    (service,) = _render(capsys, tmp_path, "jobs/serve.yaml", auth_secret="team-ray", serve_token_secret="team-serve")
+    cluster_spec = service["spec"]["rayClusterConfig"]
+    assert cluster_spec["authOptions"]["secretName"] == "team-ray"
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for c in _containers(cluster_spec) for e in c["env"]
+            if e["name"] == "RAY_AUTH_TOKEN"} == {"team-ray"}
+    head = cluster_spec["headGroupSpec"]["template"]["spec"]
+    assert {"name": "serve-token", "secret": {"secretName": "team-serve"}} in head["volumes"]
 
 
 def test_run_on_kuberay_points_at_render(capsys) -> None:

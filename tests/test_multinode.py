@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lesion_ray import cluster
 from lesion_ray.loopback import LoopbackCluster
 from scripts import multinode
 
@@ -76,3 +78,14 @@ def test_serve_answers_through_the_cluster_proxy_and_survives_a_replica_node_sto
     assert result["replica_nodes"] == ["worker1", "worker2"]  # Serve spread the model replicas
     assert result["killed"] in {"worker1", "worker2"}
     assert result["health"] == {"status": "ok"}
+
+
+def test_no_token_reaches_a_config_or_a_submitted_jobs_runtime_env(nodes: LoopbackCluster, remote: str) -> None:
+    # Everyone with dashboard access reads the runtime_env of every job; the tokens stay in 0600 files.
+    token_files = [Path(nodes.root) / multinode.RAY_TOKEN_FILE, Path(nodes.root) / multinode.SERVE_TOKEN_FILE]
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in token_files)
+    tokens = [f.read_text() for f in token_files]
+    jobs = cluster.job_client(cluster.load_cluster(remote)).list_jobs()
+    assert len(jobs) >= 4  # the scenarios above
+    shown = yaml.safe_dump([job.runtime_env for job in jobs]) + Path(remote).read_text()
+    assert not any(token in shown for token in tokens)

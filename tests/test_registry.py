@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -12,6 +15,14 @@ from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.spec import CheckContext
 
 CONFIG = ModelConfig(architecture="unet", task=2, input_size=32, num_filters=4, depth=2)
+PUBLISHERS = 8
+
+
+@pytest.fixture(params=["local", "s3"])
+def reg(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    return request.getfixturevalue("s3_bucket") + "/registry"
 
 
 def _model_dir(uri: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,7 +46,7 @@ def test_publish_and_lookup(tmp_path) -> None:
     assert registry.versions("lesions", reg) == [1, 2]
     assert json.loads((tmp_path / "registry/lesions/latest.json").read_text())["version"] == 2
     assert sorted(p.name for p in (tmp_path / "registry/lesions/2").iterdir()) == [
-        "config.json", "metrics.json", "model.pt"]
+        "claim.json", "config.json", "metrics.json", "model.pt"]
 
     latest = registry.load_model("lesions@latest", registry=reg)
     assert (latest.name, latest.version, latest.threshold) == ("lesions", "2", 0.3)
@@ -102,3 +113,75 @@ def test_round_trip_through_s3(s3_bucket: str, tmp_path) -> None:
     assert loaded.uri == f"{s3_bucket}/reg/lesions/1" and loaded.metrics == {"val_score": 0.7}
     _assert_weights(loaded, state)
     _assert_weights(registry.load_model(f"{s3_bucket}/checkpoints/epoch-3/model.pt"), state)
+
+
+def _publisher(index: int, model_dir: str, registries: list[str], barrier, results) -> None:
+    """One training process at its end: publishes its model as "lesions" in each registry, released
+    together with the others by ``barrier``."""
+    for reg in registries:
+        barrier.wait(timeout=120)
+        results.put((reg, index, registry.publish(model_dir, "lesions", {"publisher": index}, reg)))
+
+
+def test_concurrent_publishers_get_distinct_complete_versions(tmp_path, s3_bucket: str) -> None:
+    registries = [str(tmp_path / "registry"), f"{s3_bucket}/registry"]
+    states = [_model_dir(str(tmp_path / f"run{i}"), seed=i) for i in range(PUBLISHERS)]
+    # One set of processes races on both registries: each spawn costs seconds.
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(PUBLISHERS), ctx.Queue()
+    processes = [ctx.Process(target=_publisher, args=(i, str(tmp_path / f"run{i}"), registries, barrier, results))
+                 for i in range(PUBLISHERS)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0] * PUBLISHERS
+    published = [results.get(timeout=10) for _ in range(PUBLISHERS * len(registries))]
+
+    for reg in registries:
+        refs = {index: ref for where, index, ref in published if where == reg}
+        assert sorted(refs.values(), key=lambda ref: int(ref.split("@")[1])) == [
+            f"lesions@{v}" for v in range(1, PUBLISHERS + 1)]
+        assert registry.versions("lesions", reg) == list(range(1, PUBLISHERS + 1))
+        for index, ref in refs.items():
+            version = int(ref.split("@")[1])
+            config = json.loads(storage.read_text(storage.join(reg, "lesions", str(version), registry.CONFIG_FILE)))
+            assert (config["name"], config["version"]) == ("lesions", version)
+            loaded = registry.load_model(f"{reg}/{ref}")
+            assert loaded.metrics == {"publisher": index}
+            _assert_weights(loaded, states[index])
+        assert registry.resolve(f"{reg}/lesions@latest").version == str(PUBLISHERS)
+
+
+def test_latest_only_moves_forward(reg: str, tmp_path, monkeypatch) -> None:
+    """A publisher that claimed version 1 but finishes after version 2 leaves latest at 2."""
+    slow = _model_dir(str(tmp_path / "slow"), seed=1)
+    fast = _model_dir(str(tmp_path / "fast"), seed=2)
+    paused, resume = threading.Event(), threading.Event()
+    create_exclusive = storage.create_exclusive
+
+    def pause_before_version_1_is_visible(uri: str, data: bytes) -> bool:
+        if uri == storage.join(reg, "lesions", "1", registry.CONFIG_FILE):
+            paused.set()
+            resume.wait(timeout=60)
+        return create_exclusive(uri, data)
+
+    # Only timing changes: every write still goes through the real storage function.
+    monkeypatch.setattr(storage, "create_exclusive", pause_before_version_1_is_visible)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            slow_ref = pool.submit(registry.publish, str(tmp_path / "slow"), "lesions", {"run": "slow"}, reg)
+            assert paused.wait(timeout=60)
+            # Version 1 has its weights but no config.json yet: nobody sees it.
+            assert registry.versions("lesions", reg) == []
+            with pytest.raises(storage.StorageError, match="lesions@1 is not in the registry"):
+                registry.resolve("lesions@1", reg)
+            assert registry.publish(str(tmp_path / "fast"), "lesions", {"run": "fast"}, reg) == "lesions@2"
+        finally:
+            resume.set()
+        assert slow_ref.result(timeout=60) == "lesions@1"
+    assert registry.versions("lesions", reg) == [1, 2]
+    latest = registry.load_model("lesions@latest", registry=reg)
+    assert (latest.version, latest.metrics) == ("2", {"run": "fast"})
+    _assert_weights(latest, fast)
+    _assert_weights(registry.load_model("lesions@1", registry=reg), slow)

@@ -98,6 +98,10 @@ def test_pinned_requirements_follow_this_client() -> None:
         ({"kind": "local", "object_store_memory": "lots"}, "expected a size like 2GB"),
         ({"kind": "local", "num_cpus": 0}, "num_cpus: must be at least 1"),
         ({"kind": "cloud"}, "kind: expected one of 'local', 'remote'"),
+        ({"kind": "remote", "address": "http://127.0.0.1:1", "env_vars": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}},
+         "env_vars.AWS_SECRET_ACCESS_KEY: looks like a secret"),
+        ({"kind": "kuberay", "raycluster": "r.yaml", "env_vars": {"DB_PASSWORD": "s3cr3t"}},
+         "env_vars.DB_PASSWORD: looks like a secret"),
     ],
 )
 def test_bad_cluster_configs(tmp_path, config, text, capsys) -> None:
@@ -106,6 +110,18 @@ def test_bad_cluster_configs(tmp_path, config, text, capsys) -> None:
     (tmp_path / "data").mkdir()
     assert cli.main(["validate", "jobs/synth.yaml", "--cluster", str(path)]) == 2
     assert text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["LESION_RAY_TOKEN", "AWS_SESSION_TOKEN", "HF_API_KEY"])
+def test_remote_job_refuses_secrets_in_env_vars(tmp_path, name, capsys) -> None:
+    # Nothing listens at this address: exit 2 (not "cannot reach", 1) shows nothing was sent.
+    path = tmp_path / "remote.yaml"
+    path.write_text(yaml.safe_dump({"kind": "remote", "address": "http://127.0.0.1:1",
+                                    "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30", name: "s3cr3t"}}))
+    assert cli.main(["run", "jobs/synth.yaml", "--cluster", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"env_vars.{name}: looks like a secret" in err and "auth_token_file" in err and "Kubernetes Secret" in err
+    assert "s3cr3t" not in err
 
 
 def test_object_store_sizes() -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from lesion_ray import registry
+from lesion_ray import cli, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
@@ -27,6 +27,8 @@ from lesion_ray.spec import CheckContext, SpecError, from_dict
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "s3cret-token-for-tests"
 MAX_UPLOAD = 300_000
+MAX_REQUEST_PIXELS = 1_000_000
+TIMEOUT_S = 10.0
 
 
 def lesion_image(size: tuple[int, int] = (90, 60), fmt: str = "PNG") -> bytes:
@@ -38,6 +40,17 @@ def lesion_image(size: tuple[int, int] = (90, 60), fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, fmt)
     return buf.getvalue()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """An all-black greyscale PNG: megapixels in a few kB."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
 
 
 def publish_unet(registry_uri: str, work: Path, seed: int, broken: bool = False) -> str:
@@ -66,9 +79,10 @@ def app(ray_local, tmp_path_factory):
     (work / "token").write_text(TOKEN + "\n")
     spec = lserve.ServeSpec(
         kind="serve", name="lesion-test", model=ModelRef("lesion@latest"), registry=registry_uri,
-        min_replicas=1, max_replicas=1, max_batch_size=8, max_ongoing_requests=32, batch_wait_timeout_s=0.005,
-        max_upload_bytes=MAX_UPLOAD, max_pixels=4_000_000, auth_token_file=str(work / "token"),
-        port=free_port(), poll_latest_s=0.5,
+        min_replicas=1, max_replicas=1, max_batch_size=8, max_ongoing_requests=8, batch_wait_timeout_s=0.005,
+        max_upload_bytes=MAX_UPLOAD, max_pixels=4_000_000, max_request_pixels=MAX_REQUEST_PIXELS,
+        max_concurrent_decodes=2, max_queued_requests=4, request_timeout_s=TIMEOUT_S,
+        auth_token_file=str(work / "token"), port=free_port(), poll_latest_s=0.5,
     )
     summary: dict = {}
     stop = threading.Event()
@@ -100,7 +114,7 @@ def client(app):
 def direct_mask(app, data: bytes) -> np.ndarray:
     """The same image through the model called in-process: what the service must answer."""
     loaded = registry.load_model("lesion@latest", app["registry"])
-    x, orig, _ = lserve.prepare(data, 4_000_000, loaded.config.input_size)
+    x, orig = lserve.prepare(data, 4_000_000, loaded.config.input_size)
     return lserve.masks_at(lserve.forward(loaded, [x])[0], orig).any(0)
 
 
@@ -126,9 +140,29 @@ def test_spec_rules_and_serve_config(tmp_path):
     config = lserve.serve_config(spec)
     (application,) = config["applications"]
     assert application["import_path"] == "lesion_ray.serve:app_builder"
-    assert application["args"]["auth_token_env"] == "LESION_TOKEN" and config["http_options"]["port"] == 8000
+    assert application["args"]["auth_token_env"] == "LESION_TOKEN"
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 60.0}
     ServeDeploySchema.model_validate(config)  # what `serve deploy` and KubeRay's serveConfigV2 accept
     assert isinstance(lserve.app_builder(application["args"]), Application)
+
+
+def test_non_loopback_host_needs_a_token_or_allow_unauthenticated(capsys):
+    base = {"kind": "serve", "name": "s", "model": "lesion@latest"}
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "LocalHost"):
+        from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml").validate("t.yaml", "")
+    for host in ("0.0.0.0", "::", "10.1.2.3", "128.0.0.1", "lesion.example.org"):
+        spec = from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml")
+        with pytest.raises(SpecError, match="^t.yaml: host: .*auth_token_env or auth_token_file, or "
+                                            "allow_unauthenticated: true"):
+            spec.validate("t.yaml", "")
+        for allowed in ({"auth_token_env": "LESION_TOKEN"}, {"auth_token_file": "/run/token"},
+                        {"allow_unauthenticated": True}):
+            from_dict(lserve.ServeSpec, base | {"host": host} | allowed, "t.yaml").validate("t.yaml", "")
+    # Serve config files build the app through app_builder, which refuses the same spec.
+    with pytest.raises(SpecError, match="host"):
+        lserve.app_builder(base | {"host": "0.0.0.0"})
+    assert cli.main(["validate", "jobs/serve.yaml", "host=0.0.0.0", "auth_token_env=null"]) == 2
+    assert capsys.readouterr().err.startswith("error: jobs/serve.yaml: host: 0.0.0.0 accepts connections")
 
 
 def test_token_from_env_or_file(tmp_path, monkeypatch):
@@ -200,8 +234,7 @@ def test_json_and_overlay(client):
 def test_tutorial_predict_round_trip_with_several_rows(client):
     images = [lesion_image((90, 60)), lesion_image((40, 50), "JPEG"), lesion_image((33, 33))]
     kinds = ["png", "jpeg", "png"]
-    rows = [{"image": f"data:image/{k};base64," + base64.b64encode(d).decode()}
-            for k, d in zip(kinds, images, strict=True)]
+    rows = [{"image": data_uri(d, k)} for k, d in zip(kinds, images, strict=True)]
     r = client.post("v1/predict", json={"rows": rows})
     assert r.status_code == 200, r.text
     out = r.json()["rows"]
@@ -211,12 +244,6 @@ def test_tutorial_predict_round_trip_with_several_rows(client):
         mask = png_array(base64.b64decode(row["mask"].split(",", 1)[1]))
         assert mask.shape == Image.open(io.BytesIO(data)).size[::-1]
         assert np.array_equal(mask, png_array(client.post("v1/segment", content=data).content))
-
-
-def bomb() -> bytes:
-    buf = io.BytesIO()
-    Image.new("1", (3000, 3000)).save(buf, "PNG")  # 9 Mpx in a few kB, over max_pixels=4M
-    return buf.getvalue()
 
 
 def chunks(size: int):
@@ -231,17 +258,20 @@ BAD_INPUTS = [
     ("empty body", "v1/segment", {"content": b""}, 422),
     ("over max_upload_bytes", "v1/segment", {"content": b"\xff" * (MAX_UPLOAD + 1)}, 413),
     ("chunked over limit", "v1/segment", {"content": chunks(MAX_UPLOAD)}, 413),
-    ("decompression bomb", "v1/segment", {"content": bomb()}, 413),
+    ("decompression bomb", "v1/segment", {"content": blank_png(3000, 3000)}, 413),  # over max_pixels=4M
     ("multipart without file", "v1/segment", {"data": {"name": "x"}, "files": {"other": ("", b"", "text/plain")}},
      422),
     ("bad format", "v1/segment?format=tiff", {"content": lesion_image()}, 422),
     ("malformed json", "v1/predict", {"content": b"{rows: [", "headers": {"Content-Type": "application/json"}}, 400),
+    ("deeply nested json", "v1/predict", {"content": b'{"rows": ' + b"[" * 100_000}, 400),
+    ("nested json within the parser's depth", "v1/predict", {"content": b'{"rows": ' + b"[" * 200 + b"]" * 200 + b"}"},
+     422),
+    ("json integer of 5000 digits", "v1/predict", {"content": b'{"rows": ' + b"7" * 5000 + b"}"}, 400),
     ("json without rows", "v1/predict", {"json": {"images": []}}, 422),
     ("gif data uri", "v1/predict", {"json": {"rows": [{"image": "data:image/gif;base64,R0lGOD=="}]}}, 415),
     ("bad base64", "v1/predict", {"json": {"rows": [{"image": "data:image/png;base64,@@@"}]}}, 422),
-    ("corrupt row", "v1/predict", {"json": {"rows": [
-        {"image": "data:image/png;base64," + base64.b64encode(lesion_image()).decode()},
-        {"image": "data:image/png;base64," + base64.b64encode(lesion_image()[:60]).decode()}]}}, 422),
+    ("corrupt row", "v1/predict", {"json": {"rows": [{"image": data_uri(lesion_image())},
+                                                      {"image": data_uri(lesion_image()[:60])}]}}, 422),
 ]
 
 
@@ -255,6 +285,123 @@ def test_bad_input_is_a_json_client_error(client, case, path, kwargs, status):
         assert "rows[1].image" in error
     if case == "decompression bomb":
         assert "max_pixels" in error
+    if case == "deeply nested json":
+        assert "nested too deeply" in error
+
+
+def test_pixel_budget_is_read_from_the_headers(client):
+    """max_request_pixels counts every image of a request: one upload, or all rows together."""
+    at_limit, over = blank_png(1000, 1000), blank_png(1000, 1001)
+    assert client.post("v1/segment", content=at_limit).status_code == 200
+    assert client.post("v1/segment", files={"file": ("x.png", at_limit, "image/png")}).status_code == 200
+    r = client.post("v1/segment", content=over)
+    assert r.status_code == 413 and "1,001,000 pixels, more than max_request_pixels=1,000,000" in r.json()["error"]
+    halves = [blank_png(500, 1000), blank_png(500, 1000)]
+    assert client.post("v1/predict", json={"rows": [{"image": data_uri(d)} for d in halves]}).status_code == 200
+    halves[1] = blank_png(500, 1001)
+    r = client.post("v1/predict", json={"rows": [{"image": data_uri(d)} for d in halves]})
+    assert r.status_code == 413 and "max_request_pixels" in r.json()["error"]
+
+
+def test_row_limit(app, client):
+    rows = [{"image": data_uri(lesion_image((20, 20)))}] * app["spec"].max_rows
+    assert client.post("v1/predict", json={"rows": rows}).status_code == 200
+    r = client.post("v1/predict", json={"rows": [*rows, rows[0]]})
+    assert r.status_code == 413 and r.json()["error"].startswith("17 rows, more than max_rows=16")
+
+
+def test_multipart_part_limit(client):
+    image = ("lesion.png", lesion_image(), "image/png")
+    fields = {f"field{i}": "x" for i in range(lserve.MAX_FORM_PARTS - 1)}
+    assert client.post("v1/segment", data=fields, files={"file": image}).status_code == 200
+    r = client.post("v1/segment", data=fields | {"one_more": "x"}, files={"file": image})
+    assert r.status_code == 413 and "more than 16 parts" in r.json()["error"]
+    # 20,000 empty parts: refused from a count of the boundaries, before any part is parsed.
+    form = {"Content-Type": "multipart/form-data; boundary=B"}
+    started = time.monotonic()
+    r = client.post("v1/segment", content=b"--B\r\n\r\n\r\n" * 20_000 + b"--B--\r\n", headers=form)
+    assert r.status_code == 413 and time.monotonic() - started < 5
+    long_header = b"--B\r\nX-Pad: " + b"a" * lserve.MAX_PART_HEADER_BYTES + b"\r\n\r\nx\r\n--B--\r\n"
+    r = client.post("v1/segment", content=long_header, headers=form)
+    assert r.status_code == 400 and "blank line" in r.json()["error"]
+
+
+def test_full_queue_answers_503_at_once(app, client):
+    """max_ongoing_requests uploads held open by their clients fill the ingress replica and
+    max_queued_requests more wait in the proxy (just under): all succeed once released. One more
+    request (just over) gets 503 at once instead of waiting."""
+    spec, data = app["spec"], lesion_image()
+
+    async def scenario() -> tuple[httpx.Response, float, list[int]]:
+        release = asyncio.Event()
+        async with httpx.AsyncClient(base_url=app["url"], headers=client.headers, timeout=60) as c:
+            async def held() -> int:
+                async def body():
+                    yield data[:10]
+                    await release.wait()
+                    yield data[10:]
+                return (await c.post("v1/segment", content=body())).status_code
+
+            tasks = []
+            for _ in range(spec.max_ongoing_requests + spec.max_queued_requests):
+                tasks.append(asyncio.create_task(held()))
+                await asyncio.sleep(0.1)  # one at a time: Serve may refuse requests that arrive together
+            await asyncio.sleep(1.0)
+            started = time.monotonic()
+            extra = await c.post("v1/segment", content=data)
+            waited = time.monotonic() - started
+            release.set()
+            return extra, waited, list(await asyncio.gather(*tasks))
+
+    extra, waited, held_statuses = asyncio.run(scenario())
+    assert extra.status_code == 503 and waited < 2, (extra.status_code, waited)
+    assert held_statuses == [200] * (spec.max_ongoing_requests + spec.max_queued_requests)
+
+
+def test_slow_body_times_out(app):
+    """A body that stops arriving gets 408 after request_timeout_s, also when the client asks Serve's
+    proxy for no timeout (x-request-timeout-seconds: 0)."""
+    port = app["spec"].port
+
+    async def trickle(extra_header: str) -> tuple[str, float]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        writer.write(f"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Type: image/png\r\nTransfer-Encoding: chunked\r\n{extra_header}\r\n"
+                     "10\r\n0123456789abcdef\r\n".encode())
+        await writer.drain()
+        try:
+            status = await asyncio.wait_for(reader.readline(), TIMEOUT_S + 15)
+        finally:
+            writer.close()
+        return status.decode().strip(), time.monotonic() - started
+
+    async def both() -> list[tuple[str, float]]:
+        return await asyncio.gather(trickle(""), trickle("X-Request-Timeout-Seconds: 0\r\n"))
+
+    for status, waited in asyncio.run(both()):
+        assert status.startswith("HTTP/1.1 408") and TIMEOUT_S - 1 < waited < TIMEOUT_S + 10, (status, waited)
+
+
+def test_64_concurrent_uploads_at_the_pixel_limit(app, client):
+    """Every answer is 200, 413 or 503; no more than max_concurrent_decodes decodes run at once;
+    afterwards the service is healthy and answers normally."""
+    data = blank_png(1000, 1000)  # MAX_REQUEST_PIXELS
+
+    async def flood() -> list[int]:
+        async with httpx.AsyncClient(base_url=app["url"], headers=client.headers, timeout=60,
+                                     limits=httpx.Limits(max_connections=64)) as c:
+            answers = await asyncio.gather(*(c.post("v1/segment", content=data) for _ in range(64)))
+        return [r.status_code for r in answers]
+
+    started = time.monotonic()
+    statuses = asyncio.run(flood())
+    assert set(statuses) <= {200, 413, 503} and 200 in statuses, statuses
+    assert time.monotonic() - started < 2 * TIMEOUT_S
+    ingress = client.get("v1/model").json()["ingress"]
+    assert ingress["decodes_peak"] == ingress["max_concurrent_decodes"] == 2
+    assert client.get("healthz").json() == {"status": "ok"}
+    assert client.post("v1/segment", content=lesion_image()).status_code == 200
 
 
 def test_bad_input_leaves_the_service_healthy(client):
@@ -283,14 +430,14 @@ def test_bearer_token_is_required(app, client):
 def test_model_info(client):
     info = client.get("v1/model").json()
     assert info.pop("replica").keys() == {"batches", "images"}
+    assert info.pop("ingress").keys() == {"max_concurrent_decodes", "decodes_peak"}
     assert info == {"name": "lesion", "version": "1", "task": 1, "architecture": "unet", "input_size": 32,
                     "threshold": 0.5, "labels": ["lesion"], "metrics": {"val_jaccard": 0.1}}
 
 
 def test_concurrent_images_share_forward_passes(client):
     before = client.get("v1/model").json()["replica"]
-    rows = [{"image": "data:image/png;base64," + base64.b64encode(lesion_image((40 + i, 40))).decode()}
-            for i in range(16)]
+    rows = [{"image": data_uri(lesion_image((40 + i, 40)))} for i in range(16)]
     assert client.post("v1/predict", json={"rows": rows}).status_code == 200
     after = client.get("v1/model").json()["replica"]
     images, batches = after["images"] - before["images"], after["batches"] - before["batches"]

@@ -48,7 +48,7 @@ def app(ray_local, tmp_path_factory):
     registry.publish(folder, "lesion", {}, registry_uri)
     # An untrained net answers nearly the same probability everywhere: cut at its median for a mixed mask.
     loaded = registry.load_model("lesion@1", registry_uri)
-    x, _, _ = lserve.prepare(picture(), 10**7, CONFIG.input_size)
+    x, _ = lserve.prepare(picture(), 10**7, CONFIG.input_size)
     threshold = float(np.median(lserve.forward(loaded, [x])[0].probs))
     (work / "token").write_text(TOKEN)
     port = free_port()

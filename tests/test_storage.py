@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 import pytest
@@ -51,6 +55,76 @@ def test_failed_write_leaves_nothing_visible(root: str) -> None:
     assert not storage.exists(uri)
     if not storage.is_s3(uri):
         assert os.listdir(os.path.dirname(uri)) == []  # no stray temporary file either
+
+
+def _race(count: int, work: Callable[[int], None]) -> None:
+    """Run ``work(0..count-1)`` in threads released together, so they really overlap."""
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        work(index)
+
+    with ThreadPoolExecutor(count) as pool:
+        for future in [pool.submit(run, i) for i in range(count)]:
+            future.result()  # a failure in a thread fails the test
+
+
+def test_create_exclusive_has_one_winner(root: str) -> None:
+    uri = storage.join(root, "claims", "1")
+    winners: list[int] = []
+
+    def claim(index: int) -> None:
+        if storage.create_exclusive(uri, f"writer {index}".encode()):
+            winners.append(index)
+
+    _race(8, claim)
+    assert len(winners) == 1
+    assert storage.read_bytes(uri) == f"writer {winners[0]}".encode()
+    assert not storage.create_exclusive(uri, b"late")
+    assert storage.read_bytes(uri) == f"writer {winners[0]}".encode()
+    if not storage.is_s3(uri):
+        assert os.listdir(os.path.dirname(uri)) == ["1"]  # no temporary files left behind
+
+
+def test_compare_and_swap(root: str) -> None:
+    uri = storage.join(root, "pointer.json")
+    assert storage.read_with_tag(uri) is None
+    assert storage.replace_if_unchanged(uri, b"1", None)
+    assert not storage.replace_if_unchanged(uri, b"x", None)  # "must not exist" no longer holds
+    data, tag = storage.read_with_tag(uri)
+    assert data == b"1"
+    assert storage.replace_if_unchanged(uri, b"2", tag)
+    assert not storage.replace_if_unchanged(uri, b"x", tag)  # stale tag
+    assert storage.read_bytes(uri) == b"2"
+
+
+def test_compare_and_swap_loses_no_update(root: str) -> None:
+    uri = storage.join(root, "counter")
+
+    def increment(_: int) -> None:
+        for _ in range(5):
+            while True:
+                current = storage.read_with_tag(uri)
+                value, tag = (int(current[0]), current[1]) if current else (0, None)
+                if storage.replace_if_unchanged(uri, str(value + 1).encode(), tag):
+                    break
+
+    _race(4, increment)
+    assert storage.read_bytes(uri) == b"20"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_local_files_follow_the_umask(tmp_path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        storage.write_bytes(str(tmp_path / "written"), b"x")
+        storage.create_exclusive(str(tmp_path / "created"), b"x")
+        storage.replace_if_unchanged(str(tmp_path / "swapped"), b"x", None)
+    finally:
+        os.umask(previous)
+    for name in ("written", "created", "swapped"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
 
 
 def test_large_write_uses_multipart_and_is_atomic(s3_bucket: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import ray
@@ -99,3 +100,30 @@ def test_augment_moves_image_and_mask_together() -> None:
     coloured, _ = augment(image, mask, AugmentConfig(flip=False, affine=False),
                                 torch.Generator().manual_seed(1))
     assert coloured.min() >= 0 and coloured.max() <= 1 and not torch.equal(coloured, image)
+
+
+class _RunsCode:
+    """Unpickling this object creates a folder: the code a tampered checkpoint would run."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path) -> None:
+    marker = tmp_path / "code-ran"
+    torch.save({"epoch": 3, "history": [], "starts": 0, "payload": _RunsCode(str(marker))},
+               tmp_path / train.TRAIN_STATE_FILE)
+    with pytest.raises(ValueError, match=r"refused to load train_state.pt .*could run code .*GLOBAL posix.mkdir"):
+        train.read_train_state(str(tmp_path))
+    assert not marker.exists()
+    # What lesion-ray itself writes (optimizer and scheduler state included) still loads.
+    weights = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.Adam([weights])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    scheduler.step(1.0)
+    torch.save({"epoch": 3, "history": [{"val_score": 0.5}], "starts": 1, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict()}, tmp_path / train.TRAIN_STATE_FILE)
+    assert train.read_train_state(str(tmp_path))["history"] == [{"val_score": 0.5}]

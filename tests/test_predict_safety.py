@@ -1,0 +1,156 @@
+"""Batch inference never overwrites what it reads, owns its output while it runs, and survives real
+faults: an inference actor killed with ray.kill, the driver killed with SIGKILL, S3 failing requests."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import yaml
+from test_predict import jpeg, make_spec, publish_tiny_model
+
+from lesion_ray import cli, predict, storage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("input_, output", [
+    ("{tmp}/archive", "{tmp}/archive"),
+    ("{tmp}/archive", "file://{tmp}/archive/"),
+    ("{tmp}/archive", "{tmp}/archive/masks"),
+    ("{tmp}/archive/images", "{tmp}/archive"),
+    ("s3://bucket/archive", "s3://bucket/archive/predictions"),
+    ("s3://bucket/archive/", "s3://bucket/archive"),
+])
+def test_output_may_not_overlap_the_input(tmp_path, capsys, input_: str, output: str) -> None:
+    status = cli.main(["validate", "jobs/predict.yaml", f"input={input_.format(tmp=tmp_path)}",
+                       f"output={output.format(tmp=tmp_path)}"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "error: jobs/predict.yaml: output:" in err and "is, contains or lies inside the input" in err
+
+
+def test_output_beside_the_input_is_fine(tmp_path) -> None:
+    spec = make_spec(input=str(tmp_path / "archive"), model="m@latest", output=str(tmp_path / "archive-masks"))
+    spec.validate("test", "")
+
+
+def _manifest(out: str) -> list[dict]:
+    return pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}"))).to_pylist()
+
+
+def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, tmp_path) -> None:
+    reg = str(tmp_path / "registry")
+    ref = publish_tiny_model(tmp_path, reg, task=1)
+    for i in range(120):
+        storage.write_bytes(str(tmp_path / "in" / f"ISIC_{i:07d}.jpg"), jpeg(64, 48, i))
+    out = str(tmp_path / "out")
+    spec = make_spec(input=str(tmp_path / "in"), model=ref, registry=reg, output=out, batch_size=2,
+                     min_actors=2, max_actors=2, overlays="none")
+    result: dict = {}
+
+    def first_run() -> None:
+        try:
+            result["summary"] = predict.run(spec)
+        except BaseException as exc:  # handed to the test thread
+            result["error"] = exc
+
+    runner = threading.Thread(target=first_run)
+    runner.start()
+    masks = tmp_path / "out" / "masks"
+    _wait_for(lambda: masks.is_dir() and len(os.listdir(masks)) >= 10, "the first masks")
+
+    # A second run into the same output is refused while the first one owns it.
+    with pytest.raises(predict.OutputLocked, match=r"in use by predict run by .* \(pid \d+\).*take_over_lock=true"):
+        predict.run(spec)
+
+    actors = [a for a in ray._private.state.actors().values()
+              if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
+    assert actors, "no inference actor alive mid-run"
+    core_worker = ray._private.worker.global_worker.core_worker
+    ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actors[0]["ActorID"])))  # no restart
+    runner.join(300)
+
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert (summary["inputs"], summary["ok"], summary["error"]) == (120, 120, 0)
+    ids = [row["id"] for row in _manifest(out)]
+    assert sorted(ids) == [f"ISIC_{i:07d}" for i in range(120)]  # every input exactly once
+    assert len(os.listdir(masks)) == 120
+    assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{predict.PARTS_DIR}")
+    assert predict.run(spec)["resumed"] == 120  # the lock is gone with the run that held it
+
+
+def _lesion_ray(job: str, cluster: str, *overrides: str) -> subprocess.Popen:
+    # Fewer attempts per request than the default 8, so the always-failing object gives up sooner.
+    env = {**os.environ, "AWS_MAX_ATTEMPTS": "5"}
+    # Its own session: killing the group is the driver and its embedded Ray dying at once.
+    return subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", job, "--cluster", cluster, *overrides],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def test_driver_killed_then_resumed_through_failing_s3(s3_bucket, faulty_s3, tmp_path) -> None:
+    reg, inputs, out = f"{s3_bucket}/registry", f"{s3_bucket}/in", f"{s3_bucket}/out"
+    ref = publish_tiny_model(tmp_path, reg, task=1)
+    ids = [f"ISIC_{i:07d}" for i in range(100)]
+    for i, image_id in enumerate(ids):
+        storage.write_bytes(f"{inputs}/{image_id}.jpg", jpeg(64, 48, i))
+    broken = ids[7]  # every request for this object fails: it must become one error row, not a failed job
+    proxy = faulty_s3(failure_rate=0.03, always_fail=(broken,))
+    keys = {"input": inputs, "model": ref, "registry": reg, "output": out, "batch_size": 2, "overlays": "none"}
+    job = tmp_path / "predict.yaml"
+    job.write_text(yaml.safe_dump({"kind": "predict", "name": "faulty", **keys,
+                                   "storage": {"endpoint_url": proxy.url}}))
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"kind": "local", "name": "test", "num_cpus": 4,
+                                       "object_store_memory": "256MB"}))
+
+    first = _lesion_ray(str(job), str(cluster))
+    parts = f"{out}/{predict.PARTS_DIR}"
+    _wait_for(lambda: storage.exists(parts) and len(storage.list_files(parts)) >= 3, "manifest parts", 180)
+    assert first.poll() is None, "the run ended before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=30)
+
+    listing = {f.uri for f in storage.list_files(out)}
+    finished = {row["id"] for row in predict.read_manifest(out, listing).to_pylist() if row["status"] == "ok"}
+    assert finished and len(finished) < len(ids) - 1
+    assert storage.exists(f"{out}/{predict.LOCK_FILE}")  # left behind by the killed run
+
+    # The crashed run's lock stands until a run is told to take it over.
+    with pytest.raises(predict.OutputLocked, match="if that run crashed, run again with take_over_lock=true"):
+        predict.run(make_spec(**keys))
+
+    proxy.forwarded.clear()
+    resumed = _lesion_ray(str(job), str(cluster), "take_over_lock=true")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output[-3000:]
+    assert proxy.injected > 10  # the faults were real and the job still went through
+
+    rows = {row["id"]: row for row in _manifest(out)}
+    assert sorted(rows) == ids  # every input exactly once
+    assert rows[broken]["status"] == "error" and "unreadable" in rows[broken]["error"]
+    assert all(rows[i]["status"] == "ok" for i in ids if i != broken)
+    # Only what was missing is written again: no mask of a finished image went through the proxy.
+    written = {path.rsplit("/", 1)[-1].removesuffix("_segmentation.png") for method, path in proxy.forwarded
+               if method == "PUT" and "/masks/" in path}
+    assert written == set(ids) - finished - {broken}
+    assert not storage.exists(f"{out}/{predict.LOCK_FILE}")
