@@ -83,7 +83,9 @@ def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
         # Every node may run the HTTP ingress, so every pod gets the serve token file.
         _mount(_pod_templates(cluster_spec), "serve-token", {"secret": {"secretName": config.serve_token_secret}},
                SERVE_TOKEN_MOUNT)
-        job = dataclasses.replace(job, auth_token_env=None, auth_token_file=f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}")
+        # Listening on every interface of the pod, so its Kubernetes Service reaches it: with the token required.
+        job = dataclasses.replace(job, auth_token_env=None, auth_token_file=f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}",
+                                  host="0.0.0.0")
         return [{
             "apiVersion": "ray.io/v1",
             "kind": "RayService",

@@ -25,6 +25,9 @@ import uuid
 from typing import Any
 
 NODE_RESOURCE_PREFIX = "loopback_node_"  # a unit resource that names each node (`ray start` has no node names)
+# `ray start` flags whose default ports clash with any other Ray on the machine: each node gets its own.
+AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                    "metrics-export-port")
 
 
 _handed_out: set[int] = set()
@@ -84,10 +87,7 @@ class LoopbackCluster:
     def _start(self, name: str, args: list[str], resources: dict[str, float]) -> None:
         ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
         resources = {**resources, NODE_RESOURCE_PREFIX + name: 1}
-        # Every node gets its own agent ports: the defaults clash with any other Ray on the machine.
-        flags = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                 "metrics-export-port")
-        ports = [f"--{flag}={free_port()}" for flag in flags]
+        ports = [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS]
         with open(os.path.join(self.root, f"{name}.log"), "wb") as out:
             self.nodes[name] = subprocess.Popen(
                 [ray_bin, "start", "--block", "--disable-usage-stats", *args, *ports,

@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 
 from lesion_ray import data, preprocess, registry, report, storage
+from lesion_ray.model import ModelConfig
 from lesion_ray.registry import ModelRef
 from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param
 
@@ -345,13 +346,7 @@ def output_lock(out: str, job_name: str, take_over: bool) -> Iterator[dict[str, 
             # Sortable by time: a later run's manifest parts sort after an earlier run's.
             "run_id": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f-") + uuid.uuid4().hex[:8]}
     body = json.dumps(lock, indent=2).encode()
-    if not storage.create_exclusive(uri, body):
-        try:
-            held = json.loads(storage.read_text(uri))
-            holder = (f"{held.get('job', '?')} run by {held.get('owner', '?')} on {held.get('host', '?')} "
-                      f"(pid {held.get('pid', '?')}) since {held.get('started_at', '?')}")
-        except (storage.StorageError, ValueError):
-            holder = "an unknown run (its lock is unreadable)"
+    if not storage.create_exclusive(uri, body) and (holder := _lock_holder(uri, lock["run_id"])):
         if not take_over:
             raise OutputLocked(
                 f"{out} is in use by {holder} ({uri}). Wait for it to finish; if that run crashed, run again with "
@@ -367,7 +362,20 @@ def output_lock(out: str, job_name: str, take_over: bool) -> Iterator[dict[str, 
                 storage.delete(uri)
 
 
-def _plan(spec: PredictSpec, out: str, samples: list[data.Sample], model_name: str, model_version: str,
+def _lock_holder(uri: str, run_id: str) -> str | None:
+    """Who holds the lock at ``uri``, in words; None when it is ``run_id``'s own (a PUT that went
+    through but whose answer was lost, so the retry found the object)."""
+    try:
+        held = json.loads(storage.read_text(uri))
+    except (storage.StorageError, ValueError):
+        return "an unknown run (its lock is unreadable)"
+    if held.get("run_id") == run_id:
+        return None
+    return (f"{held.get('job', '?')} run by {held.get('owner', '?')} on {held.get('host', '?')} "
+            f"(pid {held.get('pid', '?')}) since {held.get('started_at', '?')}")
+
+
+def _plan(out: str, samples: list[data.Sample], model_name: str, model_version: str,
           threshold: float) -> tuple[pa.Table, list[data.Sample]]:
     """(the earlier rows that stand, the samples still to do), from the manifest, its parts and the outputs."""
     listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
@@ -384,7 +392,7 @@ def _collect(ds: ray.data.Dataset, tables: list[pa.Table]) -> Iterator[int]:
         yield from range(len(table))
 
 
-def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolved, config: Any, out: str,
+def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolved, config: ModelConfig, out: str,
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
     ds = preprocess.image_dataset(todo, size=config.input_size, max_pixels=spec.max_pixels,
@@ -409,6 +417,7 @@ def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolv
 
 
 def _not_done_rows(todo: list[data.Sample], reason: str, found: registry.Resolved, threshold: float) -> pa.Table:
+    """Error rows for samples no pipeline pass reached, so the manifest still accounts for them."""
     now = datetime.now(timezone.utc)
     return pa.Table.from_pylist([{
         "id": s.id, "source": s.image, "status": "error", "error": reason, "masks": [], "overlay": "", "height": 0,
@@ -442,7 +451,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
         report.info(f"input {spec.input}: {discovery.summary()}")
     if not spec.resume:
         storage.delete(storage.join(out, PARTS_DIR))
-    kept, todo = (_plan(spec, out, samples, found.name, found.version, threshold) if spec.resume
+    kept, todo = (_plan(out, samples, found.name, found.version, threshold) if spec.resume
                   else (MANIFEST_SCHEMA.empty_table(), samples))
     overlay_ids = None if spec.overlays == "all" else set()  # None: every image, without shipping a million ids
     if spec.overlays == "sample":

@@ -50,7 +50,9 @@ class BadImage(ValueError):
         self.reason = reason
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The image in ``data``, header read but pixels not yet decoded; :class:`BadImage` when it is not
+    an image or its header promises more than ``max_pixels`` (a decompression bomb)."""
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
@@ -114,7 +116,7 @@ def decode_image(
     ``target`` x ``target``: a fraction of the work for a large photo and a small model input.
     Raises :class:`BadImage` for anything that is not a decodable image within ``max_pixels``.
     """
-    im = _open(data, max_pixels)
+    im = open_image(data, max_pixels)
     orig = _oriented_size(im)
     if target and im.format == "JPEG":
         im.draft("RGB", (target, target))
@@ -125,7 +127,7 @@ def decode_image(
 
 def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a mask to uint8 HxW with values 0/1 (ISIC binarises at > 128)."""
-    im = _open(data, max_pixels)
+    im = open_image(data, max_pixels)
     _load(im)
     return (_as_uint8(im, "L") > 128).astype(np.uint8)
 

@@ -60,7 +60,7 @@ from ray.serve.handle import DeploymentHandle
 from lesion_ray import registry, report, storage
 from lesion_ray.data import ATTRIBUTES
 from lesion_ray.predict import encode_png, to_masks
-from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, _open, decode_image, to_model_input
+from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
 
@@ -222,7 +222,7 @@ def check_pixels(images: list[tuple[bytes, str]], max_pixels: int, max_request_p
     total = 0
     for data, what in images:
         with client_errors(what):
-            width, height = _open(data, max_pixels).size
+            width, height = open_image(data, max_pixels).size
         total += width * height
     if total > max_request_pixels:
         raise ApiError(413, f"the request's images have {total:,} pixels, more than max_request_pixels="

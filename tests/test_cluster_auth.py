@@ -26,11 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesion_ray.loopback import free_port
+from lesion_ray.loopback import AGENT_PORT_FLAGS, free_port
 
-# As in lesion_ray/loopback.py: each node its own agent ports, so that it runs beside any other Ray here.
-AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                    "metrics-export-port")
 StartNode = Callable[..., str]
 
 
