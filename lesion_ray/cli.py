@@ -25,6 +25,7 @@ from lesion_ray.cluster import ClusterConfig, RemoteError
 from lesion_ray.spec import CheckContext, JobSpec, SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LOG_FILE = "lesion-ray.log"
 
 
 def prepare(job_file: str, cluster_file: str | None, overrides: list[str]) -> tuple[JobSpec, ClusterConfig]:
@@ -41,9 +42,13 @@ def prepare(job_file: str, cluster_file: str | None, overrides: list[str]) -> tu
     return job, config
 
 
-def run_here(job: JobSpec, config: ClusterConfig) -> dict[str, Any]:
-    cluster.start_local(config)
-    return spec.job_module(job.kind, job.name).run(job)
+def run_here(job: JobSpec, config: ClusterConfig, verbose: bool = False) -> dict[str, Any]:
+    """Run ``job`` in this process; Ray's logs go to ``runs/<job name>/lesion-ray.log``, which the
+    summary names (when Ray was started here)."""
+    log_file = os.path.abspath(os.path.join("runs", job.name, LOG_FILE))
+    logging_here = cluster.start_local(config, log_file=log_file, verbose=verbose)
+    summary = spec.job_module(job.kind, job.name).run(job)
+    return {**summary, "log": log_file} if logging_here else summary
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -62,9 +67,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         command = f"lesion-ray render {args.job} --cluster {args.cluster} | kubectl apply -f -"
         raise SpecError(args.cluster, "kind", f"KubeRay jobs are applied with kubectl: {command}")
     if config.kind == "remote":
-        return cluster.submit(job, config, wait=not args.no_wait)
+        return cluster.submit(job, config, wait=not args.no_wait, verbose=args.verbose)
     started = time.monotonic()
-    summary = run_here(job, config)
+    summary = run_here(job, config, verbose=args.verbose)
     title = f"{job.kind} '{job.name}' finished in {time.monotonic() - started:.1f}s"
     print(report.format_summary(title, summary), flush=True)
     return EXIT_OK
@@ -123,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--cluster", help=f"cluster config YAML (default: {cluster.DEFAULT_CLUSTER_FILE})")
         if name == "run":
             sub.add_argument("--no-wait", action="store_true", help="remote: submit and return")
+            sub.add_argument("--verbose", action="store_true",
+                             help="show Ray's logs and its workers' output on the console too "
+                                  f"(they always go to runs/<job name>/{LOG_FILE})")
         sub.set_defaults(func=func)
     render = commands.add_parser("render", help="print KubeRay manifests (RayJob / RayService) for a job spec")
     render.add_argument("job", help="job spec YAML")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import logging
 import os
 import re
 import shutil
@@ -125,12 +126,20 @@ def parse_size(value: str | int | None, source: str = "cluster config") -> int |
 # --- Local ----------------------------------------------------------------------------------
 
 
-def start_local(config: ClusterConfig) -> None:
-    """Start (or attach to) Ray for a job that runs in this process."""
+def start_local(config: ClusterConfig, log_file: str | None = None, verbose: bool = False) -> bool:
+    """Start (or attach to) Ray for a job that runs in this process.
+
+    With ``log_file``, Ray's logs and the output of its workers and actors go to that file, and the
+    console shows only lesion-ray's lines and the warnings in ``MUST_SEE`` (``verbose``: everything,
+    as Ray prints it). Returns whether ``log_file`` is in use (not when Ray was already started).
+    """
     import ray
+    import ray.data
 
     if ray.is_initialized():
-        return
+        return False
+    if log_file:
+        _route_logs(log_file, verbose)  # before ray.init, which logs too
     runtime_env = {"env_vars": config.worker_env()}
     if config.address:
         # Inside a submitted job the job's runtime_env already carries the environment;
@@ -138,27 +147,103 @@ def start_local(config: ClusterConfig) -> None:
         inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
         ray.init(address=config.address, runtime_env=None if inside_job else runtime_env)
     else:
+        # Ray's CPUs are scheduling slots: on a small machine Train workers, Data tasks and
+        # inference actors each hold one, and with too few slots one stage starves the others.
+        num_cpus = config.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
         ray.init(
             address="local",  # embedded: never attach to a `ray start` cluster on this machine
-            # Ray's CPUs are scheduling slots: on a small machine Train workers, Data tasks and
-            # inference actors each hold one, and with too few slots one stage starves the others.
-            num_cpus=config.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS),
+            num_cpus=num_cpus,
             num_gpus=config.num_gpus,
             object_store_memory=parse_size(config.object_store_memory),
-            include_dashboard=False,
+            # Ray Train polls its controller through the State API, which the dashboard process serves:
+            # without it, Train's placement-group cleaner fails (and warns) every second of a training.
+            include_dashboard=True,
             runtime_env=runtime_env,
+            # Ray starts at most one worker process per physical core at a time, and warns when more than 4x
+            # that many are started: with more slots than cores, that many are expected.
+            _system_config={"worker_maximum_startup_concurrency": num_cpus},
         )
-    if not sys.stderr.isatty():
-        # Without a terminal (a submitted job, CI) Ray Data's progress bars become blocks of log lines
-        # every few seconds; lesion-ray's own progress lines say enough there.
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
+    if log_file:
+        _forward_worker_output(verbose)
+    if (log_file and not verbose) or not sys.stderr.isatty():
+        # lesion-ray's own progress lines stand in for Ray Data's bars: in a terminal they would
+        # interleave with them, and without one they become blocks of log lines every few seconds.
+        ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     report.info(
         f"Ray ready: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
         + (f" (attached to {config.address})" if config.address else " (embedded)")
     )
+    return bool(log_file)
+
+
+# Ray's messages a user must see even when Ray's logs go to a file: object store spilling, a node
+# lost, a Train worker group failed or resized. Each shows as one line.
+MUST_SEE = re.compile(
+    r"Spilled \d+ MiB|[Nn]ode \S+ .*(dead|died|lost)|marked (as )?dead|\[FailurePolicy\]"
+    r"|Deciding to resize the worker group|out of memory|OutOfMemory"
+)
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "py.warnings")
+
+
+class _MustSee(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(MUST_SEE.search(record.getMessage()))
+
+
+def _route_logs(log_file: str, verbose: bool) -> None:
+    """Ray's Python loggers in this process (and Python warnings) write to ``log_file``; on the
+    console, unless ``verbose``, only what ``MUST_SEE`` matches."""
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    to_file.setLevel(logging.INFO)  # Ray Data's loggers pass DEBUG too (to its own ray-data.log)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+    to_console = logging.StreamHandler(sys.stderr)
+    to_console.setFormatter(logging.Formatter("[lesion-ray] ray: %(message)s"))
+    to_console.addFilter(_MustSee())
+    logging.captureWarnings(True)
+    for name in RAY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not verbose:
+            for handler in list(logger.handlers):
+                # Ray's own session files (e.g. ray-data.log) stay; its console handlers go.
+                if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                    logger.removeHandler(handler)
+            logger.addHandler(to_console)
+        logger.addHandler(to_file)
+        logger.propagate = False  # each record once, whichever of these loggers it was sent to
+    _worker_output.addHandler(to_file)
+    _worker_output.setLevel(logging.INFO)
+    _worker_output.propagate = False
+
+
+_worker_output = logging.getLogger("lesion_ray.ray_output")
+
+
+def _forward_worker_output(verbose: bool) -> None:
+    """Workers' and actors' output reaches the driver line by line (``log_to_driver``): all of it goes to
+    the log file. Unless ``verbose`` (Ray prints it all then), the console gets lesion-ray's lines (e.g. the
+    epoch lines of Train workers) and ``MUST_SEE`` lines, without Ray's ``(Actor pid=...)`` prefix.
+    """
+    # Ray's driver hands each batch of forwarded lines to the handlers of this dispatcher; its own
+    # ("ray_print_logs") prints them all. There is no public hook for this.
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    def handle(data: dict[str, Any]) -> None:
+        source = data.get("actor_name") or data.get("task_name")
+        prefix = f"({source + ' ' if source else ''}pid={data.get('pid')})"
+        for line in data.get("lines", []):
+            _worker_output.info("%s %s", prefix, line)
+            if verbose:
+                continue
+            if line.startswith(report.PREFIX):
+                report.info(line[len(report.PREFIX):].strip())
+            elif MUST_SEE.search(line):
+                report.info(f"ray: {line.strip()}")
+
+    if not verbose:
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+    global_worker_stdstream_dispatcher.add_handler("lesion_ray_output", handle)
 
 
 # --- Remote ---------------------------------------------------------------------------------
@@ -231,17 +316,21 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True) -> int:
+def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True, verbose: bool = False) -> int:
     """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
-    client, job_id = start_job(job, config)
+    client, job_id = start_job(job, config, verbose=verbose)
     report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
     if not wait:
         return 0
     return follow(client, job_id)
 
 
-def start_job(job: spec.JobSpec, config: ClusterConfig) -> tuple[Any, str]:
-    """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting."""
+def start_job(job: spec.JobSpec, config: ClusterConfig, verbose: bool = False) -> tuple[Any, str]:
+    """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting.
+
+    The job's driver is ``lesion-ray run`` on the cluster: its console, the job's log, is as quiet as a local
+    run's (``verbose``: Ray's lines too), and Ray's logs go to ``runs/<job name>/lesion-ray.log`` in the job's
+    working directory there."""
     client = job_client(config)
     workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
     try:
@@ -257,7 +346,7 @@ def start_job(job: spec.JobSpec, config: ClusterConfig) -> tuple[Any, str]:
         job_id = _submit_when_ready(
             config,
             client,
-            entrypoint="python -m lesion_ray.cli run job.yaml --cluster cluster.yaml",
+            entrypoint="python -m lesion_ray.cli run job.yaml --cluster cluster.yaml" + " --verbose" * verbose,
             runtime_env=runtime_env,
             submission_id=submission_id,
             metadata={"lesion_ray_kind": job.kind, "lesion_ray_name": job.name},

@@ -105,7 +105,7 @@ def _interpolate(value: Any, resolved: dict[str, dict[str, Any]], source: str, w
 
 
 def run(pipeline: PipelineSpec) -> dict[str, Any]:
-    """Run the steps in order; each prints its own summary, the pipeline's names where all went."""
+    """Run the steps in order, a line for each; the pipeline's summary names where all went."""
     summary: dict[str, Any] = {}
     started = time.monotonic()
     result: dict[str, Any] = {}
@@ -114,7 +114,11 @@ def run(pipeline: PipelineSpec) -> dict[str, Any]:
         step_start = time.monotonic()
         result = spec.job_module(job.kind, job.name).run(job)
         seconds = time.monotonic() - step_start
-        print(report.format_summary(f"{job.kind} '{job.name}' ({seconds:.1f}s)", result), flush=True)
+        # One line per step (its numbers; its paths are in the closing summary), so a pipeline's console
+        # stays short: the last step's whole summary closes the pipeline's.
+        numbers = ", ".join(f"{key} {value:.4g}" for key, value in result.items()
+                            if isinstance(value, (int, float)) and not isinstance(value, bool))
+        report.info(f"{job.kind} '{job.name}' done in {seconds:.1f}s" + (f": {numbers}" if numbers else ""))
         summary[f"{job.name} ({job.kind})"] = f"{seconds:.1f}s -> {getattr(job, 'output', '')}"
     # The last step's results (for the quickstart: the scores) close the summary.
     summary.update({f"{pipeline.jobs[-1].name}.{key}": value for key, value in result.items()})

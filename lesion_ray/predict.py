@@ -10,7 +10,8 @@ The streaming pipeline (every stage runs concurrently, with Ray Data's backpress
    load the model once each and return sigmoid probabilities at the model's resolution, plus
    both heads' attribute probabilities (optionally averaged over flips: ``tta``);
 4. CPU tasks (:func:`write_batch`) resize the probabilities back to the original image size,
-   threshold them, encode 0/255 single-channel PNGs in the ISIC submission format
+   threshold them, keep a Task 1 mask's largest region with its holes filled (``postprocess``),
+   encode 0/255 single-channel PNGs in the ISIC submission format
    (``masks/<id>_segmentation.png`` or ``masks/<id>_attribute_<name>.png``), optionally an
    input | mask | overlay PNG (``overlays/<id>_overlay.png``), and return one manifest row each;
    and write them as a part file in ``manifest_parts/`` next to the masks, so a run killed at
@@ -19,10 +20,10 @@ The streaming pipeline (every stage runs concurrently, with Ray Data's backpress
    the parts.
 
 Every input ends as exactly one manifest row, ``ok`` or ``error`` with the reason. With
-``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model and
-threshold exists and all the outputs it names are in the output listing; its row is kept. When
-the pipeline itself fails mid-run (an inference actor or a node lost for good), the images not
-done yet are run again, up to :data:`ATTEMPTS` times.
+``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model,
+threshold and post-processing exists and all the outputs it names are in the output listing; its
+row is kept. When the pipeline itself fails mid-run (an inference actor or a node lost for good),
+the images not done yet are run again, up to :data:`ATTEMPTS` times.
 
 A run owns its output while it works: ``lock.json`` (owner, host, pid, start time), created only
 if absent, so two runs never write into one folder. A crashed run's lock is taken over only with
@@ -67,6 +68,7 @@ ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left af
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError)
 OVERLAY_HEIGHT = 256
+Postprocess = Literal["none", "largest_component"]
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
 # Overlay colours: the lesion (Task 1), then one per attribute in data.ATTRIBUTES order (Task 2).
@@ -88,6 +90,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("model_name", pa.string()),
     ("model_version", pa.string()),
     ("threshold", pa.float64()),
+    ("postprocess", pa.string()),  # null in manifests from before the key existed: those rows are redone
     ("infer_ms", pa.float32()),  # this image's share of its batch's forward pass
     ("write_ms", pa.float32()),  # resize + threshold + encode + write
     ("finished_at", pa.timestamp("ms", tz="UTC")),
@@ -115,6 +118,8 @@ class PredictSpec(JobSpec):
         "sample", help="input | mask | overlay PNGs: none, the first overlay_sample images by id, or all")
     overlay_sample: int = param(16, min=1, help="how many images get an overlay with overlays: sample")
     tta: bool = param(False, help="average the probabilities over the image and its horizontal/vertical flips")
+    postprocess: Postprocess = param("largest_component", help="Task 1: largest_component keeps the largest "
+                                     "region and fills its holes; none keeps the thresholded mask as it is")
     resume: bool = param(True, help="skip inputs whose outputs a previous run with the same model finished")
     max_pixels: int = param(preprocess.DEFAULT_MAX_PIXELS, min=1, help="refuse larger images (decompression "
                                                                        "bombs)")
@@ -192,13 +197,86 @@ class Predictor:
 # --- Post-processing ----------------------------------------------------------------------------
 
 
-def to_masks(probs: np.ndarray, height: int, width: int, threshold: float) -> np.ndarray:
-    """[C, S, S] probabilities -> [C, height, width] uint8 0/255: bilinear resize, then threshold."""
+def to_masks(probs: np.ndarray, height: int, width: int, threshold: float,
+             postprocess: Postprocess = "none") -> np.ndarray:
+    """[C, S, S] probabilities -> [C, height, width] uint8 0/255: bilinear resize, then threshold.
+
+    ``largest_component`` applies to a one-channel (Task 1) map only: Task 2 attribute masks are
+    many small regions (dots, lines) by nature.
+    """
     out = np.empty((len(probs), height, width), np.uint8)
     for c, channel in enumerate(probs):
         resized = Image.fromarray(channel.astype(np.float32), "F").resize((width, height), Image.Resampling.BILINEAR)
-        out[c] = np.where(np.asarray(resized) > threshold, 255, 0)
+        mask = np.asarray(resized) > threshold
+        if postprocess == "largest_component" and len(probs) == 1:
+            mask = largest_component(mask)
+        out[c] = np.where(mask, 255, 0)
     return out
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a bool [H, W] mask, its holes filled (as MONAI's
+    KeepLargestConnectedComponent + FillHoles): an ISIC Task 1 lesion is one region without holes.
+
+    Works on horizontal runs of pixels rather than pixels, so a full-size ISIC mask (12 Mpx) costs
+    a few numpy passes and a Python loop over its runs.
+    """
+    if not mask.any():
+        return mask
+    rows, starts, stops = _runs(mask)
+    labels = _run_components(rows, starts, stops, diagonal=True)
+    keep = labels == np.bincount(labels, weights=stops - starts).argmax()
+    kept = _paint(rows[keep], starts[keep], stops[keep], mask.shape)
+    # Holes: background regions that do not reach the border; 4-connected, the dual of the lesion's 8.
+    rows, starts, stops = _runs(~kept)
+    labels = _run_components(rows, starts, stops, diagonal=False)
+    border = (rows == 0) | (rows == mask.shape[0] - 1) | (starts == 0) | (stops == mask.shape[1])
+    outside = np.isin(labels, labels[border])
+    return ~_paint(rows[outside], starts[outside], stops[outside], mask.shape)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The horizontal runs of True in a bool [H, W]: row, start, stop (exclusive), in row-major order."""
+    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, stops = np.nonzero(edges == -1)
+    return rows, starts, stops
+
+
+def _run_components(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, diagonal: bool) -> np.ndarray:
+    """A region label per run: union-find over runs that touch in adjacent rows (corners too if ``diagonal``)."""
+    if not len(rows):
+        return np.zeros(0, np.int64)
+    parent = list(range(len(rows)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    reach = int(diagonal)
+    first = np.searchsorted(rows, np.arange(rows[-1] + 2)).tolist()  # first run of each row
+    start, stop = starts.tolist(), stops.tolist()
+    for row in range(rows[-1]):
+        a, b = first[row], first[row + 1]
+        a_end, b_end = first[row + 1], first[row + 2]
+        while a < a_end and b < b_end:  # both rows' runs are sorted: one merge-like pass
+            if start[a] < stop[b] + reach and start[b] < stop[a] + reach:
+                parent[find(a)] = find(b)
+            if stop[a] < stop[b]:
+                a += 1
+            else:
+                b += 1
+    return np.array([find(i) for i in range(len(parent))])
+
+
+def _paint(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Runs back to a bool mask: +1 where a run starts, -1 where it stops, running sum along each row."""
+    marks = np.zeros((shape[0], shape[1] + 1), np.int8)
+    marks[rows, starts] = 1  # runs of one row never share a start or stop: no index repeats
+    marks[rows, stops] = -1
+    return np.cumsum(marks, axis=1, dtype=np.int8)[:, :-1] > 0
 
 
 def encode_png(mask: np.ndarray) -> bytes:
@@ -227,10 +305,10 @@ def overlay_png(image: np.ndarray, masks: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, overlay: bool,
-               max_pixels: int) -> tuple[list[str], str, list[float]]:
+def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, postprocess: Postprocess,
+               overlay: bool, max_pixels: int) -> tuple[list[str], str, list[float]]:
     """Write one image's masks (and overlay); returns (mask URIs, overlay URI, area fractions)."""
-    masks = to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold)
+    masks = to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold, postprocess)
     uris = [storage.join(out, MASKS_DIR, name) for name in mask_names(str(row["id"]), task)]
     for uri, mask in zip(uris, masks, strict=True):
         storage.write_bytes(uri, encode_png(mask))
@@ -243,8 +321,9 @@ def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, overl
     return uris, overlay_uri, [float(np.count_nonzero(m)) / m.size for m in masks]
 
 
-def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, overlay_ids: set[str] | None,
-                model_name: str, model_version: str, max_pixels: int, run_id: str) -> pa.Table:
+def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, postprocess: Postprocess,
+                overlay_ids: set[str] | None, model_name: str, model_version: str, max_pixels: int,
+                run_id: str) -> pa.Table:
     """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included),
     the rows also written as a manifest part, so they survive the driver.
 
@@ -259,7 +338,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
         if not error:
             try:
                 overlay = overlay_ids is None or image_id in overlay_ids
-                uris, overlay_uri, areas = _write_one(row, out, task, threshold, overlay, max_pixels)
+                uris, overlay_uri, areas = _write_one(row, out, task, threshold, postprocess, overlay,
+                                                      max_pixels)
             except Exception as exc:  # one failed write must not lose the rest of the batch
                 error, uris, overlay_uri, areas = f"writing outputs failed: {type(exc).__name__}: {exc}", [], "", []
         rows.append({
@@ -277,6 +357,7 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
             "model_name": model_name,
             "model_version": model_version,
             "threshold": threshold,
+            "postprocess": postprocess,
             "infer_ms": float(row["infer_ms"]),
             "write_ms": 1000 * (time.perf_counter() - start),
             "finished_at": datetime.now(timezone.utc),
@@ -312,15 +393,16 @@ def _newest_per_id(table: pa.Table) -> pa.Table:
 
 
 def finished_rows(previous: pa.Table, listing: set[str], ids: set[str], model_name: str, model_version: str,
-                  threshold: float) -> pa.Table:
-    """The earlier rows that stand: ok, same model and threshold, an input now, all outputs present."""
+                  threshold: float, postprocess: Postprocess) -> pa.Table:
+    """The earlier rows that stand: ok, same model, threshold and post-processing, an input now, all outputs
+    present."""
     keep = []
     for i, row in enumerate(previous.select(["id", "status", "masks", "overlay", "model_name", "model_version",
-                                             "threshold"]).to_pylist()):
+                                             "threshold", "postprocess"]).to_pylist()):
         outputs = row["masks"] + ([row["overlay"]] if row["overlay"] else [])
         if (row["status"] == "ok" and row["id"] in ids and row["model_name"] == model_name
                 and row["model_version"] == model_version and row["threshold"] == threshold
-                and all(u in listing for u in outputs)):
+                and row["postprocess"] == postprocess and all(u in listing for u in outputs)):
             keep.append(i)
     return previous.take(pa.array(keep, pa.int64()))
 
@@ -376,11 +458,11 @@ def _lock_holder(uri: str, run_id: str) -> str | None:
 
 
 def _plan(out: str, samples: list[data.Sample], model_name: str, model_version: str,
-          threshold: float) -> tuple[pa.Table, list[data.Sample]]:
+          threshold: float, postprocess: Postprocess) -> tuple[pa.Table, list[data.Sample]]:
     """(the earlier rows that stand, the samples still to do), from the manifest, its parts and the outputs."""
     listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
     kept = finished_rows(read_manifest(out, listing), listing, {s.id for s in samples}, model_name, model_version,
-                         threshold)
+                         threshold, postprocess)
     done = set(kept["id"].to_pylist())
     return kept, [s for s in samples if s.id not in done]
 
@@ -404,6 +486,10 @@ def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolv
                                "threads": spec.cpus_per_actor},
         batch_size=spec.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
+        # No actor restarts (Ray Data's default is unlimited): the pool's constructor arguments are object
+        # store refs, which a restart cannot rely on (ray-project/ray#53727; Ray warns about it for each
+        # actor). A lost actor fails the pass and _run_attempts reruns what is not done.
+        max_restarts=0,
         num_cpus=spec.cpus_per_actor,
         # A memory reservation, which the decode tasks lack, also keeps Ray Data from fusing decoding
         # into these actors (it fuses operators only when their remote args are identical): decoding
@@ -412,8 +498,9 @@ def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolv
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
     )
     return ds.map_batches(write_batch, batch_size=spec.batch_size, fn_kwargs={
-        "out": out, "task": config.task, "threshold": threshold, "overlay_ids": overlay_ids,
-        "model_name": found.name, "model_version": found.version, "max_pixels": spec.max_pixels, "run_id": run_id})
+        "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
+        "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
+        "max_pixels": spec.max_pixels, "run_id": run_id})
 
 
 def _not_done_rows(todo: list[data.Sample], reason: str, found: registry.Resolved, threshold: float) -> pa.Table:
@@ -451,7 +538,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
         report.info(f"input {spec.input}: {discovery.summary()}")
     if not spec.resume:
         storage.delete(storage.join(out, PARTS_DIR))
-    kept, todo = (_plan(out, samples, found.name, found.version, threshold) if spec.resume
+    kept, todo = (_plan(out, samples, found.name, found.version, threshold, spec.postprocess) if spec.resume
                   else (MANIFEST_SCHEMA.empty_table(), samples))
     overlay_ids = None if spec.overlays == "all" else set()  # None: every image, without shipping a million ids
     if spec.overlays == "sample":
@@ -481,6 +568,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
         "images_per_s": round(len(todo) / seconds, 2) if todo else 0.0,
         "model": f"{found.name}@{found.version}",
         "threshold": threshold,
+        "postprocess": spec.postprocess,
         "masks": storage.join(out, MASKS_DIR),
         "overlays": storage.join(out, OVERLAYS_DIR) if spec.overlays != "none" else "none",
         "manifest": storage.join(out, MANIFEST_FILE),

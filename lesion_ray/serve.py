@@ -59,7 +59,7 @@ from ray.serve.handle import DeploymentHandle
 
 from lesion_ray import registry, report, storage
 from lesion_ray.data import ATTRIBUTES
-from lesion_ray.predict import encode_png, to_masks
+from lesion_ray.predict import Postprocess, encode_png, to_masks
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
@@ -112,6 +112,8 @@ class ServeSpec(JobSpec):
                           "several nodes share one machine and so cannot all bind the port)")
     route_prefix: str = param("/", help="URL path the API lives under")
     threshold: float | None = param(None, min=0.0, max=1.0, help="mask threshold (default: the model's own)")
+    postprocess: Postprocess = param("largest_component", help="Task 1: largest_component keeps the largest "
+                                     "region and fills its holes, as predict does; none keeps the mask as it is")
     poll_latest_s: float = param(30.0, min=0.0, help="name@latest: look for a new version this often (0: never)")
 
     def validate(self, source: str, path: str) -> None:
@@ -199,6 +201,7 @@ class Prediction:
     version: str
     task: int
     input_size: int
+    postprocess: Postprocess = "largest_component"
 
 
 @contextlib.contextmanager
@@ -248,7 +251,8 @@ def check_model(loaded: LoadedModel) -> None:
         raise RuntimeError(f"model {loaded.name}@{loaded.version} gives NaN/inf outputs: its weights are broken")
 
 
-def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | None = None) -> list[Prediction]:
+def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | None = None,
+            postprocess: Postprocess = "largest_component") -> list[Prediction]:
     """One forward pass over a batch of :func:`prepare` outputs."""
     size = loaded.config.input_size
     x = torch.from_numpy(np.stack(inputs))
@@ -259,13 +263,13 @@ def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | No
     probs = torch.sigmoid(logits).to(torch.float16).numpy()
     scores = torch.sigmoid(head1).tolist()
     cut = loaded.threshold if threshold is None else threshold
-    return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size)
+    return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
             for i in range(len(inputs))]
 
 
 def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
-    """bool [C, H, W]: probabilities resized to the original size and thresholded, as predict does."""
-    return to_masks(pred.probs, *orig, pred.threshold) > 0
+    """bool [C, H, W]: probabilities resized to the original size, thresholded and post-processed, as predict does."""
+    return to_masks(pred.probs, *orig, pred.threshold, pred.postprocess) > 0
 
 
 def png(mask: np.ndarray) -> bytes:
@@ -443,7 +447,7 @@ class SegmentationModel:
         loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
         self.batches += 1
         self.images += len(inputs)
-        return await asyncio.to_thread(forward, loaded, inputs, self.spec.threshold)
+        return await asyncio.to_thread(forward, loaded, inputs, self.spec.threshold, self.spec.postprocess)
 
     def info(self) -> dict[str, Any]:
         loaded = self.loaded
@@ -451,6 +455,7 @@ class SegmentationModel:
             "name": loaded.name, "version": loaded.version, "task": loaded.config.task,
             "architecture": loaded.config.architecture, "input_size": loaded.config.input_size,
             "threshold": loaded.threshold if self.spec.threshold is None else self.spec.threshold,
+            "postprocess": self.spec.postprocess,
             "labels": list(labels(loaded.config.task)), "metrics": loaded.metrics,
             "replica": {"batches": self.batches, "images": self.images},
         }

@@ -127,6 +127,9 @@ def prepare(splits: dict[str, list[data.Sample]], spec: TrainSpec) -> tuple[dict
     returns one dataset per split (usable rows only) and the rows that failed (id, error)."""
     samples = [s for items in splits.values() for s in items]
     ds = preprocess.image_dataset(samples, size=spec.model.input_size, task=spec.model.task)
+    # Blocks in input order, not in the order tasks finish: the same blocks, in the same order, every run
+    # (derived datasets copy this context).
+    ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_compact, batch_format="numpy").materialize()
     errors = ds.filter(expr=col("error") != "").select_columns(["id", "error"]).take_all()
     columns = ["image", "mask", "present"]
@@ -166,6 +169,10 @@ def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str
         ),
         failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
     )
+    # Ordered ingest: the streaming split then hands each worker the same blocks in the same order
+    # every run (it ignores locality hints), so a run's history is reproducible.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     return ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -174,7 +181,7 @@ def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str
         datasets=datasets,
         # Validation is not split: every worker reads it all and scores every world_size-th batch,
         # so no image is dropped to make equal shards.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 
 
@@ -306,11 +313,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(state["epoch"] + 1, spec.epochs + 1):
         start = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(spec.seed * 100_003 + epoch * 1_009 + rank)
+        epoch_seed = spec.seed * 100_003 + epoch * 1_009 + rank
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)
         model.train()
         loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
         for batch in train_shard.iter_torch_batches(batch_size=spec.batch_size, device=device,
-                                                    local_shuffle_buffer_size=4 * spec.batch_size):
+                                                    local_shuffle_buffer_size=4 * spec.batch_size,
+                                                    local_shuffle_seed=epoch_seed):
             image, mask = augment(batch["image"].float() / 255, batch["mask"].float(), spec.augment, generator)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(image)

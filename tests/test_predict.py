@@ -13,6 +13,7 @@ from PIL import Image
 
 from lesion_ray import data, predict, registry, storage
 from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
 
 SIZES = [(40, 30), (57, 33), (31, 48), (64, 64), (90, 61), (45, 45)]  # (width, height)
@@ -25,12 +26,21 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def publish_tiny_model(tmp_path, registry_uri: str, task: int) -> str:
+def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list[bytes] | None = None) -> str:
+    """An untrained model; ``speckled_on``: images on which its logits are rescaled to spread widely around 0,
+    so that its masks at threshold 0.5 are speckled (an untrained model's probabilities barely vary)."""
     config = ModelConfig(task=task, input_size=32, num_filters=4, depth=2)
     torch.manual_seed(0)
+    model = build_model(config).eval()
+    if speckled_on:
+        x = to_model_input([decode_image(image, target=32)[0] for image in speckled_on], 32)
+        with torch.no_grad():
+            logits = model(x)[0]
+            scale = 3 / logits.std()
+            model.final.weight.mul_(scale)
+            model.final.bias.sub_(logits.median()).mul_(scale)
     model_dir = str(tmp_path / f"model{task}")
-    registry.save_model_dir(model_dir, registry.plain_state_dict(build_model(config)),
-                            registry.config_to_json(config, threshold=0.5))
+    registry.save_model_dir(model_dir, registry.plain_state_dict(model), registry.config_to_json(config, threshold=0.5))
     return registry.publish(model_dir, f"tiny{task}", {}, registry_uri)
 
 
@@ -49,6 +59,48 @@ def test_to_masks_resizes_probabilities_then_thresholds() -> None:
     # Bilinear 2 -> 4 columns samples at x = -0.25, 0.25, 0.75, 1.25: 0, .25, .75, 1.
     assert predict.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[0, 0, 255, 255]] * 3
     assert predict.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[0, 255, 255, 255]] * 3
+
+
+def regions(mask: np.ndarray, diagonal: bool) -> list[set[tuple[int, int]]]:
+    """The connected regions of True pixels, by breadth-first search (independent of predict's run labelling)."""
+    steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy or dx) and (diagonal or not (dy and dx))]
+    todo, found = {tuple(p) for p in np.argwhere(mask)}, []
+    while todo:
+        region, frontier = set(), [todo.pop()]
+        while frontier:
+            y, x = frontier.pop()
+            region.add((y, x))
+            for dy, dx in steps:
+                if (y + dy, x + dx) in todo:
+                    todo.remove((y + dy, x + dx))
+                    frontier.append((y + dy, x + dx))
+        found.append(region)
+    return found
+
+
+def holes(mask: np.ndarray) -> int:
+    """Background regions (4-connected) that do not reach the border."""
+    h, w = mask.shape
+    return sum(all(0 < y < h - 1 and 0 < x < w - 1 for y, x in r) for r in regions(~mask, diagonal=False))
+
+
+def test_largest_component_drops_stray_blobs_and_fills_holes() -> None:
+    probs = np.zeros((1, 16, 16), np.float32)
+    probs[0, 3:12, 3:12] = 0.9  # the lesion
+    probs[0, 6:8, 6:8] = 0.1    # a hole in it
+    probs[0, 13:15, 13:15] = 0.8  # a stray blob
+    probs[0, 0, 0] = 0.7  # and a stray pixel in the corner
+    raw = predict.to_masks(probs, 32, 32, 0.5)[0] > 0
+    assert len(regions(raw, diagonal=True)) == 3 and holes(raw) == 1
+    kept = predict.to_masks(probs, 32, 32, 0.5, "largest_component")[0] > 0
+    assert len(regions(kept, diagonal=True)) == 1 and holes(kept) == 0
+    assert kept[6:24, 6:24].all() and kept.sum() == 18 * 18  # the lesion, filled, and nothing else
+    # Task 2 attribute masks are many regions by nature: left as they are.
+    attributes = np.repeat(probs, 5, axis=0)
+    assert np.array_equal(predict.to_masks(attributes, 32, 32, 0.5, "largest_component"),
+                          predict.to_masks(attributes, 32, 32, 0.5))
+    assert not predict.largest_component(np.zeros((4, 4), bool)).any()
+    assert predict.largest_component(np.ones((4, 4), bool)).all()
 
 
 def test_min_actors_above_max_is_a_spec_error() -> None:
@@ -140,3 +192,20 @@ def test_task2_local_with_flips_and_all_overlays(ray_local, tmp_path) -> None:
     row = pq.read_table(out / predict.MANIFEST_FILE).to_pylist()[0]
     assert len(row["masks"]) == len(row["head1_prob"]) == len(row["head2_prob"]) == 5
     assert all(0.0 <= p <= 1.0 for p in row["head1_prob"] + row["head2_prob"])
+
+
+def test_task1_masks_are_one_region_without_holes(ray_local, tmp_path) -> None:
+    images = [jpeg(w, h, i) for i, (w, h) in enumerate(SIZES[3:])]
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1, speckled_on=images)
+    inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
+    for i, image in enumerate(images):
+        storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), image)
+    keys = {"input": str(tmp_path), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none"}
+    predict.run(make_spec(**keys, output=str(tmp_path / "raw"), postprocess="none"))
+    predict.run(make_spec(**keys, output=str(tmp_path / "out")))
+    for i in range(len(SIZES[3:])):
+        name = f"masks/ISIC_000000{i}_segmentation.png"
+        raw = np.asarray(Image.open(tmp_path / "raw" / name)) > 0
+        assert len(regions(raw, diagonal=True)) > 5 and holes(raw) > 0
+        mask = np.asarray(Image.open(tmp_path / "out" / name)) > 0
+        assert len(regions(mask, diagonal=True)) == 1 and holes(mask) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import threading
 import time
@@ -17,7 +18,7 @@ from PIL import Image
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from lesion_ray import cli, registry
+from lesion_ray import cli, predict, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
@@ -195,6 +196,19 @@ def test_masks_at_resizes_then_thresholds():
     mask = lserve.masks_at(pred, (30, 40))
     assert mask.shape == (1, 30, 40)
     assert mask[0, :, :18].all() and not mask[0, :, 22:].any()
+
+
+def test_masks_at_post_processes_task1_as_predict_does():
+    probs = np.zeros((1, 8, 8), np.float16)
+    probs[0, 1:6, 1:6] = 0.9
+    probs[0, 3, 3] = 0.1  # a hole
+    probs[0, 7, 7] = 0.9  # a stray blob
+    pred = lserve.Prediction(probs, [0.7], 0.5, "m", "1", 1, 8)  # postprocess: largest_component, the default
+    mask = lserve.masks_at(pred, (24, 24))[0]
+    raw = lserve.masks_at(dataclasses.replace(pred, postprocess="none"), (24, 24))[0]
+    assert raw[22:, 22:].any() and not mask[22:, 22:].any()  # the stray blob is dropped
+    assert not raw[9:12, 9:12].all() and mask[9:12, 9:12].all()  # the hole is filled
+    assert np.array_equal(mask, predict.to_masks(probs, 24, 24, 0.5, "largest_component")[0] > 0)
 
 
 # --- Over HTTP ---------------------------------------------------------------------------------
@@ -432,7 +446,8 @@ def test_model_info(client):
     assert info.pop("replica").keys() == {"batches", "images"}
     assert info.pop("ingress").keys() == {"max_concurrent_decodes", "decodes_peak"}
     assert info == {"name": "lesion", "version": "1", "task": 1, "architecture": "unet", "input_size": 32,
-                    "threshold": 0.5, "labels": ["lesion"], "metrics": {"val_jaccard": 0.1}}
+                    "threshold": 0.5, "postprocess": "largest_component", "labels": ["lesion"],
+                    "metrics": {"val_jaccard": 0.1}}
 
 
 def test_concurrent_images_share_forward_passes(client):

@@ -74,6 +74,18 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert registry.load_model(out).config == ModelConfig(architecture="unet", input_size=32, num_filters=8, depth=3)
 
 
+def test_same_spec_and_seed_give_the_same_history(ray_local, isic: str, tmp_path) -> None:
+    # Full augmentation and the local shuffle on: every random draw is seeded, the split's order is fixed.
+    runs = [train.run(_spec(isic, str(tmp_path / f"run{i}"), str(tmp_path / "registry"), epochs=3, augment={}))
+            for i in range(2)]
+    histories = [json.loads(storage.read_text(run["output"] + "/metrics.json")) for run in runs]
+    timing = {"train_images_per_s", "epoch_time_s"}
+    first, second = ([{k: v for k, v in row.items() if k not in timing} for row in h] for h in histories)
+    assert len(first) == 3 and [row.keys() for row in first] == [row.keys() for row in second]
+    for a, b in zip(first, second, strict=True):
+        assert a == pytest.approx(b, abs=1e-4), (a, b)
+
+
 def test_spec_rules(isic: str, tmp_path) -> None:
     with pytest.raises(spec.SpecError, match="num_workers"):
         _spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), num_workers=[3, 2])
