@@ -168,6 +168,7 @@ def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str
             checkpoint_score_order="max",
         ),
         failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+        callbacks=[EpochLines(spec.epochs)],
     )
     # Ordered ingest: the streaming split then hands each worker the same blocks in the same order
     # every run (it ignores locality hints), so a run's history is reproducible.
@@ -340,11 +341,21 @@ def train_loop(config: dict[str, Any]) -> None:
                "train_images_per_s": train_images / train_time, "epoch_time_s": time.perf_counter() - start}
         state["history"].append(row)
         state["epoch"] = epoch
-        if rank == 0:
-            report.info(f"epoch {epoch}/{spec.epochs}: train_loss {row['train_loss']:.4f} "
-                        f"val_loss {row['val_loss']:.4f} val_score {row['val_score']:.4f} "
-                        f"({row['train_images_per_s']:.1f} images/s on {world} workers)")
-        _report(row, model, optimizer, scheduler, state, spec, rank)
+        _report(row, model, optimizer, scheduler, state, spec, rank)  # EpochLines prints it
+
+
+class EpochLines(ray.train.UserCallback):
+    """One console line per epoch, printed by the Train controller, which runs on the driver's node:
+    a line a worker printed is lost when its node dies before Ray ships the worker's output."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = metrics[0]  # every worker reports the same all-reduced row
+        report.info(f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
+                    f"val_loss {row['val_loss']:.4f} val_score {row['val_score']:.4f} "
+                    f"({row['train_images_per_s']:.1f} images/s on {row['world_size']} workers)")
 
 
 def _report(row: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
