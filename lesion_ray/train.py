@@ -382,7 +382,7 @@ def read_train_state(folder: str) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message advises weights_only=False, the very thing to avoid: keep only what it found.
+        # torch's message advises turning weights_only off, the very thing to avoid: keep only what it found.
         found = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         reason = found[0].strip().rstrip(".") if found else type(exc).__name__
         raise ValueError(f"refused to load {TRAIN_STATE_FILE} of the checkpoint {folder}: it holds objects other "
