@@ -10,13 +10,19 @@ A missing, unreadable, ambiguous (two files for one mask) or wrongly sized predi
 listed in the report and scored as an all-zero mask (see :mod:`lesion_ray.metrics`); an
 unreadable ground-truth mask is listed and left out of the scores.
 
-Outputs under ``output``: ``report.json`` (scores, confusion matrix as counts and
+Outputs under ``output``: ``report.html`` (one self-contained page: the scores, the confusion
+matrix, the worst, median and best images, the problems, the model with its training curves
+and the specs that made it), ``report.json`` (scores, confusion matrix as counts and
 percentages, every problem by id), ``confusion_matrix.png`` and ``pairs.parquet`` (counts
 and Task 1 scores per pair, to find the worst images).
+
+When ``predictions`` is a lesion-ray predict output, its ``predict.json`` names the model and
+the spec, and the model folder's ``training.json`` holds the training curves and spec.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -28,16 +34,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from lesion_ray import data, metrics, report, storage
-from lesion_ray.spec import InputUri, JobSpec, OutputUri, param
+from lesion_ray import data, figures, metrics, predict, preprocess, registry, report, report_page, storage
+from lesion_ray.spec import InputUri, JobSpec, OutputUri, param, to_dict
 
 # Statuses of a scoring pair; all but "bad_truth" are scored.
 PROBLEMS = ("missing", "unreadable", "wrong_size", "ambiguous", "bad_truth")
 REPORT_FILE = "report.json"
 FIGURE_FILE = "confusion_matrix.png"
 PAIRS_FILE = "pairs.parquet"
+PROBLEM_DESCRIPTIONS = {
+    "missing": "no prediction file for this ground-truth mask: scored as an all-zero mask",
+    "unreadable": "the prediction file is not a readable single-channel image: scored as an all-zero mask",
+    "wrong_size": "the prediction's size differs from its ground truth's: scored as an all-zero mask",
+    "ambiguous": "several prediction files carry this id: scored as an all-zero mask",
+    "bad_truth": "the ground-truth mask could not be read: left out of the scores",
+}
+EXAMPLES_PER_GROUP = 4  # images shown as the worst, the median and the best
 _PREDICTION_NAME = re.compile(
     rf"_(?:segmentation|attribute_(?P<attribute>{'|'.join(data.ATTRIBUTES)}))(?:_prediction)?\.png$"
 )
@@ -132,29 +146,123 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def confusion_figure(cm: dict[str, Any], title: str) -> bytes:
-    """The confusion matrix as a PNG: counts and row percentages, shaded by percentage."""
-    cell_w, cell_h, left, top = 190, 90, 130, 90
-    image = Image.new("RGB", (left + 2 * cell_w + 20, top + 2 * cell_h + 20), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=15)
-    draw.text((10, 10), title, fill="black", font=font)
-    draw.text((left, top - 50), "predicted ->", fill="black", font=font)
-    draw.text((10, top - 25), "truth", fill="black", font=font)
-    for i, label in enumerate(cm["labels"]):
-        draw.text((left + i * cell_w + 10, top - 25), label, fill="black", font=font)
-        draw.text((10, top + i * cell_h + cell_h // 2 - 8), label, fill="black", font=font)
-    for i in range(2):
-        for j in range(2):
-            percent = cm["percent"][i][j]
-            shade = int(255 - 2.2 * percent)
-            x, y = left + j * cell_w, top + i * cell_h
-            draw.rectangle((x, y, x + cell_w, y + cell_h), fill=(shade, shade, 255), outline="black")
-            ink = "white" if percent > 55 else "black"
-            draw.text((x + 12, y + 20), f"{cm['counts'][i][j]:,} px\n{percent:.2f} %", fill=ink, font=font)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
+def find_predict_record(predictions: str) -> dict[str, Any] | None:
+    """The ``predict.json`` of the predict run whose output is ``predictions`` (or its ``masks/``)."""
+    folder = storage.normalize(predictions)
+    for candidate in (folder, storage.parent(folder)):
+        uri = storage.join(candidate, predict.PREDICT_RECORD)
+        if storage.exists(uri):
+            return json.loads(storage.read_text(uri))
+    return None
+
+
+def pick_examples(ids: list[str], scores: np.ndarray, per_group: int = EXAMPLES_PER_GROUP
+                  ) -> list[tuple[str, list[int]]]:
+    """(title, indices) of the worst, median and best images by score; all of them when few."""
+    order = [int(i) for i in np.argsort(scores, kind="stable")]
+    if len(order) <= 3 * per_group:
+        return [("All images, worst first", order)] if order else []
+    middle = len(order) // 2 - per_group // 2
+    return [("Worst", order[:per_group]), ("Median", order[middle:middle + per_group]),
+            ("Best", order[::-1][:per_group])]
+
+
+def _per_image(table: pa.Table, scored: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Image ids and each image's Jaccard, its masks' pixel counts summed (Task 2: over attributes)."""
+    ids = table["id"].to_numpy(zero_copy_only=False)[scored]
+    unique, inverse = np.unique(ids, return_inverse=True)
+    counts = np.zeros((len(unique), len(metrics.COUNTS)), np.int64)
+    np.add.at(counts, inverse, np.stack([table[name].to_numpy()[scored] for name in metrics.COUNTS], axis=1))
+    return unique.tolist(), metrics.jaccard(counts)
+
+
+def _read_binary(uri: str) -> np.ndarray | None:
+    try:
+        return read_mask(uri) > 128
+    except (ValueError, storage.StorageError):
+        return None
+
+
+def _tile(items: list[dict[str, Any]], image_uri: str | None) -> tuple[bytes, str]:
+    """One image's comparison tile (:func:`figures.comparison_tile`) from its scoring pairs (Task 2: one per
+    attribute, drawn together), and a note on what it lacks."""
+    truths = [mask for mask in map(_read_binary, (item["truth"] for item in items)) if mask is not None]
+    truth = np.logical_or.reduce([mask for mask in truths if mask.shape == truths[0].shape])
+    prediction = np.zeros_like(truth)
+    for item in items:
+        mask = _read_binary(item["prediction"]) if item["status"] == "ok" else None
+        if mask is not None and mask.shape == truth.shape:  # unreadable or wrongly sized: drawn as empty
+            prediction |= mask
+    picture, note = None, "image not found"
+    if image_uri:
+        with contextlib.suppress(preprocess.BadImage, storage.StorageError):
+            picture, _ = preprocess.decode_image(storage.read_bytes(image_uri), target=figures.TILE_HEIGHT)
+            note = ""
+    return figures.comparison_tile(picture, truth, prediction), note
+
+
+def _image_sources(record: dict[str, Any] | None, truth: dict[str, dict[str, str]], subset: str,
+                   ids: list[str]) -> dict[str, str]:
+    """Where the input images of ``ids`` lie: the predict manifest's sources, else the ISIC input folder
+    beside the ground truth."""
+    if record and storage.exists(record["manifest"]):
+        manifest = pq.read_table(io.BytesIO(storage.read_bytes(record["manifest"])), columns=["id", "source"])
+        manifest = manifest.filter(pc.is_in(manifest["id"], pa.array(ids)))
+        return dict(zip(manifest["id"].to_pylist(), manifest["source"].to_pylist(), strict=True))
+    found = {}
+    for image_id in ids:
+        truth_folder = storage.parent(next(iter(truth[image_id].values())))
+        uri = storage.join(storage.parent(truth_folder), f"ISIC2018_Task1-2_{subset}_Input", f"{image_id}.jpg")
+        if storage.exists(uri):
+            found[image_id] = uri
+    return found
+
+
+def example_groups(table: pa.Table, scored: np.ndarray, truth: dict[str, dict[str, str]],
+                   record: dict[str, Any] | None, subset: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The report's tiles: the worst, median and best images by per-image Jaccard."""
+    ids, scores = _per_image(table, scored)
+    groups = pick_examples(ids, scores)
+    chosen = sorted({ids[i] for _, indices in groups for i in indices})
+    sources = _image_sources(record, truth, subset, chosen)
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    rows = table.filter(pc.is_in(table["id"], pa.array(chosen, pa.string())))
+    for row in rows.select(["id", "attribute", "prediction", "status"]).to_pylist():
+        by_id.setdefault(row["id"], []).append({**row, "truth": truth[row["id"]][row["attribute"]]})
+    tiles = {}
+    for image_id in chosen:
+        picture, note = _tile(by_id[image_id], sources.get(image_id))
+        tiles[image_id] = {"id": image_id, "image": picture, "note": note}
+    return [(title, [{**tiles[ids[i]], "jaccard": float(scores[i])} for i in indices]) for title, indices in groups]
+
+
+def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list[tuple[str, list[dict[str, Any]]]],
+               record: dict[str, Any] | None) -> None:
+    """report.html: scores, confusion matrix, images, problems, model and curves, specs."""
+    card = None
+    if record:
+        with contextlib.suppress(storage.StorageError, ValueError):  # a model moved or deleted since
+            card = registry.model_card(record["model"]["uri"])
+    training = card["training"] if card else {}
+    sections = [report_page.scores_section(result), report_page.confusion_section(result["confusion_matrix"]),
+                report_page.examples_section(groups, job.task),
+                report_page.problems_section(result, PROBLEM_DESCRIPTIONS)]
+    if card:
+        settings = [("predicted with threshold", record["threshold"]), ("post-processing", record["postprocess"])]
+        sections += [report_page.model_section(card, settings),
+                     report_page.curves_section(training.get("history", []), job.task)]
+    else:
+        why = (f"its folder {record['model']['uri']} could not be read" if record else
+               f"the predictions were not made by a lesion-ray predict run (no {predict.PREDICT_RECORD} in "
+               f"{job.predictions})")
+        sections.append(report_page.section("Model", f'<p class="muted">Unknown: {report_page.esc(why)}.</p>',
+                                            "model"))
+    sections.append(report_page.specs_section([("train spec", training.get("spec")),
+                                               ("predict spec", record["spec"] if record else None),
+                                               ("evaluate spec", to_dict(job))]))
+    model = f" · model {record['model']['name']}@{record['model']['version']}" if record else ""
+    subtitle = f"ISIC 2018 Task {job.task}, {result['images']:,} images{model}"
+    storage.write_text(uri, report_page.page(f"Evaluation '{job.name}'", subtitle, sections))
 
 
 def run(spec: EvaluateSpec) -> dict[str, Any]:
@@ -211,12 +319,15 @@ def run(spec: EvaluateSpec) -> dict[str, Any]:
     storage.write_text(storage.join(out, REPORT_FILE), json.dumps(result, indent=2))
     headline = "threshold_jaccard" if spec.task == 1 else "jaccard"
     title = f"Task {spec.task} pixels, {result['scored']} masks; {headline} {scores[headline]:.4f}"
-    storage.write_bytes(storage.join(out, FIGURE_FILE), confusion_figure(cm, title))
+    storage.write_bytes(storage.join(out, FIGURE_FILE), figures.confusion_figure(cm, title))
     with storage.open_write(storage.join(out, PAIRS_FILE)) as f:
         pq.write_table(table, f)
+    record = find_predict_record(spec.predictions)
+    page_uri = storage.join(out, report_page.PAGE_FILE)
+    write_page(page_uri, spec, result, example_groups(table, scored, truth, record, spec.subset), record)
 
     summary: dict[str, Any] = {"task": spec.task, "images": len(truth), "masks": len(items)}
     summary.update({k: v for k, v in scores.items() if k != "per_attribute"})
     summary["problems"] = result["problem_counts"]
-    summary.update(report=storage.join(out, REPORT_FILE), figure=storage.join(out, FIGURE_FILE))
+    summary.update(report=page_uri, scores_json=storage.join(out, REPORT_FILE))
     return summary

@@ -16,8 +16,9 @@ The streaming pipeline (every stage runs concurrently, with Ray Data's backpress
    input | mask | overlay PNG (``overlays/<id>_overlay.png``), and return one manifest row each;
    and write them as a part file in ``manifest_parts/`` next to the masks, so a run killed at
    any moment keeps every row it finished;
-5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`) and drops
-   the parts.
+5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`), drops
+   the parts and writes ``predict.json`` (the spec, the model and its settings, for evaluate's
+   report).
 
 Every input ends as exactly one manifest row, ``ok`` or ``error`` with the reason. With
 ``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model,
@@ -56,13 +57,14 @@ from PIL import Image
 from lesion_ray import data, preprocess, registry, report, storage
 from lesion_ray.model import ModelConfig
 from lesion_ray.registry import ModelRef
-from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param
+from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param, to_dict
 
 MANIFEST_FILE = "manifest.parquet"
 PARTS_DIR = "manifest_parts"
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 LOCK_FILE = "lock.json"
+PREDICT_RECORD = "predict.json"
 ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left after a lost actor or node
 # What a lost actor, worker or node raises out of a Ray Data execution: worth running the rest again.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -551,6 +553,9 @@ def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
                                                        run_id), todo, found, threshold)
     seconds = time.perf_counter() - start
     manifest = _finish(out, kept, tables)
+    record = {"spec": to_dict(spec), "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
+              "threshold": threshold, "postprocess": spec.postprocess, "manifest": storage.join(out, MANIFEST_FILE)}
+    storage.write_text(storage.join(out, PREDICT_RECORD), json.dumps(record, indent=2))
 
     status = manifest["status"].to_pylist()
     ok, errors = status.count("ok"), status.count("error")

@@ -6,7 +6,7 @@ prefix, loadable with ``torch.load`` + ``load_state_dict`` anywhere) and ``confi
 and registry versions are all model folders. The registry layout::
 
     <registry>/<name>/<version>/claim.json   {"host", "pid", "time"} of the publisher
-    <registry>/<name>/<version>/{model.pt, metrics.json, config.json}
+    <registry>/<name>/<version>/{model.pt, metrics.json, training.json, config.json}
     <registry>/<name>/latest.json            {"name", "version", "uri"}
 
 A version exists once its config.json does (see :func:`publish`); versions are never
@@ -37,6 +37,7 @@ from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.spec import CheckContext, CheckedStr
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
+TRAINING_FILE = "training.json"  # the train spec and metrics history that made the model (when it was trained here)
 CLAIM_FILE = "claim.json"
 BEST_MODEL_DIR = "best_model"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
@@ -112,13 +113,15 @@ def _numbered(root: str, filename: str | None = None) -> set[int]:
     return found
 
 
-def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None) -> str:
+def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None,
+            training: dict[str, Any] | None = None) -> str:
     """Copy a model folder into the registry as the next version of ``name``; returns ``name@N``.
+    ``training`` (the train spec and metrics history) goes into ``training.json``.
 
     Safe when several trainings publish one name at once: each claims its own number N by
     creating ``N/claim.json`` exclusively (local: a hard link that fails when the name is taken;
-    S3: a PUT with ``If-None-Match: *``), then creates model.pt, metrics.json and, last,
-    config.json the same way, so nothing is ever overwritten and a version is visible
+    S3: a PUT with ``If-None-Match: *``), then creates model.pt, metrics.json, training.json and,
+    last, config.json the same way, so nothing is ever overwritten and a version is visible
     (:func:`versions`, :func:`resolve`) only once complete. latest.json then moves to N by
     compare-and-swap unless it already points at a higher version. A publisher that dies after
     its claim leaves that number claimed but never visible; later versions take higher numbers.
@@ -132,11 +135,11 @@ def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | 
     config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
     version = _claim_version(root)
     target = storage.join(root, str(version))
-    for filename, data in (
-        (MODEL_FILE, weights),
-        (METRICS_FILE, _json_bytes(metrics)),
-        (CONFIG_FILE, _json_bytes({**config, "name": name, "version": version})),
-    ):
+    files = [(MODEL_FILE, weights), (METRICS_FILE, _json_bytes(metrics))]
+    if training is not None:
+        files.append((TRAINING_FILE, _json_bytes(training)))
+    files.append((CONFIG_FILE, _json_bytes({**config, "name": name, "version": version})))
+    for filename, data in files:
         if not storage.create_exclusive(storage.join(target, filename), data):
             raise storage.StorageError(
                 f"{storage.join(target, filename)} already exists although this process claimed {name}@{version}: "
@@ -269,6 +272,16 @@ class LoadedModel:
     version: str
     metrics: dict[str, Any]
     uri: str
+
+
+def model_card(model_dir: str) -> dict[str, Any]:
+    """What a report says about a model folder: its config.json, metrics.json and training.json
+    (``{}`` for a file it lacks, e.g. a model trained elsewhere)."""
+    card: dict[str, Any] = {"uri": model_dir}
+    for key, filename in (("config", CONFIG_FILE), ("metrics", METRICS_FILE), ("training", TRAINING_FILE)):
+        uri = storage.join(model_dir, filename)
+        card[key] = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+    return card
 
 
 def read_config(model_dir: str) -> tuple[ModelConfig, float]:

@@ -8,10 +8,12 @@ validation set (each worker a share, summed across workers) and reports a checkp
 epoch. Ray Train keeps the N best checkpoints by validation score, restarts the worker group
 from the latest one after a failure or a resize, and restores it when the same spec runs
 again (the run's ``output`` is Ray Train's run folder). At the end the best checkpoint is
-published to the model registry and the metrics history, its plot and the split are written
-next to the run::
+published to the model registry (with the spec and the metrics history) and the history, its
+plot, a report page and the split are written next to the run. Every epoch is also recorded in
+TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
 
-    <output>/split.csv, metrics.json, metrics.csv, training.png, best_model/, checkpoint_*/ (Ray Train)
+    <output>/split.csv, metrics.json, metrics.csv, training.png, report.html, tensorboard/,
+             mlflow.json, best_model/, checkpoint_*/ (Ray Train)
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from ray.data.expressions import col
 
-from lesion_ray import data, metrics, preprocess, registry, report, storage
+from lesion_ray import data, figures, metrics, preprocess, registry, report, report_page, storage
 from lesion_ray.model import AugmentConfig, LossConfig, ModelConfig, augment, build_model, compute_loss
-from lesion_ray.spec import InputUri, JobSpec, OutputUri, SpecError, key_path, param
+from lesion_ray.spec import InputUri, JobSpec, OutputUri, SpecError, key_path, param, to_dict
+from lesion_ray.tracking import TENSORBOARD_DIR, EpochLog, MlflowConfig, MlflowTarget
 
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -69,6 +71,8 @@ class TrainSpec(JobSpec):
     elastic_resize_interval_s: float = param(60.0, min=0, help="elastic: how often to look for new resources")
     registry: OutputUri | None = param(None, help="model registry URI (default: $LESION_RAY_REGISTRY or runs/registry)")
     model_name: str = param("lesion-unet", help="name under which the best model is published")
+    tensorboard: bool = param(True, help="write each epoch's scalars as TensorBoard events to <output>/tensorboard")
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def validate(self, source: str, path: str) -> None:
         self.model.validate(source, key_path(path, "model"))
@@ -116,10 +120,21 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     counts = {name: sum(s.id not in bad_ids for s in samples) for name, samples in splits.items()}
     report.info(f"{counts['train']} training and {counts['validation']} validation images, {len(bad)} unreadable")
 
-    result = _trainer(spec, datasets, output).fit()
+    mlflow = MlflowTarget.resolve(spec.mlflow)
+    epoch_log = EpochLog(spec.epochs, output, spec.tensorboard, mlflow, spec.name, to_dict(spec))
+    result = _trainer(spec, datasets, output, epoch_log).fit()
+    run_id = mlflow.recorded_run(output) if mlflow else None
     if result.error:
+        if run_id:
+            mlflow.finish(run_id, {}, {}, failed=True)
         raise RuntimeError(f"training failed: {result.error}")
-    return _finish(spec, result, output, counts, len(bad))
+    summary = _finish(spec, result, output, counts, len(bad))
+    if run_id:
+        artifacts = {name: storage.join(output, name)
+                     for name in (report_page.PAGE_FILE, "training.png", "metrics.csv", "split.csv")}
+        mlflow.finish(run_id, artifacts, {"lesion_ray.model": summary["model"]})
+        summary["mlflow_run"] = run_id
+    return summary
 
 
 def prepare(splits: dict[str, list[data.Sample]], spec: TrainSpec) -> tuple[dict[str, ray.data.Dataset], list[dict]]:
@@ -149,7 +164,8 @@ def _compact(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str) -> ray.train.torch.TorchTrainer:
+def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str,
+             epoch_log: EpochLog) -> ray.train.torch.TorchTrainer:
     fs, path = storage.pyarrow_filesystem(storage.parent(output))
     scaling = ray.train.ScalingConfig(
         num_workers=spec.num_workers,
@@ -168,7 +184,7 @@ def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str
             checkpoint_score_order="max",
         ),
         failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-        callbacks=[EpochLines(spec.epochs)],
+        callbacks=[epoch_log],
     )
     # Ordered ingest: the streaming split then hands each worker the same blocks in the same order
     # every run (it ignores locality hints), so a run's history is reproducible.
@@ -192,12 +208,15 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
         history = read_train_state(latest)["history"]
     best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
     best_dir = storage.join(output, registry.BEST_MODEL_DIR)
-    ref = _publish_once(spec, best_checkpoint, best, best_dir)
+    ref = _publish_once(spec, best_checkpoint, best, best_dir, {"spec": to_dict(spec), "history": history})
 
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(history, indent=2))
     storage.write_text(storage.join(output, "metrics.csv"), _history_csv(history))
-    storage.write_bytes(storage.join(output, "training.png"), plot_history(history, spec.model.task))
+    storage.write_bytes(storage.join(output, "training.png"), figures.plot_history(history, spec.model.task))
     report.info(f"best epoch {best['epoch']}: val_score {best['val_score']:.4f}; published {ref}")
+    page_uri = storage.join(output, report_page.PAGE_FILE)
+    _write_page(page_uri, spec, history, registry.model_card(registry.resolve(ref, spec.registry).model_dir), counts,
+                unreadable)
     return {
         "model": ref,
         "best_val_score": best["val_score"],
@@ -208,12 +227,28 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
         "unreadable_images": unreadable,
         "output": output,
         "registry": storage.normalize(spec.registry or registry.default_registry()),
+        "report": page_uri,
+        **({"tensorboard": storage.join(output, TENSORBOARD_DIR)} if spec.tensorboard else {}),
     }
 
 
-def _publish_once(spec: TrainSpec, checkpoint: ray.train.Checkpoint, best: dict[str, Any], best_dir: str) -> str:
-    """Publish the best checkpoint, unless this run already published that same checkpoint
-    (re-running a finished spec must not add a duplicate version)."""
+def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], card: dict[str, Any],
+                counts: dict[str, int], unreadable: int) -> None:
+    """report.html: what was trained on, the curves and every epoch, the published model, the spec."""
+    data_rows = [("data", spec.data), ("training images", counts["train"]),
+                 ("validation images", counts["validation"]), ("unreadable images", unreadable)]
+    sections = [report_page.curves_section(history, spec.model.task),
+                report_page.section("Data", report_page.key_values(data_rows), "data"),
+                report_page.model_section(card),
+                report_page.specs_section([("train spec", to_dict(spec))])]
+    subtitle = f"published {card['config']['name']}@{card['config']['version']}, {len(history)} epochs"
+    storage.write_text(uri, report_page.page(f"Training '{spec.name}'", subtitle, sections))
+
+
+def _publish_once(spec: TrainSpec, checkpoint: ray.train.Checkpoint, best: dict[str, Any], best_dir: str,
+                  training: dict[str, Any]) -> str:
+    """Publish the best checkpoint with ``training`` (spec and history), unless this run already published
+    that same checkpoint (re-running a finished spec must not add a duplicate version)."""
     marker = storage.join(best_dir, registry.METRICS_FILE)
     checkpoint_name = os.path.basename(checkpoint.path.rstrip("/"))
     if storage.exists(marker):
@@ -225,7 +260,8 @@ def _publish_once(spec: TrainSpec, checkpoint: ray.train.Checkpoint, best: dict[
         # A checkpoint is already a model folder (plain state_dict + config.json): copy its bytes, publish it as is.
         for name in (registry.MODEL_FILE, registry.CONFIG_FILE):
             storage.write_bytes(storage.join(best_dir, name), storage.read_bytes(os.path.join(local, name)))
-        ref = registry.publish(local, spec.model_name, model_metrics, spec.registry)
+        storage.write_text(storage.join(best_dir, registry.TRAINING_FILE), json.dumps(training, indent=2))
+        ref = registry.publish(local, spec.model_name, model_metrics, spec.registry, training)
     storage.write_text(marker, json.dumps({**model_metrics, "checkpoint": checkpoint_name, "model": ref}, indent=2))
     return ref
 
@@ -236,46 +272,6 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    return buf.getvalue()
-
-
-def plot_history(history: list[dict[str, Any]], task: int, width: int = 640, height: int = 360) -> bytes:
-    """A PNG line chart: train and validation loss (left axis), validation score in [0, 1] (right)."""
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 60, 30, height - 40
-    draw.rectangle((left, top, right, bottom), outline="black")
-    epochs = [row["epoch"] for row in history]
-    losses = [row[k] for row in history for k in ("train_loss", "val_loss")]
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1
-
-    def x_of(epoch: float) -> float:
-        span = max(epochs[-1] - epochs[0], 1)
-        return left + (epoch - epochs[0]) / span * (right - left)
-
-    def y_of(value: float, lo: float, hi: float) -> float:
-        return bottom - (value - lo) / (hi - lo) * (bottom - top)
-
-    score_name = "val threshold Jaccard" if task == 1 else "val pooled Jaccard"
-    series = [("train_loss", "train loss", "#1f77b4", (lo, hi)), ("val_loss", "val loss", "#ff7f0e", (lo, hi)),
-              ("val_score", score_name, "#2ca02c", (0.0, 1.0))]
-    for i, (key, label, colour, (a, b)) in enumerate(series):
-        points = [(x_of(row["epoch"]), y_of(row[key], a, b)) for row in history]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((left + 10 + i * 170, 8), label, fill=colour)
-    for frac in (0.0, 0.5, 1.0):
-        y = bottom - frac * (bottom - top)
-        draw.text((4, y - 6), f"{lo + frac * (hi - lo):.3f}", fill="black")
-        draw.text((right + 6, y - 6), f"{frac:.1f}", fill="#2ca02c")
-    for epoch in sorted({epochs[0], epochs[len(epochs) // 2], epochs[-1]}):
-        draw.text((x_of(epoch) - 4, bottom + 6), str(epoch), fill="black")
-    draw.text(((left + right) // 2 - 16, bottom + 22), "epoch", fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -341,21 +337,7 @@ def train_loop(config: dict[str, Any]) -> None:
                "train_images_per_s": train_images / train_time, "epoch_time_s": time.perf_counter() - start}
         state["history"].append(row)
         state["epoch"] = epoch
-        _report(row, model, optimizer, scheduler, state, spec, rank)  # EpochLines prints it
-
-
-class EpochLines(ray.train.UserCallback):
-    """One console line per epoch, printed by the Train controller, which runs on the driver's node:
-    a line a worker printed is lost when its node dies before Ray ships the worker's output."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        row = metrics[0]  # every worker reports the same all-reduced row
-        report.info(f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
-                    f"val_loss {row['val_loss']:.4f} val_score {row['val_score']:.4f} "
-                    f"({row['train_images_per_s']:.1f} images/s on {row['world_size']} workers)")
+        _report(row, model, optimizer, scheduler, state, spec, rank)  # EpochLog records it
 
 
 def _report(row: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

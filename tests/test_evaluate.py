@@ -66,6 +66,31 @@ def test_task1_hand_computed_with_bad_predictions(ray_local, tmp_path) -> None:
     with Image.open(out / evaluate.FIGURE_FILE) as figure:
         assert figure.format == "PNG" and figure.width > 300
 
+    # The page lists each problem with its id and says the predictions came from outside lesion-ray.
+    page = (out / "report.html").read_text()
+    assert summary["report"] == str(out / "report.html")
+    assert '<p class="bad">3 of 5 masks have a problem.</p>' in page
+    for kind, image_id in (("missing: 1", "ISIC_0000003"), ("unreadable: 1", "ISIC_0000005"),
+                           ("wrong size: 1", "ISIC_0000004")):
+        assert kind in page and f"<td>{image_id}</td>" in page
+    assert "prediction is 3x3, ground truth is 4x2" in page
+    assert "1 prediction files match no ground-truth mask" in page
+    assert "not made by a lesion-ray predict run" in page
+    # Five images: all shown, worst first (the three problems score 0, then 0.6, then 1).
+    assert page.count("<figure>") == 5 and page.index("ISIC_0000002 · Jaccard 0.600") < page.index(
+        "ISIC_0000001 · Jaccard 1.000")
+    assert page.count("image not found") == 5  # masks only: no input images beside this ground truth
+
+
+def test_examples_are_the_worst_median_and_best() -> None:
+    scores = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.0, 1.0, 0.55, 0.65])
+    ids = [f"ISIC_{i:07d}" for i in range(len(scores))]
+    groups = dict(evaluate.pick_examples(ids, scores, per_group=2))
+    assert [scores[i] for i in groups["Worst"]] == [0.0, 0.1]
+    assert [scores[i] for i in groups["Median"]] == [0.5, 0.55]
+    assert [scores[i] for i in groups["Best"]] == [1.0, 0.9]
+    assert evaluate.pick_examples(ids[:3], scores[:3], per_group=2) == [("All images, worst first", [2, 0, 1])]
+
 
 def test_perfect_copies_score_one_on_s3(ray_local, s3_bucket) -> None:
     rng = np.random.default_rng(0)
@@ -92,3 +117,6 @@ def test_perfect_copies_score_one_on_s3(ray_local, s3_bucket) -> None:
     assert result["scores"]["per_attribute"] == {name: {"jaccard": 1.0, "dice": 1.0} for name in data.ATTRIBUTES}
     assert result["confusion_matrix"]["counts"][0][1] == 0 and result["confusion_matrix"]["counts"][1][0] == 0
     assert storage.exists(f"{s3_bucket}/eval2/{evaluate.FIGURE_FILE}")
+    page = storage.read_text(f"{s3_bucket}/eval2/report.html")  # Task 2: per attribute, one tile per image
+    assert "pooled Jaccard over images and attributes" in page and page.count("<figure>") == 3
+    assert all(f"<tr><td>{name}</td>" in page for name in data.ATTRIBUTES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 
 import httpx
@@ -19,9 +18,6 @@ from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"{CHROMIUM} is absent: apt-get install chromium chromium-driver")
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "web-test-token"
 ALPHA, TINT = 0.45, np.array([230, 25, 75])  # app.js's overlay
@@ -60,22 +56,6 @@ def app(ray_local, tmp_path_factory):
     serve.shutdown()
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
-
-
 def wait_for(check, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -86,7 +66,7 @@ def wait_for(check, timeout: float = 60.0):
     raise AssertionError("timed out waiting for the page")
 
 
-def test_page_draws_the_served_mask_over_the_uploaded_image(app, browser):
+def test_page_draws_the_served_mask_over_the_uploaded_image(browser, app):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 

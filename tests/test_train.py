@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import pytest
 import ray
@@ -24,11 +25,26 @@ def _spec(isic: str, output: str, registry_uri: str, **overrides) -> train.Train
         "kind": "train", "name": "train", "data": isic, "output": output, "registry": registry_uri,
         "model": {"architecture": "unet", "input_size": 32, "num_filters": 8, "depth": 3},
         "epochs": 12, "batch_size": 8, "lr": 0.01, "num_workers": 2, "model_name": "tiny",
-        "augment": {"affine": False},
+        "augment": {"affine": False}, "mlflow": {"enabled": False},
     }
     parsed = spec.from_dict(train.TrainSpec, raw | overrides, "test")
     parsed.validate("test", "")
     return parsed
+
+
+def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from a TensorBoard event file (TFRecord framing: length, CRC, event, CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    pos = 0
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
 
 
 def _score(model: torch.nn.Module, spec_: train.TrainSpec, validation: ray.data.Dataset) -> float:
@@ -37,7 +53,8 @@ def _score(model: torch.nn.Module, spec_: train.TrainSpec, validation: ray.data.
 
 def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket: str) -> None:
     out, reg = f"{s3_bucket}/runs/tiny", str(tmp_path / "registry")
-    spec_ = _spec(isic, out, reg)
+    tracking = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"}}
+    spec_ = _spec(isic, out, reg, **tracking)
     summary = train.run(spec_)
 
     assert summary["model"] == "tiny@1" and summary["epochs"] == 12
@@ -47,7 +64,29 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert {row["world_size"] for row in history} == {2}
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert storage.read_text(f"{out}/metrics.csv").startswith("epoch,train_loss,val_loss,val_score")
-    assert Image.open(storage.local_copy(f"{out}/training.png", str(tmp_path))).size == (640, 360)
+    assert Image.open(storage.local_copy(f"{out}/training.png", str(tmp_path))).size == (720, 380)
+    # What the run recorded of itself: the registry version, its report page, TensorBoard and MLflow.
+    training = json.loads(storage.read_text(f"{reg}/tiny/1/{registry.TRAINING_FILE}"))
+    assert training["history"] == history and training["spec"]["model"]["num_filters"] == 8
+    page = storage.read_text(summary["report"])
+    assert "Training &#x27;train&#x27;" in page and "published tiny@1, 12 epochs" in page
+    assert f"validation score <b>{summary['best_val_score']:.4f}</b>" in page
+    events = [f for f in storage.list_files(f"{out}/tensorboard") if "tfevents" in f.uri]
+    assert len(events) == 1
+    scalars = tensorboard_scalars(storage.read_bytes(events[0].uri))
+    steps, values = zip(*scalars["score/validation"], strict=True)
+    assert steps == tuple(range(1, 13)), steps
+    assert values == pytest.approx([row["val_score"] for row in history], abs=1e-6), (values, history)
+    assert [step for step, _ in scalars["loss/train"]] == list(range(1, 13))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["mlflow"]["tracking_uri"])
+    run = client.get_run(summary["mlflow_run"])
+    assert run.info.status == "FINISHED" and run.data.params["model.num_filters"] == "8"
+    assert run.data.tags["lesion_ray.model"] == "tiny@1"
+    assert run.info.artifact_uri.startswith(f"file://{tmp_path}/mlruns/")  # beside its database, not in the cwd
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "score/validation")] == list(range(1, 13))
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.html", "training.png", "metrics.csv"}
 
     # The official score on the held-out split: the trained model clears thresholds an untrained one fails.
     samples = data.discover(isic, task=1).samples
@@ -65,10 +104,18 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert loaded.metrics["val_score"] == summary["best_val_score"]
 
     # Same run, more epochs: resumes from the latest checkpoint in S3 instead of starting over.
-    summary = train.run(_spec(isic, out, reg, epochs=13))
+    resumed = train.run(_spec(isic, out, reg, epochs=13, **tracking))
     history = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert [row["epoch"] for row in history] == list(range(1, 14))
     assert history[-1]["starts"] == 1 and history[0]["starts"] == 0
+    # The same MLflow run goes on; TensorBoard gets a second event file with the new epoch only.
+    assert resumed["mlflow_run"] == summary["mlflow_run"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "score/validation")] == list(range(1, 14))
+    events = sorted(f.uri for f in storage.list_files(f"{out}/tensorboard") if "tfevents" in f.uri)
+    assert len(events) == 2
+    assert {step for name in events for step, _ in tensorboard_scalars(storage.read_bytes(name))["loss/train"]} \
+        == set(range(1, 14))
+    summary = resumed
     assert summary["model"] in ("tiny@1", "tiny@2")  # a new version only if the best checkpoint changed
     # The run folder itself is a model reference (its best model).
     assert registry.load_model(out).config == ModelConfig(architecture="unet", input_size=32, num_filters=8, depth=3)

@@ -1,0 +1,192 @@
+"""Where a training's epochs are recorded as they happen: the console, TensorBoard and MLflow.
+
+:class:`EpochLog` is a Ray Train callback. It runs in the Train controller, which Ray places on
+the driver's node, so every epoch is recorded once (not once per worker) and survives the loss
+of a worker's node. It prints one console line per epoch, appends the epoch's scalars to a
+TensorBoard event file (``<output>/tensorboard/``, any storage: the file is written locally and
+copied up after each epoch) and, when ``mlflow`` is installed and the spec leaves it on, logs
+them to an MLflow run (:class:`MlflowTarget`). The controller opens that run at the first epoch
+(params: the whole spec; MLflow's start-up costs seconds, off the driver's path) and records its
+id in ``<output>/mlflow.json``; the driver closes it after training with the report, the curves
+and the metrics table as artifacts. A resumed training (the same ``output``) continues the same
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+
+from lesion_ray import report, storage
+from lesion_ray.spec import param
+
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_RECORD = "mlflow.json"  # {"tracking_uri", "run_id"}: lets a resumed run continue its MLflow run
+_TAGS = {"train_loss": "loss/train", "val_loss": "loss/validation", "val_score": "score/validation"}
+
+
+@dataclass(kw_only=True)
+class MlflowConfig:
+    enabled: bool = param(True, help="log params, epochs and the report to MLflow (when mlflow is installed)")
+    tracking_uri: str | None = param(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                "sqlite:///runs/mlflow.db under the working directory)")
+    experiment: str = param("lesion-ray", help="MLflow experiment name")
+
+
+def scalars(row: dict[str, Any]) -> dict[str, float]:
+    """An epoch row's numbers by TensorBoard/MLflow name (losses and scores grouped)."""
+    return {_TAGS.get(key, key): float(value) for key, value in row.items()
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def flat_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested spec as MLflow params: ``model.input_size`` -> ``"64"``."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:6000]  # MLflow's limit for one param value
+    return out
+
+
+@dataclass(frozen=True)
+class MlflowTarget:
+    """Where a training logs to MLflow, resolved on the driver (its working directory and environment);
+    picklable, so the Train controller gets a copy and opens the run there, off the driver's path."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_location: str | None  # for a new experiment in a local database
+
+    @classmethod
+    def resolve(cls, config: MlflowConfig) -> MlflowTarget | None:
+        """None when MLflow is switched off or not installed."""
+        if not config.enabled or importlib.util.find_spec("mlflow") is None:
+            return None
+        uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('runs')}/mlflow.db"
+        # A local database keeps a new experiment's artifacts beside it: MLflow's default is ./mlruns under
+        # whatever folder the process runs in. A server decides for itself.
+        database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+        artifacts = f"file://{os.path.dirname(os.path.abspath(database))}/mlruns" if database else None
+        return cls(uri, config.experiment, artifacts)
+
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        # MLflow gives its logger a console handler when imported; its INFO lines (database set-up) are noise.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        if self.tracking_uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(self.tracking_uri.removeprefix("sqlite:///")), exist_ok=True)
+        return MlflowClient(self.tracking_uri)
+
+    def open_run(self, output: str, run_name: str, params: dict[str, Any]) -> str:
+        """The id of this ``output``'s run: the one ``<output>/mlflow.json`` names (a resumed training), else
+        a new one with ``params`` (the spec) logged."""
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        record_uri = storage.join(output, MLFLOW_RECORD)
+        if (run_id := self.recorded_run(output)) is not None:
+            with contextlib.suppress(MlflowException):  # deleted meanwhile: start another
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+        experiment = client.get_experiment_by_name(self.experiment)
+        experiment_id = (experiment.experiment_id if experiment
+                         else client.create_experiment(self.experiment, artifact_location=self.artifact_location))
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={"lesion_ray.output": output}).info.run_id
+        items = [Param(k, v) for k, v in flat_params(params).items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            client.log_batch(run_id, params=items[i:i + 100])
+        storage.write_text(record_uri, json.dumps({"tracking_uri": self.tracking_uri, "run_id": run_id}, indent=2))
+        return run_id
+
+    def recorded_run(self, output: str) -> str | None:
+        """The run id ``<output>/mlflow.json`` records for this tracking URI, if any."""
+        record_uri = storage.join(output, MLFLOW_RECORD)
+        if not storage.exists(record_uri):
+            return None
+        record = json.loads(storage.read_text(record_uri))
+        return record["run_id"] if record.get("tracking_uri") == self.tracking_uri else None
+
+    def log_epoch(self, run_id: str, row: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, int(row["epoch"])) for key, value in scalars(row).items()]
+        self.client().log_batch(run_id, metrics=metrics)
+
+    def finish(self, run_id: str, files: dict[str, str], tags: dict[str, str], failed: bool = False) -> None:
+        """Attach ``files`` (artifact name -> storage URI), set ``tags``, mark the run finished or failed.
+        A tracking server that fails here costs a warning, not the training that just finished."""
+        try:
+            client = self.client()
+            with tempfile.TemporaryDirectory() as folder:
+                for name, uri in files.items():
+                    if storage.exists(uri):
+                        local = os.path.join(folder, name)
+                        with open(local, "wb") as f:
+                            f.write(storage.read_bytes(uri))
+                        client.log_artifact(run_id, local)
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        except Exception as exc:
+            report.info(f"warning: closing MLflow run {run_id} failed ({type(exc).__name__}: {exc})")
+
+
+class EpochLog(ray.train.UserCallback):
+    """One console line, one TensorBoard step and one MLflow step per epoch (see the module's doc)."""
+
+    def __init__(self, epochs: int, output: str, tensorboard: bool, mlflow: MlflowTarget | None, run_name: str,
+                 params: dict[str, Any]) -> None:
+        self.epochs, self.output, self.run_name, self.params = epochs, output, run_name, params
+        self.tensorboard_uri = storage.join(output, TENSORBOARD_DIR) if tensorboard else None
+        self.mlflow = mlflow
+        self._writer: Any = None  # made in the controller: an open event file does not travel
+        self._events_dir = ""
+        self._run_id: str | None = None
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        row = metrics[0]  # every worker reports the same all-reduced row
+        report.info(f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
+                    f"val_loss {row['val_loss']:.4f} val_score {row['val_score']:.4f} "
+                    f"({row['train_images_per_s']:.1f} images/s on {row['world_size']} workers)")
+        # A record that fails must not fail the training: say so and go on.
+        try:
+            if self.tensorboard_uri:
+                self._log_tensorboard(row)
+            if self.mlflow:
+                if self._run_id is None:
+                    self._run_id = self.mlflow.open_run(self.output, self.run_name, self.params)
+                    report.info(f"logging to MLflow {self.mlflow.tracking_uri} (run {self._run_id})")
+                self.mlflow.log_epoch(self._run_id, row)
+        except Exception as exc:
+            report.info(f"warning: recording epoch {row['epoch']} failed ({type(exc).__name__}: {exc})")
+
+    def _log_tensorboard(self, row: dict[str, Any]) -> None:
+        # tensorboardX's synchronous writer: its SummaryWriter queues events for a thread, and flush() does
+        # not wait for that queue, so the copy below could miss the newest epoch.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        if self._writer is None:
+            self._events_dir = tempfile.mkdtemp(prefix="lesion-ray-tensorboard-")
+            self._writer = EventsWriter(os.path.join(self._events_dir, "events"))
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scalars(row).items()]
+        self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=int(row["epoch"]),
+                                                 summary=summary_pb2.Summary(value=values)))
+        self._writer.flush()
+        for name in os.listdir(self._events_dir):
+            with open(os.path.join(self._events_dir, name), "rb") as f:
+                storage.write_bytes(storage.join(self.tensorboard_uri, name), f.read())
