@@ -37,7 +37,7 @@ import ray
 import torch
 from common import PeakMemory, publish_model, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 
-from lesion_ray import predict, preprocess, registry, storage, synth
+from lesion_ray import inference, predict, preprocess, registry, storage, synth
 from lesion_ray.model import ModelConfig
 from lesion_ray.spec import from_dict
 
@@ -67,10 +67,10 @@ def sequential(model: torch.nn.Module, config: ModelConfig, sources: list[str], 
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
             x = preprocess.to_model_input([image], config.input_size, device)
             probs = torch.sigmoid(model(x)[0])[0].cpu().numpy()
-            masks = predict.to_masks(probs, height, width, 0.5)
+            masks = inference.to_masks(probs, height, width, 0.5)
             names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):
-                storage.write_bytes(storage.join(out, name), predict.encode_png(mask))
+                storage.write_bytes(storage.join(out, name), inference.mask_png(mask))
     return len(sources) / (time.perf_counter() - start)
 
 

@@ -75,8 +75,8 @@ def direct(loaded: registry.LoadedModel, data: bytes, requests: int) -> dict[str
     latencies = []
     for _ in range(requests):
         start = time.perf_counter()
-        x, orig, _ = lserve.prepare(data, lserve.DEFAULT_MAX_PIXELS, loaded.config.input_size)
-        lserve.mask_png(lserve.forward(loaded, [x])[0], orig)
+        x, orig = lserve.prepare(data, lserve.DEFAULT_MAX_PIXELS, loaded.config.input_size)
+        lserve.union_png(lserve.forward(loaded, [x])[0], orig)
         latencies.append(time.perf_counter() - start)
     return {"rps": requests / sum(latencies), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 

@@ -54,7 +54,8 @@ import ray
 import torch
 from PIL import Image
 
-from lesion_ray import data, preprocess, registry, report, storage
+from lesion_ray import data, inference, preprocess, registry, report, storage
+from lesion_ray.inference import Postprocess
 from lesion_ray.model import ModelConfig
 from lesion_ray.registry import ModelRef
 from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param, to_dict
@@ -70,12 +71,8 @@ ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left af
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError)
 OVERLAY_HEIGHT = 256
-Postprocess = Literal["none", "largest_component"]
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
-# Overlay colours: the lesion (Task 1), then one per attribute in data.ATTRIBUTES order (Task 2).
-LESION_COLOUR = (255, 40, 40)
-ATTRIBUTE_COLOURS = ((255, 40, 40), (40, 200, 255), (255, 220, 0), (60, 255, 60), (255, 60, 255))
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -162,20 +159,8 @@ class Predictor:
         torch.set_num_threads(threads)
         self.loaded = registry.load_model(model_dir, device=device)
         self.device = device
-        self.flips = [(), (3,), (2,)] if tta else [()]
+        self.tta = tta
         self.node = ray.get_runtime_context().get_node_id()
-
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sigmoid mask probabilities and both heads' probabilities, averaged over the flips."""
-        probs = head1 = head2 = 0
-        for dims in self.flips:
-            logits, h1, h2 = self.loaded.model(images.flip(dims) if dims else images)
-            p = torch.sigmoid(logits)
-            probs = probs + (p.flip(dims) if dims else p)
-            head1, head2 = head1 + torch.sigmoid(h1), head2 + torch.sigmoid(h2)
-        n = len(self.flips)
-        return probs / n, head1 / n, head2 / n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["error"] == ""
@@ -186,7 +171,7 @@ class Predictor:
         start = time.perf_counter()
         if ok.any():
             images = torch.from_numpy(batch["image"][ok]).to(self.device)  # boolean indexing copied it
-            p, h1, h2 = self.forward(images)
+            p, h1, h2 = inference.forward(self.loaded.model, images, self.tta)
             probs[ok] = p.half().cpu().numpy()
             head1[ok], head2[ok] = h1.float().cpu().numpy(), h2.float().cpu().numpy()
         infer_ms = 1000 * (time.perf_counter() - start) / max(int(ok.sum()), 1)
@@ -196,112 +181,22 @@ class Predictor:
         return out
 
 
-# --- Post-processing ----------------------------------------------------------------------------
-
-
-def to_masks(probs: np.ndarray, height: int, width: int, threshold: float,
-             postprocess: Postprocess = "none") -> np.ndarray:
-    """[C, S, S] probabilities -> [C, height, width] uint8 0/255: bilinear resize, then threshold.
-
-    ``largest_component`` applies to a one-channel (Task 1) map only: Task 2 attribute masks are
-    many small regions (dots, lines) by nature.
-    """
-    out = np.empty((len(probs), height, width), np.uint8)
-    for c, channel in enumerate(probs):
-        resized = Image.fromarray(channel.astype(np.float32), "F").resize((width, height), Image.Resampling.BILINEAR)
-        mask = np.asarray(resized) > threshold
-        if postprocess == "largest_component" and len(probs) == 1:
-            mask = largest_component(mask)
-        out[c] = np.where(mask, 255, 0)
-    return out
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected region of a bool [H, W] mask, its holes filled (as MONAI's
-    KeepLargestConnectedComponent + FillHoles): an ISIC Task 1 lesion is one region without holes.
-
-    Works on horizontal runs of pixels rather than pixels, so a full-size ISIC mask (12 Mpx) costs
-    a few numpy passes and a Python loop over its runs.
-    """
-    if not mask.any():
-        return mask
-    rows, starts, stops = _runs(mask)
-    labels = _run_components(rows, starts, stops, diagonal=True)
-    keep = labels == np.bincount(labels, weights=stops - starts).argmax()
-    kept = _paint(rows[keep], starts[keep], stops[keep], mask.shape)
-    # Holes: background regions that do not reach the border; 4-connected, the dual of the lesion's 8.
-    rows, starts, stops = _runs(~kept)
-    labels = _run_components(rows, starts, stops, diagonal=False)
-    border = (rows == 0) | (rows == mask.shape[0] - 1) | (starts == 0) | (stops == mask.shape[1])
-    outside = np.isin(labels, labels[border])
-    return ~_paint(rows[outside], starts[outside], stops[outside], mask.shape)
-
-
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The horizontal runs of True in a bool [H, W]: row, start, stop (exclusive), in row-major order."""
-    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    rows, starts = np.nonzero(edges == 1)
-    _, stops = np.nonzero(edges == -1)
-    return rows, starts, stops
-
-
-def _run_components(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, diagonal: bool) -> np.ndarray:
-    """A region label per run: union-find over runs that touch in adjacent rows (corners too if ``diagonal``)."""
-    if not len(rows):
-        return np.zeros(0, np.int64)
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    reach = int(diagonal)
-    first = np.searchsorted(rows, np.arange(rows[-1] + 2)).tolist()  # first run of each row
-    start, stop = starts.tolist(), stops.tolist()
-    for row in range(rows[-1]):
-        a, b = first[row], first[row + 1]
-        a_end, b_end = first[row + 1], first[row + 2]
-        while a < a_end and b < b_end:  # both rows' runs are sorted: one merge-like pass
-            if start[a] < stop[b] + reach and start[b] < stop[a] + reach:
-                parent[find(a)] = find(b)
-            if stop[a] < stop[b]:
-                a += 1
-            else:
-                b += 1
-    return np.array([find(i) for i in range(len(parent))])
-
-
-def _paint(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Runs back to a bool mask: +1 where a run starts, -1 where it stops, running sum along each row."""
-    marks = np.zeros((shape[0], shape[1] + 1), np.int8)
-    marks[rows, starts] = 1  # runs of one row never share a start or stop: no index repeats
-    marks[rows, stops] = -1
-    return np.cumsum(marks, axis=1, dtype=np.int8)[:, :-1] > 0
-
-
-def encode_png(mask: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    # Level 1: binary masks compress well anyway, and encoding is the write stage's main cost.
-    Image.fromarray(mask, "L").save(out, format="PNG", compress_level=1)
-    return out.getvalue()
+# --- Writing outputs ------------------------------------------------------------------------------
 
 
 def overlay_png(image: np.ndarray, masks: np.ndarray) -> bytes:
-    """input | mask | overlay, side by side at :data:`OVERLAY_HEIGHT`; masks are [C, H, W] 0/255."""
+    """input | mask | overlay, side by side at :data:`OVERLAY_HEIGHT`; masks are bool [C, H, W]."""
     height = min(OVERLAY_HEIGHT, masks.shape[1])
     width = max(1, round(masks.shape[2] * height / masks.shape[1]))
-    picture = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR), np.float32)
-    # Task 1: a white mask (as the tutorial shows it), tinted red on the image; Task 2: a colour per attribute.
-    colours = [LESION_COLOUR] if len(masks) == 1 else ATTRIBUTE_COLOURS
+    picture = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    small = np.stack([np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
+                      for mask in masks])
+    # Task 1: a white mask (as the tutorial shows it); Task 2: each attribute in its overlay colour.
     painted = np.zeros_like(picture)
-    blended = picture.copy()
-    for mask, colour in zip(masks, colours, strict=True):
-        on = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST)) > 0
-        painted[on] = (255, 255, 255) if len(masks) == 1 else colour
-        blended[on] = 0.5 * picture[on] + 0.5 * np.array(colour, np.float32)
-    panel = np.concatenate([picture, painted, blended], axis=1).astype(np.uint8)
+    colours = [(255, 255, 255)] if len(masks) == 1 else inference.OVERLAY_COLOURS[2]
+    for mask, colour in zip(small, colours, strict=True):
+        painted[mask] = colour
+    panel = np.concatenate([picture, painted, inference.tint(picture, small)], axis=1)
     out = io.BytesIO()
     Image.fromarray(panel, "RGB").save(out, format="PNG")
     return out.getvalue()
@@ -310,17 +205,18 @@ def overlay_png(image: np.ndarray, masks: np.ndarray) -> bytes:
 def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, postprocess: Postprocess,
                overlay: bool, max_pixels: int) -> tuple[list[str], str, list[float]]:
     """Write one image's masks (and overlay); returns (mask URIs, overlay URI, area fractions)."""
-    masks = to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold, postprocess)
+    masks = inference.to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold,
+                               postprocess)
     uris = [storage.join(out, MASKS_DIR, name) for name in mask_names(str(row["id"]), task)]
     for uri, mask in zip(uris, masks, strict=True):
-        storage.write_bytes(uri, encode_png(mask))
+        storage.write_bytes(uri, inference.mask_png(mask))
     overlay_uri = ""
     if overlay:
         image, _ = preprocess.decode_image(storage.read_bytes(str(row["source"])), max_pixels=max_pixels,
                                            target=OVERLAY_HEIGHT)
         overlay_uri = storage.join(out, OVERLAYS_DIR, f"{row['id']}_overlay.png")
         storage.write_bytes(overlay_uri, overlay_png(image, masks))
-    return uris, overlay_uri, [float(np.count_nonzero(m)) / m.size for m in masks]
+    return uris, overlay_uri, [float(m.mean()) for m in masks]
 
 
 def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, postprocess: Postprocess,

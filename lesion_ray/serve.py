@@ -57,9 +57,9 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from lesion_ray import registry, report, storage
+from lesion_ray import inference, registry, report, storage
 from lesion_ray.data import ATTRIBUTES
-from lesion_ray.predict import Postprocess, encode_png, to_masks
+from lesion_ray.inference import Postprocess, mask_png, tint, to_masks
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
@@ -67,9 +67,6 @@ from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_d
 logger = logging.getLogger("ray.serve")
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Overlay colours: red for the lesion (Task 1), one colour per attribute in ATTRIBUTES order (Task 2).
-COLOURS = {1: [(230, 25, 75)], 2: [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48)]}
-OVERLAY_ALPHA = 0.45
 DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^;,]*)*?;base64,(?P<data>.*)$", re.DOTALL)
 DATA_URI_TYPES = ("image/png", "image/jpeg", "image/jpg")
 STATIC = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
@@ -258,10 +255,8 @@ def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | No
     x = torch.from_numpy(np.stack(inputs))
     if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    with torch.inference_mode():
-        logits, head1, _ = loaded.model(x)
-    probs = torch.sigmoid(logits).to(torch.float16).numpy()
-    scores = torch.sigmoid(head1).tolist()
+    probs, head1, _ = inference.forward(loaded.model, x)
+    probs, scores = probs.to(torch.float16).numpy(), head1.tolist()
     cut = loaded.threshold if threshold is None else threshold
     return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
             for i in range(len(inputs))]
@@ -269,17 +264,12 @@ def forward(loaded: LoadedModel, inputs: list[np.ndarray], threshold: float | No
 
 def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
     """bool [C, H, W]: probabilities resized to the original size, thresholded and post-processed, as predict does."""
-    return to_masks(pred.probs, *orig, pred.threshold, pred.postprocess) > 0
+    return to_masks(pred.probs, *orig, pred.threshold, pred.postprocess)
 
 
-def png(mask: np.ndarray) -> bytes:
-    """A greyscale 0/255 PNG, as the ISIC masks are."""
-    return encode_png(mask.astype(np.uint8) * 255)
-
-
-def mask_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
+def union_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
     """The lesion mask (Task 2: any attribute) at the original size, as PNG."""
-    return png(masks_at(pred, orig).any(0))
+    return mask_png(masks_at(pred, orig).any(0))
 
 
 def overlay_image(data: bytes, pred: Prediction, orig: tuple[int, int], max_pixels: int) -> bytes:
@@ -289,12 +279,8 @@ def overlay_image(data: bytes, pred: Prediction, orig: tuple[int, int], max_pixe
     """
     with client_errors("the upload"):
         image, _ = decode_image(data, max_pixels=max_pixels)
-    out = Image.fromarray(image)
-    for mask, colour in zip(masks_at(pred, orig), COLOURS[pred.task], strict=True):
-        alpha = Image.fromarray(mask.astype(np.uint8) * round(255 * OVERLAY_ALPHA))
-        out = Image.composite(Image.new("RGB", out.size, colour), out, alpha)
     buf = io.BytesIO()
-    out.save(buf, "JPEG", quality=90)
+    Image.fromarray(tint(image, masks_at(pred, orig))).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 
@@ -306,12 +292,13 @@ def segment_json(pred: Prediction, orig: tuple[int, int]) -> dict[str, Any]:
         "height": int(union.shape[0]),
         "width": int(union.shape[1]),
         "threshold": pred.threshold,
-        "mask": base64.b64encode(png(union)).decode(),
+        "mask": base64.b64encode(mask_png(union)).decode(),
         "lesion_area_fraction": float(union.mean()),
         "attributes": dict(zip(labels(pred.task), pred.scores, strict=True)),
     }
     if pred.task == 2:
-        body["attribute_masks"] = {a: base64.b64encode(png(m)).decode() for a, m in zip(ATTRIBUTES, masks, strict=True)}
+        body["attribute_masks"] = {a: base64.b64encode(mask_png(m)).decode()
+                                   for a, m in zip(ATTRIBUTES, masks, strict=True)}
     return body
 
 
@@ -411,6 +398,7 @@ class SegmentationModel:
             spec.storage.apply()
         self.spec = spec
         self.batches = self.images = 0  # this replica's forward passes and the images in them
+        self.refused: dict[str, str] | None = None  # the newest version that could not be served, and why
         self.loaded = await asyncio.to_thread(self._load, spec.model)
         self.predict.set_max_batch_size(spec.max_batch_size)
         self.predict.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
@@ -424,7 +412,6 @@ class SegmentationModel:
         return loaded
 
     async def _follow_latest(self) -> None:
-        broken = None  # a version that failed to load or check: not tried again
         while True:
             await asyncio.sleep(self.spec.poll_latest_s)
             current = f"{self.loaded.name}@{self.loaded.version}"
@@ -433,13 +420,13 @@ class SegmentationModel:
             except Exception as exc:  # storage hiccups: look again at the next poll
                 logger.warning(f"staying on {current}: cannot read the registry: {type(exc).__name__}: {exc}")
                 continue
-            if version in (self.loaded.version, broken):
-                continue
+            if version == self.loaded.version or (self.refused and version == self.refused["version"]):
+                continue  # a version that failed to load or check is not tried again
             try:
                 # Loaded and checked beside the current model while requests keep flowing; then one assignment.
                 self.loaded = await asyncio.to_thread(self._load, _pinned(self.spec.model, version))
             except Exception as exc:  # broken weights, a config that does not fit, an unreadable file
-                broken = version
+                self.refused = {"version": version, "reason": str(exc)}
                 logger.warning(f"staying on {current}: version {version} cannot be served: {exc}")
 
     @serve.batch
@@ -456,7 +443,7 @@ class SegmentationModel:
             "architecture": loaded.config.architecture, "input_size": loaded.config.input_size,
             "threshold": loaded.threshold if self.spec.threshold is None else self.spec.threshold,
             "postprocess": self.spec.postprocess,
-            "labels": list(labels(loaded.config.task)), "metrics": loaded.metrics,
+            "labels": list(labels(loaded.config.task)), "metrics": loaded.metrics, "refused_version": self.refused,
             "replica": {"batches": self.batches, "images": self.images},
         }
 
@@ -596,7 +583,7 @@ class SegmentationApi:
         if overlay:
             return Response(await self.pool.run(overlay_image, data, pred, orig, spec.max_pixels),
                             media_type="image/jpeg", headers=headers)
-        return Response(await self.pool.run(mask_png, pred, orig), media_type="image/png", headers=headers)
+        return Response(await self.pool.run(union_png, pred, orig), media_type="image/png", headers=headers)
 
     @api.post("/v1/predict")
     async def predict(self, request: Request) -> JSONResponse:
@@ -608,7 +595,7 @@ class SegmentationApi:
         # Every row is decoded before any reaches the model; the rows are then batched together.
         prepared = await self._prepare(images)
         preds = await asyncio.gather(*(self._predict(x) for x, _ in prepared))
-        masks = await asyncio.gather(*(self.pool.run(mask_png, p, orig)
+        masks = await asyncio.gather(*(self.pool.run(union_png, p, orig)
                                        for p, (_, orig) in zip(preds, prepared, strict=True)))
         out = [{"mask": "data:image/png;base64," + base64.b64encode(m).decode()} for m in masks]
         return JSONResponse({"rows": out, "model": {"name": preds[0].name, "version": preds[0].version}})

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import data, predict, registry, storage
+from lesion_ray import data, inference, predict, registry, storage
 from lesion_ray.model import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -57,8 +57,8 @@ def read_png(uri: str) -> Image.Image:
 def test_to_masks_resizes_probabilities_then_thresholds() -> None:
     probs = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float16)
     # Bilinear 2 -> 4 columns samples at x = -0.25, 0.25, 0.75, 1.25: 0, .25, .75, 1.
-    assert predict.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[0, 0, 255, 255]] * 3
-    assert predict.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[0, 255, 255, 255]] * 3
+    assert inference.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[False, False, True, True]] * 3
+    assert inference.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[False, True, True, True]] * 3
 
 
 def regions(mask: np.ndarray, diagonal: bool) -> list[set[tuple[int, int]]]:
@@ -90,17 +90,17 @@ def test_largest_component_drops_stray_blobs_and_fills_holes() -> None:
     probs[0, 6:8, 6:8] = 0.1    # a hole in it
     probs[0, 13:15, 13:15] = 0.8  # a stray blob
     probs[0, 0, 0] = 0.7  # and a stray pixel in the corner
-    raw = predict.to_masks(probs, 32, 32, 0.5)[0] > 0
+    raw = inference.to_masks(probs, 32, 32, 0.5)[0]
     assert len(regions(raw, diagonal=True)) == 3 and holes(raw) == 1
-    kept = predict.to_masks(probs, 32, 32, 0.5, "largest_component")[0] > 0
+    kept = inference.to_masks(probs, 32, 32, 0.5, "largest_component")[0]
     assert len(regions(kept, diagonal=True)) == 1 and holes(kept) == 0
     assert kept[6:24, 6:24].all() and kept.sum() == 18 * 18  # the lesion, filled, and nothing else
     # Task 2 attribute masks are many regions by nature: left as they are.
     attributes = np.repeat(probs, 5, axis=0)
-    assert np.array_equal(predict.to_masks(attributes, 32, 32, 0.5, "largest_component"),
-                          predict.to_masks(attributes, 32, 32, 0.5))
-    assert not predict.largest_component(np.zeros((4, 4), bool)).any()
-    assert predict.largest_component(np.ones((4, 4), bool)).all()
+    assert np.array_equal(inference.to_masks(attributes, 32, 32, 0.5, "largest_component"),
+                          inference.to_masks(attributes, 32, 32, 0.5))
+    assert not inference.largest_component(np.zeros((4, 4), bool)).any()
+    assert inference.largest_component(np.ones((4, 4), bool)).all()
 
 
 def test_min_actors_above_max_is_a_spec_error() -> None:

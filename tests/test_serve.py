@@ -18,7 +18,7 @@ from PIL import Image
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from lesion_ray import cli, predict, registry
+from lesion_ray import cli, inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
@@ -208,7 +208,7 @@ def test_masks_at_post_processes_task1_as_predict_does():
     raw = lserve.masks_at(dataclasses.replace(pred, postprocess="none"), (24, 24))[0]
     assert raw[22:, 22:].any() and not mask[22:, 22:].any()  # the stray blob is dropped
     assert not raw[9:12, 9:12].all() and mask[9:12, 9:12].all()  # the hole is filled
-    assert np.array_equal(mask, predict.to_masks(probs, 24, 24, 0.5, "largest_component")[0] > 0)
+    assert np.array_equal(mask, inference.to_masks(probs, 24, 24, 0.5, "largest_component")[0])
 
 
 # --- Over HTTP ---------------------------------------------------------------------------------
@@ -447,7 +447,7 @@ def test_model_info(client):
     assert info.pop("ingress").keys() == {"max_concurrent_decodes", "decodes_peak"}
     assert info == {"name": "lesion", "version": "1", "task": 1, "architecture": "unet", "input_size": 32,
                     "threshold": 0.5, "postprocess": "largest_component", "labels": ["lesion"],
-                    "metrics": {"val_jaccard": 0.1}}
+                    "metrics": {"val_jaccard": 0.1}, "refused_version": None}
 
 
 def test_concurrent_images_share_forward_passes(client):
@@ -491,6 +491,9 @@ def test_new_latest_version_switches_under_load_without_failures(app, client):
     # One model replica: once it answers v2 it never goes back (up to the 4 answers already in flight).
     assert "1" not in versions[versions.index("2") + 4:]
     publish_unet(app["registry"], app["work"], 3, broken=True)
-    time.sleep(2.0)  # four polls
+    deadline = time.monotonic() + 30  # the replica polls every 0.5 s: it must find v3, try it and refuse it
+    while (refused := client.get("v1/model").json()["refused_version"]) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert refused is not None and refused["version"] == "3" and "NaN" in refused["reason"], refused
     assert client.get("healthz").json() == {"status": "ok"} and client.get("v1/model").json()["version"] == "2"
     assert client.post("v1/segment", content=data).headers["x-model"] == "lesion@2"

@@ -116,7 +116,11 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert {step for name in events for step, _ in tensorboard_scalars(storage.read_bytes(name))["loss/train"]} \
         == set(range(1, 14))
     summary = resumed
-    assert summary["model"] in ("tiny@1", "tiny@2")  # a new version only if the best checkpoint changed
+    # Published once per best checkpoint: a new version only if epoch 13 beat the first 12.
+    before, after = max(row["val_score"] for row in history[:12]), history[12]["val_score"]
+    expected = ["tiny@2"] if after > before else ["tiny@1"] if after < before else ["tiny@1", "tiny@2"]  # a tie
+    assert summary["model"] in expected
+    assert registry.versions("tiny", reg) == list(range(1, int(summary["model"].split("@")[1]) + 1))
     # The run folder itself is a model reference (its best model).
     assert registry.load_model(out).config == ModelConfig(architecture="unet", input_size=32, num_filters=8, depth=3)
 
