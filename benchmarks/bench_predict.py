@@ -66,7 +66,7 @@ def sequential(model: torch.nn.Module, config: ModelConfig, sources: list[str], 
         for uri in sources:
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
             x = preprocess.to_model_input([image], config.input_size, device)
-            probs = torch.sigmoid(model(x)[0])[0].cpu().numpy()
+            probs = inference.forward(model, x)[0][0].cpu().numpy()
             masks = inference.to_masks(probs, height, width, 0.5)
             names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):

@@ -149,15 +149,15 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def find_predict_record(predictions: str) -> dict[str, Any] | None:
     """The ``predict.json`` of the predict run whose output is ``predictions`` (or its ``masks/``)."""
     folder = storage.normalize(predictions)
-    for candidate in (folder, storage.parent(folder)):
+    candidates = [folder, storage.parent(folder)] if storage.basename(folder) == predict.MASKS_DIR else [folder]
+    for candidate in candidates:
         uri = storage.join(candidate, predict.PREDICT_RECORD)
         if storage.exists(uri):
             return json.loads(storage.read_text(uri))
     return None
 
 
-def pick_examples(ids: list[str], scores: np.ndarray, per_group: int = EXAMPLES_PER_GROUP
-                  ) -> list[tuple[str, list[int]]]:
+def pick_examples(scores: np.ndarray, per_group: int = EXAMPLES_PER_GROUP) -> list[tuple[str, list[int]]]:
     """(title, indices) of the worst, median and best images by score; all of them when few."""
     order = [int(i) for i in np.argsort(scores, kind="stable")]
     if len(order) <= 3 * per_group:
@@ -178,7 +178,7 @@ def _per_image(table: pa.Table, scored: np.ndarray) -> tuple[list[str], np.ndarr
 
 def _read_binary(uri: str) -> np.ndarray | None:
     try:
-        return read_mask(uri) > 128
+        return metrics.binarize(read_mask(uri))
     except (ValueError, storage.StorageError):
         return None
 
@@ -205,7 +205,7 @@ def _image_sources(record: dict[str, Any] | None, truth: dict[str, dict[str, str
                    ids: list[str]) -> dict[str, str]:
     """Where the input images of ``ids`` lie: the predict manifest's sources, else the ISIC input folder
     beside the ground truth."""
-    if record and storage.exists(record["manifest"]):
+    if record and record.get("manifest") and storage.exists(record["manifest"]):
         manifest = pq.read_table(io.BytesIO(storage.read_bytes(record["manifest"])), columns=["id", "source"])
         manifest = manifest.filter(pc.is_in(manifest["id"], pa.array(ids)))
         return dict(zip(manifest["id"].to_pylist(), manifest["source"].to_pylist(), strict=True))
@@ -222,7 +222,7 @@ def example_groups(table: pa.Table, scored: np.ndarray, truth: dict[str, dict[st
                    record: dict[str, Any] | None, subset: str) -> list[tuple[str, list[dict[str, Any]]]]:
     """The report's tiles: the worst, median and best images by per-image Jaccard."""
     ids, scores = _per_image(table, scored)
-    groups = pick_examples(ids, scores)
+    groups = pick_examples(scores)
     chosen = sorted({ids[i] for _, indices in groups for i in indices})
     sources = _image_sources(record, truth, subset, chosen)
     by_id: dict[str, list[dict[str, Any]]] = {}
@@ -248,7 +248,8 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
                 report_page.examples_section(groups, job.task),
                 report_page.problems_section(result, PROBLEM_DESCRIPTIONS)]
     if card:
-        settings = [("predicted with threshold", record["threshold"]), ("post-processing", record["postprocess"])]
+        settings = [("predicted with threshold", record.get("threshold", "?")),
+                    ("post-processing", record.get("postprocess", "?"))]
         sections += [report_page.model_section(card, settings),
                      report_page.curves_section(training.get("history", []), job.task)]
     else:
@@ -260,7 +261,7 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
     sections.append(report_page.specs_section([("train spec", training.get("spec")),
                                                ("predict spec", record["spec"] if record else None),
                                                ("evaluate spec", to_dict(job))]))
-    model = f" · model {record['model']['name']}@{record['model']['version']}" if record else ""
+    model = f" · model {report_page.model_name(card)}" if card else ""
     subtitle = f"ISIC 2018 Task {job.task}, {result['images']:,} images{model}"
     storage.write_text(uri, report_page.page(f"Evaluation '{job.name}'", subtitle, sections))
 
@@ -322,9 +323,15 @@ def run(spec: EvaluateSpec) -> dict[str, Any]:
     storage.write_bytes(storage.join(out, FIGURE_FILE), figures.confusion_figure(cm, title))
     with storage.open_write(storage.join(out, PAIRS_FILE)) as f:
         pq.write_table(table, f)
-    record = find_predict_record(spec.predictions)
     page_uri = storage.join(out, report_page.PAGE_FILE)
-    write_page(page_uri, spec, result, example_groups(table, scored, truth, record, spec.subset), record)
+    try:
+        record = find_predict_record(spec.predictions)
+        write_page(page_uri, spec, result, example_groups(table, scored, truth, record, spec.subset), record)
+    except (ValueError, KeyError, TypeError, storage.StorageError) as exc:
+        # The scores are written: a page that cannot be made (a damaged predict.json, masks changed meanwhile)
+        # must not fail the evaluation.
+        report.info(f"warning: {page_uri} not written ({type(exc).__name__}: {exc}); the scores are in report.json")
+        page_uri = "none"
 
     summary: dict[str, Any] = {"task": spec.task, "images": len(truth), "masks": len(items)}
     summary.update({k: v for k, v in scores.items() if k != "per_attribute"})

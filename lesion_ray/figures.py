@@ -1,7 +1,7 @@
 """Figures a person looks at: training curves, the pixel confusion matrix, truth-vs-prediction tiles.
 
-Each returns PNG bytes (Pillow only, no plotting library), written beside a run's outputs and
-embedded in its ``report.html`` (:mod:`lesion_ray.report_page`).
+Each returns image bytes (PNG; the photographic tiles JPEG), drawn with Pillow alone, written beside a
+run's outputs and embedded in its ``report.html`` (:mod:`lesion_ray.report_page`).
 """
 
 from __future__ import annotations

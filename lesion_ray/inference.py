@@ -6,7 +6,7 @@ prediction: model inputs -> probabilities -> ISIC masks at the original size -> 
 - :func:`to_masks`: probabilities resized back to the image, thresholded, a Task 1 mask kept as
   its largest region with the holes filled (``postprocess``);
 - :func:`mask_png` and :func:`tint`: the ISIC 0/255 greyscale PNG of a mask and the image with
-  its masks tinted in :data:`OVERLAY_COLOURS` (the web page's overlay uses the same colours).
+  its masks tinted in :data:`OVERLAY_COLOURS`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from PIL import Image
 from torch import nn
 
 Postprocess = Literal["none", "largest_component"]
-# The lesion (Task 1); one colour per attribute in data.ATTRIBUTES order (Task 2). web/app.js draws the same.
+# The lesion (Task 1); one colour per attribute in data.ATTRIBUTES order (Task 2). The web page (web/app.js)
+# tints the lesion (Task 2: any attribute) in the Task 1 colour, at OVERLAY_ALPHA by default.
 OVERLAY_COLOURS = {1: ((230, 25, 75),),
                    2: ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48))}
 OVERLAY_ALPHA = 0.45
@@ -130,8 +131,12 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 
 def tint(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3] with each bool mask channel [C, H, W] (same size) tinted in its overlay colour."""
-    out = image.astype(np.float32)
+    """RGB uint8 [H, W, 3] with each bool mask channel [C, H, W] (same size) tinted in its overlay colour.
+
+    Only the masked pixels are blended in float: a full-size ISIC photo stays uint8 (36 MB, not 144).
+    """
+    out = image.copy()
     for mask, colour in zip(masks, OVERLAY_COLOURS[1 if len(masks) == 1 else 2], strict=True):
-        out[mask] = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * np.array(colour, np.float32)
-    return np.round(out).astype(np.uint8)
+        blended = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * np.array(colour, np.float32)
+        out[mask] = np.round(blended).astype(np.uint8)
+    return out

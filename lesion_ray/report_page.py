@@ -104,24 +104,30 @@ def curves_section(history: list[dict[str, Any]], task: int) -> str:
     best = max(history, key=lambda row: row["val_score"])
     columns = ["epoch", "train_loss", "val_loss", "val_score", "lr", "world_size", "epoch_time_s"]
     table = grid(columns, ([row.get(c, "") for c in columns] for row in history))
-    body = (f"<p>Best epoch <b>{best['epoch']}</b> of {len(history)}: validation score "
-            f"<b>{best['val_score']:.4f}</b> ({'thresholded Jaccard' if task == 1 else 'pooled Jaccard'} "
+    body = (f"<p>Best epoch <b>{number(best['epoch'])}</b> of {len(history)}: validation score "
+            f"<b>{number(best['val_score'])}</b> ({'thresholded Jaccard' if task == 1 else 'pooled Jaccard'} "
             "at the model's input size).</p>"
             f"{image(figures.plot_history(history, task), 'training curves')}"
             f"<details><summary>Every epoch</summary>{table}</details>")
     return section("Training curves", body, "training")
 
 
+def model_name(card: dict[str, Any]) -> str:
+    """``name@version`` of a registry model; a model folder's location otherwise."""
+    config = card.get("config", {})
+    return f"{config.get('name', '?')}@{config['version']}" if config.get("version") else card["uri"]
+
+
 def model_section(card: dict[str, Any], extra: Iterable[tuple[str, Any]] = ()) -> str:
     """A model's name, version, where it lies and how it was configured (:func:`registry.model_card`)."""
     config = card.get("config", {})
-    name = f"{config.get('name', '?')}@{config.get('version', '?')}" if config.get("version") else card["uri"]
-    rows = [("model", name), ("location", card["uri"]), ("architecture", config.get("architecture", "?")),
+    rows = [("model", model_name(card)), ("location", card["uri"]), ("architecture", config.get("architecture", "?")),
             ("task", config.get("task", "?")), ("input size", config.get("input_size", "?")),
             ("threshold", config.get("threshold", "?")), *extra]
     best = {k: v for k, v in card.get("metrics", {}).items() if k.startswith("val_") or k == "epoch"}
     if best:
-        rows.append(("at publishing", ", ".join(f"{k} {number(v)}" for k, v in best.items())))
+        rows.append(("at publishing", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in best.items())))
     return section("Model", key_values(rows), "model")
 
 
@@ -173,7 +179,7 @@ def examples_section(groups: list[tuple[str, list[dict[str, Any]]]], task: int) 
     legend = " ".join(f'<span class="key" style="background: rgb{colour}"></span> {label}' for colour, label in (
         (figures.AGREE, "predicted and true"), (figures.PREDICTED_ONLY, "predicted only"),
         (figures.MISSED, "missed")))
-    scope = "lesion" if task == 1 else "any attribute (the five together)"
+    scope = "lesion" if task == 1 else "any attribute (the five together: one attribute taken for another shows green)"
     body = f'<p class="muted">Each image beside its prediction against the truth, {scope}: {legend}.</p>'
     for title, tiles in groups:
         figures_html = "".join(

@@ -425,8 +425,9 @@ class SegmentationModel:
             try:
                 # Loaded and checked beside the current model while requests keep flowing; then one assignment.
                 self.loaded = await asyncio.to_thread(self._load, _pinned(self.spec.model, version))
+                self.refused = None  # a good newer version replaces any refused one
             except Exception as exc:  # broken weights, a config that does not fit, an unreadable file
-                self.refused = {"version": version, "reason": str(exc)}
+                self.refused = {"version": version, "reason": str(exc)[:500]}
                 logger.warning(f"staying on {current}: version {version} cannot be served: {exc}")
 
     @serve.batch

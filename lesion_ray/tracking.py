@@ -15,6 +15,7 @@ MLflow run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -73,13 +74,15 @@ class MlflowTarget:
         """None when MLflow is switched off or not installed."""
         if not config.enabled or importlib.util.find_spec("mlflow") is None:
             return None
-        uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('runs')}/mlflow.db"
-        # A local database keeps a new experiment's artifacts beside it: MLflow's default is ./mlruns under
-        # whatever folder the process runs in. A server decides for itself.
-        database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-        artifacts = f"file://{os.path.dirname(os.path.abspath(database))}/mlruns" if database else None
-        return cls(uri, config.experiment, artifacts)
+        uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+        if not uri.startswith("sqlite:///"):  # a server decides where artifacts go
+            return cls(uri, config.experiment, None)
+        # A local database, by an absolute path (the Train controller runs in another folder), keeps a new
+        # experiment's artifacts beside it: MLflow's default is ./mlruns under whatever folder the process is in.
+        database = os.path.abspath(uri.removeprefix("sqlite:///"))
+        return cls(f"sqlite:///{database}", config.experiment, f"file://{os.path.dirname(database)}/mlruns")
 
+    @functools.cached_property
     def client(self) -> Any:
         from mlflow.tracking import MlflowClient
 
@@ -95,7 +98,7 @@ class MlflowTarget:
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
-        client = self.client()
+        client = self.client
         record_uri = storage.join(output, MLFLOW_RECORD)
         if (run_id := self.recorded_run(output)) is not None:
             with contextlib.suppress(MlflowException):  # deleted meanwhile: start another
@@ -114,23 +117,24 @@ class MlflowTarget:
     def recorded_run(self, output: str) -> str | None:
         """The run id ``<output>/mlflow.json`` records for this tracking URI, if any."""
         record_uri = storage.join(output, MLFLOW_RECORD)
-        if not storage.exists(record_uri):
+        try:
+            record = json.loads(storage.read_text(record_uri)) if storage.exists(record_uri) else {}
+        except (ValueError, storage.StorageError):  # damaged: a new run is opened
             return None
-        record = json.loads(storage.read_text(record_uri))
-        return record["run_id"] if record.get("tracking_uri") == self.tracking_uri else None
+        return record.get("run_id") if record.get("tracking_uri") == self.tracking_uri else None
 
     def log_epoch(self, run_id: str, row: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(key, value, now, int(row["epoch"])) for key, value in scalars(row).items()]
-        self.client().log_batch(run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics)
 
     def finish(self, run_id: str, files: dict[str, str], tags: dict[str, str], failed: bool = False) -> None:
         """Attach ``files`` (artifact name -> storage URI), set ``tags``, mark the run finished or failed.
         A tracking server that fails here costs a warning, not the training that just finished."""
         try:
-            client = self.client()
+            client = self.client
             with tempfile.TemporaryDirectory() as folder:
                 for name, uri in files.items():
                     if storage.exists(uri):
@@ -162,17 +166,24 @@ class EpochLog(ray.train.UserCallback):
         report.info(f"epoch {row['epoch']}/{self.epochs}: train_loss {row['train_loss']:.4f} "
                     f"val_loss {row['val_loss']:.4f} val_score {row['val_score']:.4f} "
                     f"({row['train_images_per_s']:.1f} images/s on {row['world_size']} workers)")
-        # A record that fails must not fail the training: say so and go on.
-        try:
-            if self.tensorboard_uri:
+        # A record that fails must not fail the training: say so, stop that record and go on (an unreachable
+        # tracking server would otherwise hold up every epoch with its retries).
+        if self.tensorboard_uri:
+            try:
                 self._log_tensorboard(row)
-            if self.mlflow:
+            except Exception as exc:
+                report.info(f"warning: TensorBoard events stopped at epoch {row['epoch']} "
+                            f"({type(exc).__name__}: {exc})")
+                self.tensorboard_uri = None
+        if self.mlflow:
+            try:
                 if self._run_id is None:
                     self._run_id = self.mlflow.open_run(self.output, self.run_name, self.params)
                     report.info(f"logging to MLflow {self.mlflow.tracking_uri} (run {self._run_id})")
                 self.mlflow.log_epoch(self._run_id, row)
-        except Exception as exc:
-            report.info(f"warning: recording epoch {row['epoch']} failed ({type(exc).__name__}: {exc})")
+            except Exception as exc:
+                report.info(f"warning: MLflow logging stopped at epoch {row['epoch']} ({type(exc).__name__}: {exc})")
+                self.mlflow = None
 
     def _log_tensorboard(self, row: dict[str, Any]) -> None:
         # tensorboardX's synchronous writer: its SummaryWriter queues events for a thread, and flush() does

@@ -128,7 +128,12 @@ def run(spec: TrainSpec) -> dict[str, Any]:
         if run_id:
             mlflow.finish(run_id, {}, {}, failed=True)
         raise RuntimeError(f"training failed: {result.error}")
-    summary = _finish(spec, result, output, counts, len(bad))
+    try:
+        summary = _finish(spec, result, output, counts, len(bad))
+    except Exception:
+        if run_id:
+            mlflow.finish(run_id, {}, {}, failed=True)
+        raise
     if run_id:
         artifacts = {name: storage.join(output, name)
                      for name in (report_page.PAGE_FILE, "training.png", "metrics.csv", "split.csv")}
@@ -215,8 +220,7 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
     storage.write_bytes(storage.join(output, "training.png"), figures.plot_history(history, spec.model.task))
     report.info(f"best epoch {best['epoch']}: val_score {best['val_score']:.4f}; published {ref}")
     page_uri = storage.join(output, report_page.PAGE_FILE)
-    _write_page(page_uri, spec, history, registry.model_card(registry.resolve(ref, spec.registry).model_dir), counts,
-                unreadable)
+    _write_page(page_uri, spec, history, _published_card(ref, spec.registry, best_dir), counts, unreadable)
     return {
         "model": ref,
         "best_val_score": best["val_score"],
@@ -230,6 +234,18 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
         "report": page_uri,
         **({"tensorboard": storage.join(output, TENSORBOARD_DIR)} if spec.tensorboard else {}),
     }
+
+
+def _published_card(ref: str, registry_uri: str | None, best_dir: str) -> dict[str, Any]:
+    """The registry version's model card; the run's best model folder's when that version cannot be read
+    (a finished spec run again after its registry moved)."""
+    try:
+        return registry.model_card(registry.resolve(ref, registry_uri).model_dir)
+    except storage.StorageError:
+        card = registry.model_card(best_dir)
+        name, _, version = ref.rpartition("@")
+        card["config"].update(name=name, version=version)
+        return card
 
 
 def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], card: dict[str, Any],

@@ -84,12 +84,11 @@ def test_task1_hand_computed_with_bad_predictions(ray_local, tmp_path) -> None:
 
 def test_examples_are_the_worst_median_and_best() -> None:
     scores = np.array([0.5, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.6, 0.4, 0.0, 1.0, 0.55, 0.65])
-    ids = [f"ISIC_{i:07d}" for i in range(len(scores))]
-    groups = dict(evaluate.pick_examples(ids, scores, per_group=2))
+    groups = dict(evaluate.pick_examples(scores, per_group=2))
     assert [scores[i] for i in groups["Worst"]] == [0.0, 0.1]
     assert [scores[i] for i in groups["Median"]] == [0.5, 0.55]
     assert [scores[i] for i in groups["Best"]] == [1.0, 0.9]
-    assert evaluate.pick_examples(ids[:3], scores[:3], per_group=2) == [("All images, worst first", [2, 0, 1])]
+    assert evaluate.pick_examples(scores[:3], per_group=2) == [("All images, worst first", [2, 0, 1])]
 
 
 def test_perfect_copies_score_one_on_s3(ray_local, s3_bucket) -> None:

@@ -45,6 +45,8 @@ def quickstart_job(remote: str, workdir: Path) -> dict:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = multinode.quickstart(remote, workdir / "quickstart")
+    if status != 0:  # every scenario needs its model and images
+        pytest.fail(f"the quickstart job failed:\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
     images = sorted((workdir / "quickstart" / "data" / "ISIC2018_Task1-2_Validation_Input").glob("*.jpg"))
     return {"status": status, "out": out.getvalue(), "err": err.getvalue(), "images": images}
 

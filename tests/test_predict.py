@@ -61,6 +61,15 @@ def test_to_masks_resizes_probabilities_then_thresholds() -> None:
     assert inference.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[False, True, True, True]] * 3
 
 
+def test_tint_blends_only_the_masked_pixels_in_the_overlay_colour() -> None:
+    image = np.full((2, 3, 3), 100, np.uint8)
+    mask = np.array([[[True, False, False], [False, False, True]]])
+    out = inference.tint(image, mask)
+    alpha, colour = inference.OVERLAY_ALPHA, np.array(inference.OVERLAY_COLOURS[1][0])
+    assert out.dtype == np.uint8 and (out[~mask[0]] == 100).all()
+    assert (out[mask[0]] == np.round((1 - alpha) * 100 + alpha * colour)).all()
+
+
 def regions(mask: np.ndarray, diagonal: bool) -> list[set[tuple[int, int]]]:
     """The connected regions of True pixels, by breadth-first search (independent of predict's run labelling)."""
     steps = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy or dx) and (diagonal or not (dy and dx))]

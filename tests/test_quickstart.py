@@ -9,11 +9,14 @@ Only lesion-ray's lines reach the console; Ray's go to the log file the summary 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -29,22 +32,37 @@ RAY_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING|ERRO
 RAY_NOISE = ("Failed to query", "TrainingReport(", "core_worker", "constructor arguments")
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    shutil.copytree(REPO / "jobs", tmp_path / "jobs")
-    shutil.copytree(REPO / "cluster", tmp_path / "cluster")
-    return tmp_path
+def copy_jobs(folder: Path) -> Path:
+    shutil.copytree(REPO / "jobs", folder / "jobs")
+    shutil.copytree(REPO / "cluster", folder / "cluster")
+    return folder
 
 
-def run_cli(workdir: Path, *args: str) -> list[str]:
-    """``lesion-ray run ARGS`` in ``workdir`` as a user runs it; its console lines (stdout and stderr)."""
-    done = subprocess.run([sys.executable, "-m", "lesion_ray.cli", "run", *args], cwd=workdir, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
-    assert done.returncode == 0, done.stdout
-    return done.stdout.splitlines()
+def run_cli(workdir: Path, *args: str, timeout_s: float = 900) -> list[str]:
+    """``lesion-ray run ARGS`` in ``workdir`` as a user runs it; its console lines (stdout and stderr).
+    On a timeout the whole process group goes (the Ray it started too), not only the command."""
+    with subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", *args], cwd=workdir, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) as command:
+        try:
+            output, _ = command.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(command.pid, signal.SIGKILL)
+            output, _ = command.communicate()
+            pytest.fail(f"lesion-ray run {' '.join(args)} took over {timeout_s}s:\n{output[-3000:]}")
+    assert command.returncode == 0, output
+    return output.splitlines()
 
 
-def open_page(browser, path: Path) -> dict:
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The reduced main job, run once for this module: (its folder, its console lines)."""
+    workdir = copy_jobs(tmp_path_factory.mktemp("quickstart"))
+    return workdir, run_cli(workdir, "jobs/quickstart.yaml", "steps.synth.num_images=240",
+                            "steps.synth.validation_images=16", "steps.synth.width=[96, 128]", "steps.train.epochs=8",
+                            "steps.train.batch_size=8")
+
+
+def open_page(browser, path: Path) -> dict[str, Any]:
     """Load a report page in Chromium: its section ids, text, images (alt, loaded?) and console errors."""
     browser.get(path.as_uri())
     return {
@@ -56,9 +74,8 @@ def open_page(browser, path: Path) -> dict:
     }
 
 
-def test_quickstart_pipeline_end_to_end(workdir: Path, browser) -> None:
-    lines = run_cli(workdir, "jobs/quickstart.yaml", "steps.synth.num_images=240", "steps.synth.validation_images=16",
-                    "steps.synth.width=[96, 128]", "steps.train.epochs=8", "steps.train.batch_size=8")
+def test_quickstart_pipeline_end_to_end(quickstart: tuple[Path, list[str]]) -> None:
+    workdir, lines = quickstart
     out = "\n".join(lines)
     assert "pipeline 'quickstart' finished in" in out
     for step in ("synth (synth)", "train (train)", "predict (predict)", "evaluate (evaluate)"):
@@ -94,7 +111,12 @@ def test_quickstart_pipeline_end_to_end(workdir: Path, browser) -> None:
     assert report["images"] == 16
     assert report["scores"]["threshold_jaccard"] >= FLOOR, report["scores"]
 
+
+def test_report_pages_are_complete_and_self_contained(quickstart: tuple[Path, list[str]], browser) -> None:
     # One page per run, named in the summary, self-contained (nothing to fetch), every picture loaded.
+    workdir, lines = quickstart
+    out, runs = "\n".join(lines), workdir / "runs"
+    report = json.loads((runs / "quickstart" / "evaluation" / "report.json").read_text())
     evaluation = runs / "quickstart" / "evaluation" / "report.html"
     assert re.search(rf"evaluate\.report\s+: {re.escape(str(evaluation))}$", out, re.MULTILINE), out
     for page_file in (evaluation, runs / "quickstart" / "train" / "report.html"):
@@ -114,7 +136,8 @@ def test_quickstart_pipeline_end_to_end(workdir: Path, browser) -> None:
     assert page["sections"] == ["training", "data", "model", "specs"] and "Best epoch" in page["text"]
 
 
-def test_verbose_shows_rays_lines_too(workdir: Path) -> None:
+def test_verbose_shows_rays_lines_too(tmp_path: Path) -> None:
+    workdir = copy_jobs(tmp_path)
     lines = run_cli(workdir, "jobs/synth.yaml", "num_images=3", "validation_images=1", "output=runs/tiny", "--verbose")
     assert [line for line in lines if RAY_LINE.search(line)], "\n".join(lines)
     assert (workdir / "runs" / "synth" / "lesion-ray.log").read_text().count("Starting execution of Dataset") == 1

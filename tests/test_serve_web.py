@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import registry
+from lesion_ray import inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
@@ -20,7 +20,8 @@ from lesion_ray.registry import ModelRef
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "web-test-token"
-ALPHA, TINT = 0.45, np.array([230, 25, 75])  # app.js's overlay
+# app.js tints the lesion as the service's overlays do (its opacity slider starts at the same alpha).
+ALPHA, TINT = inference.OVERLAY_ALPHA, np.array(inference.OVERLAY_COLOURS[1][0])
 
 
 def picture() -> bytes:
