@@ -95,8 +95,8 @@ def page(title: str, subtitle: str, sections: list[str]) -> str:
 # --- Sections both pages use ---------------------------------------------------------------------
 
 
-def curves_section(history: list[dict[str, Any]], task: int) -> str:
-    """The training curves and a table of every epoch."""
+def curves_section(history: list[dict[str, Any]], task: int, curves: bytes | None = None) -> str:
+    """The training curves (``curves``: the plot when the caller drew it already) and a table of every epoch."""
     if not history:
         return section("Training", '<p class="muted">No training history is recorded for this model '
                                    "(it was not trained by lesion-ray, or before histories were kept).</p>",
@@ -107,7 +107,7 @@ def curves_section(history: list[dict[str, Any]], task: int) -> str:
     body = (f"<p>Best epoch <b>{number(best['epoch'])}</b> of {len(history)}: validation score "
             f"<b>{number(best['val_score'])}</b> ({'thresholded Jaccard' if task == 1 else 'pooled Jaccard'} "
             "at the model's input size).</p>"
-            f"{image(figures.plot_history(history, task), 'training curves')}"
+            f"{image(curves or figures.plot_history(history, task), 'training curves')}"
             f"<details><summary>Every epoch</summary>{table}</details>")
     return section("Training curves", body, "training")
 

@@ -99,7 +99,6 @@ class MlflowTarget:
         from mlflow.exceptions import MlflowException
 
         client = self.client
-        record_uri = storage.join(output, MLFLOW_RECORD)
         if (run_id := self.recorded_run(output)) is not None:
             with contextlib.suppress(MlflowException):  # deleted meanwhile: start another
                 client.update_run(run_id, status="RUNNING")
@@ -111,7 +110,8 @@ class MlflowTarget:
         items = [Param(k, v) for k, v in flat_params(params).items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per call
             client.log_batch(run_id, params=items[i:i + 100])
-        storage.write_text(record_uri, json.dumps({"tracking_uri": self.tracking_uri, "run_id": run_id}, indent=2))
+        record = {"tracking_uri": self.tracking_uri, "run_id": run_id}
+        storage.write_text(storage.join(output, MLFLOW_RECORD), json.dumps(record, indent=2))
         return run_id
 
     def recorded_run(self, output: str) -> str | None:
@@ -130,18 +130,15 @@ class MlflowTarget:
         metrics = [Metric(key, value, now, int(row["epoch"])) for key, value in scalars(row).items()]
         self.client.log_batch(run_id, metrics=metrics)
 
-    def finish(self, run_id: str, files: dict[str, str], tags: dict[str, str], failed: bool = False) -> None:
-        """Attach ``files`` (artifact name -> storage URI), set ``tags``, mark the run finished or failed.
+    def finish(self, run_id: str, files: list[str], tags: dict[str, str], failed: bool = False) -> None:
+        """Attach ``files`` (storage URIs, each under its own name), set ``tags``, mark the run finished or failed.
         A tracking server that fails here costs a warning, not the training that just finished."""
         try:
             client = self.client
             with tempfile.TemporaryDirectory() as folder:
-                for name, uri in files.items():
+                for uri in files:
                     if storage.exists(uri):
-                        local = os.path.join(folder, name)
-                        with open(local, "wb") as f:
-                            f.write(storage.read_bytes(uri))
-                        client.log_artifact(run_id, local)
+                        client.log_artifact(run_id, storage.local_copy(uri, folder))
             for key, value in tags.items():
                 client.set_tag(run_id, key, value)
             client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")

@@ -126,17 +126,17 @@ def run(spec: TrainSpec) -> dict[str, Any]:
     run_id = mlflow.recorded_run(output) if mlflow else None
     if result.error:
         if run_id:
-            mlflow.finish(run_id, {}, {}, failed=True)
+            mlflow.finish(run_id, [], {}, failed=True)
         raise RuntimeError(f"training failed: {result.error}")
     try:
         summary = _finish(spec, result, output, counts, len(bad))
     except Exception:
         if run_id:
-            mlflow.finish(run_id, {}, {}, failed=True)
+            mlflow.finish(run_id, [], {}, failed=True)
         raise
     if run_id:
-        artifacts = {name: storage.join(output, name)
-                     for name in (report_page.PAGE_FILE, "training.png", "metrics.csv", "split.csv")}
+        artifacts = [storage.join(output, name)
+                     for name in (report_page.PAGE_FILE, "training.png", "metrics.csv", "split.csv")]
         mlflow.finish(run_id, artifacts, {"lesion_ray.model": summary["model"]})
         summary["mlflow_run"] = run_id
     return summary
@@ -217,10 +217,11 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
 
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(history, indent=2))
     storage.write_text(storage.join(output, "metrics.csv"), _history_csv(history))
-    storage.write_bytes(storage.join(output, "training.png"), figures.plot_history(history, spec.model.task))
+    curves = figures.plot_history(history, spec.model.task)
+    storage.write_bytes(storage.join(output, "training.png"), curves)
     report.info(f"best epoch {best['epoch']}: val_score {best['val_score']:.4f}; published {ref}")
     page_uri = storage.join(output, report_page.PAGE_FILE)
-    _write_page(page_uri, spec, history, _published_card(ref, spec.registry, best_dir), counts, unreadable)
+    _write_page(page_uri, spec, history, curves, _published_card(ref, spec.registry, best_dir), counts, unreadable)
     return {
         "model": ref,
         "best_val_score": best["val_score"],
@@ -248,12 +249,12 @@ def _published_card(ref: str, registry_uri: str | None, best_dir: str) -> dict[s
         return card
 
 
-def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], card: dict[str, Any],
+def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], curves: bytes, card: dict[str, Any],
                 counts: dict[str, int], unreadable: int) -> None:
     """report.html: what was trained on, the curves and every epoch, the published model, the spec."""
     data_rows = [("data", spec.data), ("training images", counts["train"]),
                  ("validation images", counts["validation"]), ("unreadable images", unreadable)]
-    sections = [report_page.curves_section(history, spec.model.task),
+    sections = [report_page.curves_section(history, spec.model.task, curves),
                 report_page.section("Data", report_page.key_values(data_rows), "data"),
                 report_page.model_section(card),
                 report_page.specs_section([("train spec", to_dict(spec))])]
