@@ -31,6 +31,7 @@ from lesion_ray import registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig
+from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
 
 
@@ -75,7 +76,7 @@ def direct(loaded: registry.LoadedModel, data: bytes, requests: int) -> dict[str
     latencies = []
     for _ in range(requests):
         start = time.perf_counter()
-        x, orig = lserve.prepare(data, lserve.DEFAULT_MAX_PIXELS, loaded.config.input_size)
+        x, orig = lserve.prepare(data, DEFAULT_MAX_PIXELS, loaded.config.input_size)
         lserve.union_png(lserve.forward(loaded, [x])[0], orig)
         latencies.append(time.perf_counter() - start)
     return {"rps": requests / sum(latencies), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}

@@ -1,0 +1,102 @@
+"""Online prediction on Ray Serve (``kind: serve``): a registered model behind an HTTP API, in two
+deployments so that bad input never reaches the model and each side scales on its own work:
+``SegmentationApi`` (:mod:`.ingress`) and ``SegmentationModel`` (:mod:`.deployment`); the spec is in
+:mod:`.config`. Here: the application, its Serve config file (``lesion_ray.serve:app_builder``), the run loop.
+"""
+
+import dataclasses
+import signal
+import threading
+import time
+from typing import Any
+
+from ray import serve
+
+from lesion_ray import registry, report, storage
+from lesion_ray.serve.config import ServeSpec, read_token
+from lesion_ray.serve.deployment import Prediction, SegmentationModel, check_model, forward, masks_at
+from lesion_ray.serve.ingress import MAX_FORM_PARTS, MAX_PART_HEADER_BYTES, SegmentationApi, prepare, union_png
+from lesion_ray.spec import from_dict, to_dict
+
+SPEC = ServeSpec
+__all__ = ["MAX_FORM_PARTS", "MAX_PART_HEADER_BYTES", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
+           "check_model", "forward", "masks_at", "prepare", "read_token", "run", "serve_config", "union_png"]
+
+
+def build_app(spec: ServeSpec) -> serve.Application:
+    """The bound application: ingress -> model, both autoscaled."""
+    spec = dataclasses.replace(spec, registry=storage.normalize(spec.registry or registry.default_registry()))
+    options = {
+        "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+                               "target_ongoing_requests": spec.target_ongoing_requests},
+        "max_ongoing_requests": spec.max_ongoing_requests,
+    }
+    model = SegmentationModel.options(**options).bind(spec)
+    # Only the proxies' queue needs a bound: the ingress calls the model for at most
+    # max_ongoing_requests x max_rows images, and a model queue limit would turn a burst of rows into 503s.
+    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(spec, model)
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
+    spec = from_dict(ServeSpec, args, "serve config args")
+    spec.validate("serve config args", "")
+    return build_app(spec)
+
+
+def serve_config(spec: ServeSpec) -> dict[str, Any]:
+    """A Serve config file (``serve deploy``; KubeRay RayService ``serveConfigV2``) for this spec."""
+    return {
+        "proxy_location": spec.proxy_location,
+        "http_options": _http_options(spec),
+        "applications": [{
+            "name": spec.name,
+            "route_prefix": spec.route_prefix,
+            "import_path": "lesion_ray.serve:app_builder",
+            "args": to_dict(spec),
+        }],
+    }
+
+
+def _http_options(spec: ServeSpec) -> dict[str, Any]:
+    return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
+
+
+def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
+    then delete the application and shut Serve down."""
+    read_token(spec)  # fail now, not in every replica, when the token is missing
+    serve.start(proxy_location=spec.proxy_location, http_options=_http_options(spec))
+    serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+    url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
+    info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
+    report.info(f"serving {info['name']}@{info['version']} at {url} (web page), {url}v1/segment, {url}v1/predict; "
+                "Ctrl-C to stop")
+    started = time.monotonic()
+    stopped_by = _wait(spec.name, stop or threading.Event())
+    if stopped_by != "application deleted":
+        serve.delete(spec.name)
+    serve.shutdown()
+    return {"url": url, "model": f"{info['name']}@{info['version']}", "stopped_by": stopped_by,
+            "served_s": round(time.monotonic() - started, 1)}
+
+
+def _wait(app_name: str, stop: threading.Event) -> str:
+    """Block until a signal (main thread only), ``stop`` or the application is gone; say which."""
+    reason = {"value": "stop requested"}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        reason["value"] = signal.Signals(signum).name
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            if app_name not in serve.status().applications:
+                return "application deleted"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return reason["value"]

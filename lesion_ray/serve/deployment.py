@@ -1,0 +1,126 @@
+"""The model deployment: batches the images of all clients into one forward pass and follows
+``name@latest``, swapping a new version in once it has loaded and passed a check."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from lesion_ray import inference, registry
+from lesion_ray.data import ATTRIBUTES
+from lesion_ray.serve.config import ServeSpec
+
+logger = logging.getLogger("ray.serve")
+LABELS = {1: ("lesion",), 2: ATTRIBUTES}  # what each task's mask channels and head-1 scores stand for
+
+
+@dataclass
+class Prediction:
+    """The model's answer for one image at the model's input size."""
+
+    probs: np.ndarray          # float16 [C, S, S] mask probabilities
+    scores: list[float]        # [C] head-1 probabilities ("lesion" / attribute present)
+    threshold: float
+    name: str
+    version: str
+    task: int
+    input_size: int
+    postprocess: inference.Postprocess = "largest_component"
+
+
+def check_model(loaded: registry.LoadedModel) -> None:
+    """Raise when a forward pass on a tiny input fails or gives NaN/inf (broken weights)."""
+    side = loaded.config.downsampling
+    with torch.inference_mode():
+        outputs = loaded.model(torch.full((1, 3, side, side), 0.5))
+    if not all(torch.isfinite(o).all() for o in outputs):
+        raise RuntimeError(f"model {loaded.name}@{loaded.version} gives NaN/inf outputs: its weights are broken")
+
+
+def forward(loaded: registry.LoadedModel, inputs: list[np.ndarray], threshold: float | None = None,
+            postprocess: inference.Postprocess = "largest_component") -> list[Prediction]:
+    """One forward pass over a batch of :func:`lesion_ray.serve.ingress.prepare` outputs."""
+    size = loaded.config.input_size
+    x = torch.from_numpy(np.stack(inputs))
+    if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    probs, head1, _ = inference.forward(loaded.model, x)
+    probs, scores = probs.to(torch.float16).numpy(), head1.tolist()
+    cut = loaded.threshold if threshold is None else threshold
+    return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
+            for i in range(len(inputs))]
+
+
+def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
+    """bool [C, H, W]: probabilities resized to the original size, thresholded and post-processed, as predict does."""
+    return inference.to_masks(pred.probs, *orig, pred.threshold, pred.postprocess)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class SegmentationModel:
+    """Holds the model; batches the images of all clients into one forward pass."""
+
+    async def __init__(self, spec: ServeSpec) -> None:
+        if spec.storage:
+            spec.storage.apply()
+        self.spec = spec
+        self.batches = self.images = 0  # this replica's forward passes and the images in them
+        self.refused: dict[str, str] | None = None  # the newest version that could not be served, and why
+        self.loaded = await asyncio.to_thread(self._load, spec.model)
+        self.predict.set_max_batch_size(spec.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        follow = spec.model.endswith("@latest") and spec.poll_latest_s > 0
+        self._follower = asyncio.create_task(self._follow_latest()) if follow else None
+
+    def _load(self, ref: str) -> registry.LoadedModel:
+        loaded = registry.load_model(ref, self.spec.registry)
+        check_model(loaded)
+        logger.info(f"loaded model {loaded.name}@{loaded.version} from {loaded.uri}")
+        return loaded
+
+    async def _follow_latest(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.poll_latest_s)
+            current = f"{self.loaded.name}@{self.loaded.version}"
+            try:
+                version = (await asyncio.to_thread(registry.resolve, self.spec.model, self.spec.registry)).version
+            except Exception as exc:  # storage hiccups: look again at the next poll
+                logger.warning(f"staying on {current}: cannot read the registry: {type(exc).__name__}: {exc}")
+                continue
+            if version == self.loaded.version or (self.refused and version == self.refused["version"]):
+                continue  # a version that failed to load or check is not tried again
+            try:
+                # Loaded and checked beside the current model while requests keep flowing; then one assignment.
+                pinned = self.spec.model.removesuffix("@latest") + f"@{version}"
+                self.loaded = await asyncio.to_thread(self._load, pinned)
+                self.refused = None  # a good newer version replaces any refused one
+            except Exception as exc:  # broken weights, a config that does not fit, an unreadable file
+                self.refused = {"version": version, "reason": str(exc)[:500]}
+                logger.warning(f"staying on {current}: version {version} cannot be served: {exc}")
+
+    @serve.batch
+    async def predict(self, inputs: list[np.ndarray]) -> list[Prediction]:
+        loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
+        self.batches += 1
+        self.images += len(inputs)
+        return await asyncio.to_thread(forward, loaded, inputs, self.spec.threshold, self.spec.postprocess)
+
+    def info(self) -> dict[str, Any]:
+        loaded = self.loaded
+        return {
+            "name": loaded.name, "version": loaded.version, "task": loaded.config.task,
+            "architecture": loaded.config.architecture, "input_size": loaded.config.input_size,
+            "threshold": loaded.threshold if self.spec.threshold is None else self.spec.threshold,
+            "postprocess": self.spec.postprocess,
+            "labels": list(LABELS[loaded.config.task]), "metrics": loaded.metrics, "refused_version": self.refused,
+            "replica": {"batches": self.batches, "images": self.images},
+        }
+
+    def check_health(self) -> None:
+        check_model(self.loaded)
