@@ -62,7 +62,18 @@ from lesion_ray.data import ATTRIBUTES
 from lesion_ray.inference import Postprocess, mask_png, tint, to_masks
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS, BadImage, decode_image, open_image, to_model_input
 from lesion_ray.registry import LoadedModel, ModelRef
-from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, from_dict, key_path, param, to_dict
+from lesion_ray.settings import Settings
+from lesion_ray.spec import (
+    CheckContext,
+    JobSpec,
+    RegistryUri,
+    SpecError,
+    check_uris,
+    from_dict,
+    key_path,
+    param,
+    to_dict,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,7 +90,8 @@ T = TypeVar("T")
 @dataclass(kw_only=True)
 class ServeSpec(JobSpec):
     model: ModelRef
-    registry: str | None = param(None, help="registry URI (default: $LESION_RAY_REGISTRY or runs/registry)")
+    registry: RegistryUri | None = param(None, help="registry URI (default: the cluster config's registry, "
+                                                     "else runs/registry)")
     min_replicas: int = param(1, min=1, help="replicas of each deployment kept running")
     max_replicas: int = param(2, min=1, help="autoscaling upper bound per deployment")
     target_ongoing_requests: float = param(16.0, min=0.1, help="autoscaling aims at this many requests per replica")
@@ -393,9 +405,8 @@ def _pinned(ref: str, version: str) -> str:
 class SegmentationModel:
     """Holds the model; batches the images of all clients into one forward pass."""
 
-    async def __init__(self, spec: ServeSpec) -> None:
-        if spec.storage:
-            spec.storage.apply()
+    async def __init__(self, spec: ServeSpec, storage_config: storage.S3Config) -> None:
+        storage.configure(storage_config)  # also where no driver's setup hook reaches (serve deploy, RayService)
         self.spec = spec
         self.batches = self.images = 0  # this replica's forward passes and the images in them
         self.refused: dict[str, str] | None = None  # the newest version that could not be served, and why
@@ -509,7 +520,8 @@ async def _no_tracebacks(request: Request, call_next: Any) -> Response:
 class SegmentationApi:
     """HTTP in and out: auth, limits, decoding and validation, encoding the masks."""
 
-    def __init__(self, spec: ServeSpec, model: DeploymentHandle) -> None:
+    def __init__(self, spec: ServeSpec, model: DeploymentHandle, storage_config: storage.S3Config) -> None:
+        storage.configure(storage_config)  # auth_token_file may lie on S3
         token = read_token(spec)
         self.token_digest = hashlib.sha256(token).digest() if token else None
         self.spec, self.model = spec, model
@@ -633,25 +645,28 @@ class SegmentationApi:
 # --- Job ---------------------------------------------------------------------------------
 
 
-def build_app(spec: ServeSpec) -> serve.Application:
-    """The bound application: ingress -> model, both autoscaled."""
-    spec = dataclasses.replace(spec, registry=storage.normalize(spec.registry or registry.default_registry()))
+def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
+    """The bound application: ingress -> model, both autoscaled, their replicas on ``settings``' storage
+    and registry."""
+    spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
     options = {
         "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
                                "target_ongoing_requests": spec.target_ongoing_requests},
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
-    model = SegmentationModel.options(**options).bind(spec)
+    model = SegmentationModel.options(**options).bind(spec, settings.storage)
     # Only the proxies' queue needs a bound: the ingress calls the model for at most
     # max_ongoing_requests x max_rows images, and a model queue limit would turn a burst of rows into 503s.
-    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(spec, model)
+    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(
+        spec, model, settings.storage)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
     spec = from_dict(ServeSpec, args, "serve config args")
     spec.validate("serve config args", "")
-    return build_app(spec)
+    # No cluster config here: the spec's storage and registry, else the AWS variables and runs/registry.
+    return build_app(spec, Settings.build(job=spec))
 
 
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
@@ -672,12 +687,12 @@ def http_options(spec: ServeSpec) -> dict[str, Any]:
     return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
 
 
-def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
+def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
     then delete the application and shut Serve down."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
     serve.start(proxy_location=spec.proxy_location, http_options=http_options(spec))
-    serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+    serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
     url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
     report.info(f"serving {info['name']}@{info['version']} at {url} (web page), {url}v1/segment, {url}v1/predict; "
