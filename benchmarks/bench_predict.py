@@ -37,8 +37,9 @@ import ray
 import torch
 from common import PeakMemory, publish_model, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 
-from lesion_ray import inference, predict, preprocess, registry, storage, synth
+from lesion_ray import cluster, inference, predict, preprocess, registry, storage, synth
 from lesion_ray.model import ModelConfig
+from lesion_ray.settings import Settings
 from lesion_ray.spec import from_dict
 
 BUCKET = "bench"
@@ -99,7 +100,7 @@ def replicate(sources: list[str], folder: str, copies: int) -> None:
 
 
 def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: argparse.Namespace,
-                moto_pid: int) -> tuple[dict, float, float, int]:
+                moto_pid: int, settings: Settings) -> tuple[dict, float, float, int]:
     """(summary, wall seconds, steady-state images/s, peak PSS bytes) of one predict job."""
     spec = from_dict(predict.PredictSpec, {
         "kind": "predict", "name": "bench", "input": input_uri, "model": ref, "registry": registry_uri,
@@ -108,7 +109,7 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
         "subset": "Training"}, "bench")
     with PeakMemory(exclude=moto_pid) as memory:
         start = time.perf_counter()
-        summary = predict.run(spec)
+        summary = predict.run(spec, settings)
         wall = time.perf_counter() - start
     assert summary["ok"] == summary["inputs"], summary
     finished = pq.read_table(io.BytesIO(storage.read_bytes(summary["manifest"])), columns=["finished_at"])
@@ -142,11 +143,11 @@ def main() -> None:
                              "not the bottleneck)")
     args = parser.parse_args()
 
-    moto = start_s3(BUCKET)
+    moto, settings = start_s3(BUCKET)
     work = tempfile.mkdtemp(prefix="bench-predict-")
     try:
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2**30),
-                 include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": storage.storage_env()})
+                 include_dashboard=False, log_to_driver=False, runtime_env=cluster.runtime_env(settings))
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.DataContext.get_current().enable_auto_log_stats = args.stats
         torch.set_num_threads(args.threads)
@@ -156,7 +157,7 @@ def main() -> None:
         start = time.perf_counter()
         synth.run(from_dict(synth.SynthSpec, {"kind": "synth", "name": "bench", "output": data_uri,
                                               "num_images": args.images, "validation_images": 0, "tasks": [1],
-                                              "width": list(args.width)}, "bench"))
+                                              "width": list(args.width)}, "bench"), settings)
         generated = time.perf_counter() - start
         inputs = f"{data_uri}/{synth.SUBSET_FOLDERS['Training'][0]}"
         sources = [f.uri for f in storage.list_files(inputs)]
@@ -168,14 +169,15 @@ def main() -> None:
         model = registry.load_model(ref, registry_uri, device).model
 
         limit = forward_only(model, config, args.batch_size, args.images, device)
-        _, wall, steady, peak_n = run_predict(inputs, f"{root}/out", ref, registry_uri, args, moto.pid)
+        _, wall, steady, peak_n = run_predict(inputs, f"{root}/out", ref, registry_uri, args, moto.pid, settings)
         seq = sequential(model, config, sources[: args.sequential_images], f"{root}/seq", device)
         first_mask = storage.list_files(f"{root}/out/masks")[0].uri
         ceiling = storage_ceiling(sources, f"{root}/ceiling", storage.read_bytes(first_mask))
 
         big = f"{root}/big/{synth.SUBSET_FOLDERS['Training'][0]}"
         replicate(sources, big, args.scale)
-        _, wall_big, steady_big, peak_big = run_predict(big, f"{root}/out-big", ref, registry_uri, args, moto.pid)
+        _, wall_big, steady_big, peak_big = run_predict(big, f"{root}/out-big", ref, registry_uri, args, moto.pid,
+                                                        settings)
         rate = args.images / wall
         where = "a local folder" if args.local else "moto S3"
         n, big_n = args.images, args.images * args.scale

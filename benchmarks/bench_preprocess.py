@@ -33,10 +33,11 @@ import torch
 from common import PeakMemory, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 from PIL import Image
 
-from lesion_ray import data, preprocess, spec, storage, synth
+from lesion_ray import cluster, data, preprocess, spec, storage, synth
+from lesion_ray.settings import Settings
 
 
-def bench_images(n: int, cache: str | None) -> list[str]:
+def bench_images(n: int, cache: str | None, settings: Settings) -> list[str]:
     """``n`` synthetic 1024x768 JPEGs in the benchmark's S3: generated there, or copied from ``cache``
     (generated into it on the first run) so that reruns skip the generation."""
     target = cache or "s3://bench/isic"
@@ -51,7 +52,7 @@ def bench_images(n: int, cache: str | None) -> list[str]:
             "aspect": [0.75, 0.75],
             "tasks": [1],
         }
-        synth.run(spec.from_dict(synth.SynthSpec, raw, "bench"))
+        synth.run(spec.from_dict(synth.SynthSpec, raw, "bench"), settings)
     images = [s.image for s in data.discover(target).samples][:n]
     if len(images) < n:
         raise SystemExit(f"{cache} holds {len(images)} images, fewer than --images {n}: delete it to regenerate")
@@ -100,18 +101,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loops are single-process, single-thread baselines
 
-    server = start_s3("bench")  # the benchmark's own S3 endpoint, like tests/conftest.py's
+    server, settings = start_s3("bench")  # the benchmark's own S3 endpoint, like tests/conftest.py's
     try:
         ray.init(
             address="local",  # a Ray of its own, even when a `ray start` cluster runs on this machine
             num_cpus=args.num_cpus,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": storage.storage_env()},
+            runtime_env=cluster.runtime_env(settings),
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
         start = time.perf_counter()
-        uris = bench_images(args.images, args.cache)
+        uris = bench_images(args.images, args.cache, settings)
         generate_s = time.perf_counter() - start
         ray_pipeline(uris[:64], args.size)  # start Ray's workers before timing
         results = {

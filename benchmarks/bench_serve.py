@@ -33,6 +33,7 @@ from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
+from lesion_ray.settings import Settings
 
 
 def jpeg(width: int = 1022, height: int = 767) -> bytes:
@@ -127,7 +128,7 @@ def main() -> None:
                                 min_replicas=1, max_replicas=1, max_batch_size=batch,
                                 batch_wait_timeout_s=args.batch_wait_ms / 1000 if batch > 1 else 0.0,
                                 max_ongoing_requests=max(64, batch), port=port)
-        serve.run(lserve.build_app(spec), name="bench", route_prefix="/")
+        serve.run(lserve.build_app(spec, Settings.build()), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1/segment"
         asyncio.run(drive(url, data, 4, 20))  # warm-up: connections, replicas' first batches
         for c in levels:

@@ -117,9 +117,10 @@ def ray_train(train_spec, folder: str) -> tuple[float, float]:
     import json
 
     from lesion_ray import train
+    from lesion_ray.settings import Settings
 
     start = time.perf_counter()
-    train.run(train_spec)
+    train.run(train_spec, Settings.build())
     wall = time.perf_counter() - start
     with open(f"{folder}/run/metrics.json") as f:
         history = json.load(f)

@@ -18,13 +18,17 @@ import boto3
 import torch
 
 from lesion_ray import registry, storage
+from lesion_ray.cluster import ClusterConfig
 from lesion_ray.loopback import free_port
 from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.settings import Settings
+from lesion_ray.spec import StorageSettings
 
 
-def start_s3(bucket: str | None = None) -> subprocess.Popen:
-    """Start a moto S3 server on a free loopback port, point :mod:`lesion_ray.storage` (and boto3's
-    credentials) at it, wait until it accepts connections and create ``bucket`` if given.
+def start_s3(bucket: str | None = None) -> tuple[subprocess.Popen, Settings]:
+    """Start a moto S3 server on a free loopback port, give boto3 fake credentials, wait until it accepts
+    connections and create ``bucket`` if given. Returns the server and the job settings that point at it
+    (installed in this process, as the CLI installs them).
 
     The server runs in a separate process, so it shares no GIL with the benchmark; the caller
     terminates it."""
@@ -35,7 +39,9 @@ def start_s3(bucket: str | None = None) -> subprocess.Popen:
         stderr=subprocess.DEVNULL,
     )
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    storage.configure(endpoint_url=f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    settings = Settings.build(ClusterConfig(kind="local", storage=StorageSettings(endpoint_url=url)))
+    storage.configure(settings.storage)
     try:
         for _ in range(100):
             try:
@@ -46,12 +52,12 @@ def start_s3(bucket: str | None = None) -> subprocess.Popen:
         else:
             raise RuntimeError("the moto S3 server did not start")
         if bucket:
-            boto3.client("s3", endpoint_url=storage.endpoint_url()).create_bucket(Bucket=bucket)
+            boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
     except BaseException:
         server.terminate()
         server.wait()
         raise
-    return server
+    return server, settings
 
 
 def publish_model(config: ModelConfig, registry_uri: str, folder: str) -> str:

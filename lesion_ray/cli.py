@@ -22,37 +22,41 @@ import yaml
 
 from lesion_ray import cluster, kuberay, report, spec, storage
 from lesion_ray.cluster import ClusterConfig, RemoteError
+from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext, JobSpec, SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LOG_FILE = "lesion-ray.log"
 
 
-def prepare(job_file: str, cluster_file: str | None, overrides: list[str]) -> tuple[JobSpec, ClusterConfig]:
-    """Load the cluster config and the spec, and check everything the spec names.
+def prepare(job_file: str, cluster_file: str | None,
+            overrides: list[str]) -> tuple[JobSpec, ClusterConfig, Settings]:
+    """Load the cluster config and the spec, build the job's settings (installing their storage part in this
+    process), and check everything the spec names.
 
-    Storage settings apply in order cluster config < spec, over AWS_ENDPOINT_URL.
+    Storage settings apply in order AWS variables < cluster config < spec.
     """
     config = cluster.load_cluster(cluster_file)
-    config.apply_environment()
+    storage.configure(Settings.build(config).storage)  # the spec (or a pipeline's step file) may lie on S3
     job = spec.load(job_file, overrides)
-    if job.storage:
-        job.storage.apply()
-    job.check(CheckContext(source=job_file, check_local_paths=config.kind == "local"))
-    return job, config
+    job_settings = Settings.build(config, job)
+    storage.configure(job_settings.storage)
+    job.check(CheckContext(source=job_file, check_local_paths=config.kind == "local",
+                           registry=job_settings.registry))
+    return job, config, job_settings
 
 
-def run_here(job: JobSpec, config: ClusterConfig, verbose: bool = False) -> dict[str, Any]:
+def run_here(job: JobSpec, config: ClusterConfig, job_settings: Settings, verbose: bool = False) -> dict[str, Any]:
     """Run ``job`` in this process; Ray's logs go to ``runs/<job name>/lesion-ray.log``, which the
     summary names (when Ray was started here)."""
-    log_file = os.path.abspath(os.path.join("runs", job.name, LOG_FILE))
-    logging_here = cluster.start_local(config, log_file=log_file, verbose=verbose)
-    summary = spec.job_module(job.kind, job.name).run(job)
+    log_file = os.path.join(job_settings.log_folder, job.name, LOG_FILE)
+    logging_here = cluster.start_local(config, job_settings, log_file=log_file, verbose=verbose)
+    summary = spec.job_module(job.kind, job.name).run(job, job_settings)
     return {**summary, "log": log_file} if logging_here else summary
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    job, config = prepare(args.job, args.cluster, args.overrides)
+    job, config, _ = prepare(args.job, args.cluster, args.overrides)
     print(f"ok: {args.job}: {job.kind} '{job.name}' is valid for cluster '{config.name}' ({config.kind})")
     for step in getattr(job, "jobs", []):
         print(f"  - {step.kind} '{step.name}'")
@@ -62,24 +66,24 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    job, config = prepare(args.job, args.cluster, args.overrides)
+    job, config, job_settings = prepare(args.job, args.cluster, args.overrides)
     if config.kind == "kuberay":
         command = f"lesion-ray render {args.job} --cluster {args.cluster} | kubectl apply -f -"
         raise SpecError(args.cluster, "kind", f"KubeRay jobs are applied with kubectl: {command}")
     if config.kind == "remote":
-        return cluster.submit(job, config, wait=not args.no_wait, verbose=args.verbose)
+        return cluster.submit(job, config, job_settings, wait=not args.no_wait, verbose=args.verbose)
     started = time.monotonic()
-    summary = run_here(job, config, verbose=args.verbose)
+    summary = run_here(job, config, job_settings, verbose=args.verbose)
     title = f"{job.kind} '{job.name}' finished in {time.monotonic() - started:.1f}s"
     print(report.format_summary(title, summary), flush=True)
     return EXIT_OK
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    job, config = prepare(args.job, args.cluster, args.overrides)
+    job, config, job_settings = prepare(args.job, args.cluster, args.overrides)
     if config.kind != "kuberay":
         raise SpecError(args.cluster, "kind", "`lesion-ray render` needs a kuberay cluster config (kind: kuberay)")
-    print(yaml.safe_dump_all(kuberay.render(job, config), sort_keys=False), end="")
+    print(yaml.safe_dump_all(kuberay.render(job, config, job_settings), sort_keys=False), end="")
     return EXIT_OK
 
 

@@ -26,10 +26,10 @@ from typing import Any, Literal
 import yaml
 
 from lesion_ray import report, spec, storage
+from lesion_ray.settings import Settings
 from lesion_ray.spec import SpecError, StorageSettings, param
 
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
-REGISTRY_ENV = "LESION_RAY_REGISTRY"
 MIN_LOCAL_CPUS = 8
 # Variable names that carry secrets. A cluster config's env_vars travel in plain text: in a job's
 # runtime_env (shown to everyone with dashboard access) and in rendered KubeRay manifests.
@@ -64,23 +64,10 @@ class ClusterConfig:
     serve_token_secret: str = param("lesion-ray-serve-token", help="kuberay: Secret holding the serve API's "
                                                                    "bearer token under the key token")
     # all kinds
-    registry: str | None = param(None, help="model registry URI for name@version references")
+    # As written: a relative path names a folder where the job's driver runs (remote: on the cluster).
+    registry: str | None = param(None, help="model registry URI for name@version references "
+                                             f"(default: {spec.DEFAULT_REGISTRY})")
     storage: StorageSettings | None = None
-
-    def apply_environment(self) -> None:
-        """Storage endpoint and registry for this process (and, through ``worker_env``, its workers)."""
-        if self.storage:
-            self.storage.apply()
-        if self.registry:
-            # Absolute on the embedded Ray, so workers in other folders find the same registry.
-            os.environ[REGISTRY_ENV] = storage.normalize(self.registry) if self.kind == "local" else self.registry
-        os.environ.update(self.env_vars)
-
-    def worker_env(self) -> dict[str, str]:
-        env = {**storage.storage_env(), **self.env_vars}
-        if os.environ.get(REGISTRY_ENV):
-            env[REGISTRY_ENV] = os.environ[REGISTRY_ENV]
-        return env
 
 
 def load_cluster(source: str | None) -> ClusterConfig:
@@ -126,8 +113,16 @@ def parse_size(value: str | int | None, source: str = "cluster config") -> int |
 # --- Local ----------------------------------------------------------------------------------
 
 
-def start_local(config: ClusterConfig, log_file: str | None = None, verbose: bool = False) -> bool:
-    """Start (or attach to) Ray for a job that runs in this process.
+def runtime_env(settings: Settings) -> dict[str, Any]:
+    """The runtime_env of a job whose driver is this process: the cluster config's env_vars, and a setup hook
+    that installs this process's storage settings in each of the job's workers (Ray Data tasks, Train workers,
+    Serve replicas) when it starts."""
+    return {"env_vars": dict(settings.env_vars), "worker_process_setup_hook": storage.installer(settings.storage)}
+
+
+def start_local(config: ClusterConfig, settings: Settings, log_file: str | None = None,
+                verbose: bool = False) -> bool:
+    """Start (or attach to) Ray for a job that runs in this process, its workers set up with ``settings``.
 
     With ``log_file``, Ray's logs and the output of its workers and actors go to that file, and the
     console shows only lesion-ray's lines and the warnings in ``MUST_SEE`` (``verbose``: everything,
@@ -140,12 +135,13 @@ def start_local(config: ClusterConfig, log_file: str | None = None, verbose: boo
         return False
     if log_file:
         _route_logs(log_file, verbose)  # before ray.init, which logs too
-    runtime_env = {"env_vars": config.worker_env()}
+    job_env = runtime_env(settings)
     if config.address:
-        # Inside a submitted job the job's runtime_env already carries the environment;
-        # Ray refuses a second one that names the same variables.
-        inside_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
-        ray.init(address=config.address, runtime_env=None if inside_job else runtime_env)
+        # Inside a submitted job the job's runtime_env already carries the env_vars; Ray merges this one
+        # into it and refuses one that names the same variables.
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+            del job_env["env_vars"]
+        ray.init(address=config.address, runtime_env=job_env)
     else:
         # Ray's CPUs are scheduling slots: on a small machine Train workers, Data tasks and
         # inference actors each hold one, and with too few slots one stage starves the others.
@@ -158,7 +154,7 @@ def start_local(config: ClusterConfig, log_file: str | None = None, verbose: boo
             # Ray Train polls its controller through the State API, which the dashboard process serves:
             # without it, Train's placement-group cleaner fails (and warns) every second of a training.
             include_dashboard=True,
-            runtime_env=runtime_env,
+            runtime_env=job_env,
             # Ray starts at most one worker process per physical core at a time, and warns when more than 4x
             # that many are started: with more slots than cores, that many are expected.
             _system_config={"worker_maximum_startup_concurrency": num_cpus},
@@ -316,21 +312,24 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def submit(job: spec.JobSpec, config: ClusterConfig, wait: bool = True, verbose: bool = False) -> int:
+def submit(job: spec.JobSpec, config: ClusterConfig, settings: Settings, wait: bool = True,
+           verbose: bool = False) -> int:
     """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
-    client, job_id = start_job(job, config, verbose=verbose)
+    client, job_id = start_job(job, config, settings, verbose=verbose)
     report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
     if not wait:
         return 0
     return follow(client, job_id)
 
 
-def start_job(job: spec.JobSpec, config: ClusterConfig, verbose: bool = False) -> tuple[Any, str]:
+def start_job(job: spec.JobSpec, config: ClusterConfig, settings: Settings,
+              verbose: bool = False) -> tuple[Any, str]:
     """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting.
 
     The job's driver is ``lesion-ray run`` on the cluster: its console, the job's log, is as quiet as a local
     run's (``verbose``: Ray's lines too), and Ray's logs go to ``runs/<job name>/lesion-ray.log`` in the job's
-    working directory there."""
+    working directory there. It builds its own settings from the cluster config written for it and from the
+    job's runtime_env (``settings``' env_vars and storage, see :meth:`Settings.job_environment`)."""
     client = job_client(config)
     workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
     try:
@@ -338,7 +337,7 @@ def start_job(job: spec.JobSpec, config: ClusterConfig, verbose: bool = False) -
         (workdir / "job.yaml").write_text(yaml.safe_dump(spec.to_dict(job), sort_keys=False))
         inside = replace(config, kind="local", address="auto", storage=None, env_vars={})
         (workdir / "cluster.yaml").write_text(yaml.safe_dump(spec.to_dict(inside), sort_keys=False))
-        runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": config.worker_env()}
+        runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": settings.job_environment()}
         if config.dependencies == "pinned":
             runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
         name = re.sub(r"[^a-zA-Z0-9-]", "-", job.name)

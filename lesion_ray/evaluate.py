@@ -37,6 +37,7 @@ import ray
 from PIL import Image
 
 from lesion_ray import data, figures, metrics, predict, preprocess, registry, report, report_page, storage
+from lesion_ray.settings import Settings
 from lesion_ray.spec import InputUri, JobSpec, OutputUri, param, to_dict
 
 # Statuses of a scoring pair; all but "bad_truth" are scored.
@@ -266,7 +267,7 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
     storage.write_text(uri, report_page.page(f"Evaluation '{job.name}'", subtitle, sections))
 
 
-def run(spec: EvaluateSpec) -> dict[str, Any]:
+def run(spec: EvaluateSpec, settings: Settings) -> dict[str, Any]:
     truth = data.discover_ground_truth(spec.ground_truth, spec.subset, spec.task)
     if not truth:
         raise ValueError(

@@ -20,6 +20,7 @@ import yaml
 
 from lesion_ray import spec
 from lesion_ray.cluster import ClusterConfig
+from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, SpecError
 
 SPEC_MOUNT = "/home/ray/lesion-ray-job"
@@ -34,7 +35,7 @@ def _dns_name(text: str) -> str:
     return name[:50] or "lesion-ray"
 
 
-def _cluster_spec(config: ClusterConfig) -> dict[str, Any]:
+def _cluster_spec(config: ClusterConfig, settings: Settings) -> dict[str, Any]:
     manifest = spec.read_yaml(config.raycluster or "")
     if manifest.get("kind") != "RayCluster" or "spec" not in manifest:
         raise SpecError(config.raycluster or "", "kind", "expected a ray.io/v1 RayCluster manifest")
@@ -48,7 +49,7 @@ def _cluster_spec(config: ClusterConfig) -> dict[str, Any]:
     auth = [{"name": "RAY_AUTH_MODE", "value": "token"},
             {"name": "RAY_AUTH_TOKEN",
              "valueFrom": {"secretKeyRef": {"name": config.auth_secret, "key": RAY_TOKEN_KEY}}}]
-    env = [{"name": k, "value": v} for k, v in sorted(config.worker_env().items())]
+    env = [{"name": k, "value": v} for k, v in sorted(settings.job_environment().items())]
     for template in _pod_templates(cluster_spec):
         for container in template["spec"]["containers"]:
             if config.image:
@@ -71,12 +72,13 @@ def _mount(templates: list[dict[str, Any]], name: str, source: dict[str, Any], p
             container.setdefault("volumeMounts", []).append({"name": name, "mountPath": path, "readOnly": True})
 
 
-def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
-    """The manifests to ``kubectl apply`` for ``job`` on the KubeRay cluster ``config``."""
+def render(job: JobSpec, config: ClusterConfig, settings: Settings) -> list[dict[str, Any]]:
+    """The manifests to ``kubectl apply`` for ``job`` on the KubeRay cluster ``config``; the pods get
+    ``settings``' env_vars and storage settings (:meth:`Settings.job_environment`)."""
     name = _dns_name(job.name)
     labels = {"app.kubernetes.io/name": "lesion-ray", "lesion-ray/kind": job.kind}
     metadata = {"name": name, "namespace": config.namespace, "labels": labels}
-    cluster_spec = _cluster_spec(config)
+    cluster_spec = _cluster_spec(config, settings)
     if job.kind == "serve":
         from lesion_ray import serve
 
@@ -84,8 +86,9 @@ def render(job: JobSpec, config: ClusterConfig) -> list[dict[str, Any]]:
         _mount(_pod_templates(cluster_spec), "serve-token", {"secret": {"secretName": config.serve_token_secret}},
                SERVE_TOKEN_MOUNT)
         # Listening on every interface of the pod, so its Kubernetes Service reaches it: with the token required.
+        # The Serve config is all the application gets: it names the cluster config's registry too.
         job = dataclasses.replace(job, auth_token_env=None, auth_token_file=f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}",
-                                  host="0.0.0.0")
+                                  host="0.0.0.0", registry=job.registry or config.registry)
         return [{
             "apiVersion": "ray.io/v1",
             "kind": "RayService",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lesion_ray import report, spec, storage
+from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext, JobSpec, SpecError
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_-]+)+)\}")
@@ -104,7 +105,7 @@ def _interpolate(value: Any, resolved: dict[str, dict[str, Any]], source: str, w
     return _REFERENCE.sub(lambda m: str(resolve(m)), value)
 
 
-def run(pipeline: PipelineSpec) -> dict[str, Any]:
+def run(pipeline: PipelineSpec, settings: Settings) -> dict[str, Any]:
     """Run the steps in order, a line for each; the pipeline's summary names where all went."""
     summary: dict[str, Any] = {}
     started = time.monotonic()
@@ -112,7 +113,7 @@ def run(pipeline: PipelineSpec) -> dict[str, Any]:
     for index, job in enumerate(pipeline.jobs, start=1):
         report.info(f"step {index}/{len(pipeline.jobs)}: {job.kind} '{job.name}'")
         step_start = time.monotonic()
-        result = spec.job_module(job.kind, job.name).run(job)
+        result = spec.job_module(job.kind, job.name).run(job, settings)
         seconds = time.monotonic() - step_start
         # One line per step (its numbers; its paths are in the closing summary), so a pipeline's console
         # stays short: the last step's whole summary closes the pipeline's.

@@ -58,7 +58,19 @@ from lesion_ray import data, inference, preprocess, registry, report, storage
 from lesion_ray.inference import Postprocess
 from lesion_ray.model import ModelConfig
 from lesion_ray.registry import ModelRef
-from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, SpecError, check_uris, key_path, param, to_dict
+from lesion_ray.settings import Settings
+from lesion_ray.spec import (
+    CheckContext,
+    InputUri,
+    JobSpec,
+    OutputUri,
+    RegistryUri,
+    SpecError,
+    check_uris,
+    key_path,
+    param,
+    to_dict,
+)
 
 MANIFEST_FILE = "manifest.parquet"
 PARTS_DIR = "manifest_parts"
@@ -102,8 +114,8 @@ class PredictSpec(JobSpec):
     input: InputUri
     model: ModelRef
     output: OutputUri
-    registry: str | None = param(None, help="model registry for name@version (default $LESION_RAY_REGISTRY "
-                                            "or runs/registry)")
+    registry: RegistryUri | None = param(None, help="model registry for name@version (default: the cluster "
+                                                    "config's registry, else runs/registry)")
     subset: Literal["Training", "Validation", "Test"] = param(
         "Validation", help="which subset's images when input is an ISIC root")
     batch_size: int = param(16, min=1, help="images per forward pass (and per decode task)")
@@ -411,14 +423,14 @@ def _not_done_rows(todo: list[data.Sample], reason: str, found: registry.Resolve
         "finished_at": now, "node": ""} for s in todo], schema=MANIFEST_SCHEMA)
 
 
-def run(spec: PredictSpec) -> dict[str, Any]:
+def run(spec: PredictSpec, settings: Settings) -> dict[str, Any]:
     out = storage.normalize(spec.output)
     with output_lock(out, spec.name, spec.take_over_lock) as lock:
-        return _predict(spec, out, lock["run_id"])
+        return _predict(spec, out, lock["run_id"], spec.registry or settings.registry)
 
 
-def _predict(spec: PredictSpec, out: str, run_id: str) -> dict[str, Any]:
-    found = registry.resolve(spec.model, spec.registry)
+def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str) -> dict[str, Any]:
+    found = registry.resolve(spec.model, registry_uri)
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
     if spec.gpus_per_actor > 0 and (gpus := preprocess.cluster_gpus()) < spec.gpus_per_actor:

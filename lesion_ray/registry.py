@@ -34,7 +34,7 @@ from torch import nn
 
 from lesion_ray import storage
 from lesion_ray.model import ModelConfig, build_model
-from lesion_ray.spec import CheckContext, CheckedStr
+from lesion_ray.spec import DEFAULT_REGISTRY, CheckContext, CheckedStr
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
 TRAINING_FILE = "training.json"  # the train spec and metrics history that made the model (when it was trained here)
@@ -45,8 +45,9 @@ _REGISTRY_REF = re.compile(rf"^(?:(?P<registry>.+)/)?(?P<name>{NAME_PATTERN})@(?
 
 
 def default_registry() -> str:
-    """``$LESION_RAY_REGISTRY``, else ``runs/registry`` under the working directory."""
-    return storage.normalize(os.environ.get("LESION_RAY_REGISTRY") or "runs/registry")
+    """``runs/registry`` under the working directory: where these functions look when given no registry
+    (jobs pass theirs: the spec's, else the cluster config's, see :class:`lesion_ray.settings.Settings`)."""
+    return storage.normalize(DEFAULT_REGISTRY)
 
 
 # --- Model folders -----------------------------------------------------------------------------
@@ -245,12 +246,12 @@ class ModelRef(CheckedStr):
         if match:
             if f"model:{match['name']}" in ctx.produced:
                 return
-            registry = match["registry"] or default_registry()
+            registry = match["registry"] or ctx.registry
             if not ctx.check_local_paths and not storage.is_s3(storage.normalize(registry)):
                 return
         elif ctx.skip(self):
             return
-        resolve(self)
+        resolve(self, ctx.registry)
 
 
 def qualified(ref: str, registry: str | None) -> ModelRef:

@@ -1,6 +1,7 @@
 """Job specs: typed dataclasses loaded from YAML and checked before any Ray work starts.
 
-Each job kind's module declares ``SPEC`` (a :class:`JobSpec` dataclass) and ``run(spec)``.
+Each job kind's module declares ``SPEC`` (a :class:`JobSpec` dataclass) and ``run(spec, settings)``
+(:class:`lesion_ray.settings.Settings`: where the job's storage and registry are).
 Type hints are the schema: unknown keys, wrong types, impossible values and unreachable
 URIs all become one :class:`SpecError` naming the file, the key path and what is expected.
 """
@@ -29,6 +30,7 @@ KINDS: dict[str, str] = {
     "serve": "lesion_ray.serve",
     "pipeline": "lesion_ray.pipeline",
 }
+DEFAULT_REGISTRY = "runs/registry"  # under the working directory, where neither spec nor cluster config names one
 
 
 class SpecError(Exception):
@@ -48,6 +50,8 @@ class CheckContext:
     produced: list[str] = field(default_factory=list)
     # On a remote cluster local paths name the cluster's disks, which we cannot see.
     check_local_paths: bool = True
+    # Where a bare name@version is looked up: the job's registry (Settings.registry).
+    registry: str = field(default_factory=lambda: storage.normalize(DEFAULT_REGISTRY))
 
     def will_exist(self, uri: str) -> bool:
         if uri in self.produced:
@@ -96,6 +100,16 @@ class OutputUri(_Uri):
     probe = staticmethod(storage.check_writable)
 
 
+class RegistryUri(_Uri):
+    """A model registry, the ``registry`` key of specs and cluster configs. Not probed on its own: a job
+    that reads it checks the model it names there, and train checks that it can publish there."""
+
+    expected = "a path or URI (local, file:// or s3://) of a model registry"
+
+    def check(self, ctx: CheckContext) -> None:
+        pass
+
+
 def param(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
           help: str = "") -> Any:
     """A spec field with bounds and a help text (the bounds are checked on load)."""
@@ -109,9 +123,6 @@ def param(default: Any = dataclasses.MISSING, *, min: float | None = None, max: 
 class StorageSettings:
     endpoint_url: str | None = param(None, help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
     region: str | None = param(None, help="S3 region")
-
-    def apply(self) -> None:
-        storage.configure(self.endpoint_url, self.region)
 
 
 @dataclass(kw_only=True)

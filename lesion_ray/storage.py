@@ -1,9 +1,10 @@
 """One place that understands storage URIs: local paths, ``file://`` and ``s3://``.
 
 Every stage reads and writes through these functions, so a job that works on a local
-folder works unchanged on AWS S3 or any S3-compatible store. The S3 endpoint comes from
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (set by the cluster config or the spec,
-see :func:`configure`), credentials from the standard AWS chain. Writes are atomic: a
+folder works unchanged on AWS S3 or any S3-compatible store. One :class:`S3Config` (endpoint,
+region, attempts per request) per process, installed by :func:`configure`, serves both boto3
+(this module's own I/O) and the pyarrow filesystem handed to Ray (:func:`pyarrow_filesystem`);
+credentials come from the standard AWS chain. Writes are atomic: a
 reader never sees a partially written object under its final name. Local files are created
 with mode 0o666 less the process umask, like any file the user creates.
 
@@ -25,7 +26,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,7 +35,7 @@ import pyarrow.fs as pafs
 
 ENDPOINT_ENV_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _MULTIPART_CHUNK = 16 * 1024 * 1024
-DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS says otherwise
+DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS or the settings say otherwise
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 _CONFLICT_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
@@ -49,30 +50,61 @@ class FileInfo:
     size: int
 
 
-def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
-    """Set the S3 endpoint and region for this process and the Ray workers it starts.
+@dataclass(frozen=True)
+class S3Config:
+    """Where this project's S3 requests go and how often each is tried (no credentials: those stay
+    with the AWS chain)."""
 
-    Values go into the standard AWS environment variables, which the cluster module
-    forwards to every Ray worker, so drivers and workers always agree.
-    """
-    if endpoint_url:
-        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
-        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
-    if region:
-        os.environ["AWS_DEFAULT_REGION"] = region
+    endpoint_url: str | None = None  # None: AWS itself
+    region: str | None = None
+    max_attempts: int = DEFAULT_ATTEMPTS
+
+    @classmethod
+    def from_environment(cls, endpoint_url: str | None = None, region: str | None = None) -> S3Config:
+        """``endpoint_url`` and ``region`` where given, else the AWS SDKs' standard variables
+        (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, ``AWS_REGION``); attempts
+        from ``AWS_MAX_ATTEMPTS``. Read once, when the settings are built."""
+
+        def first(*names: str) -> str | None:
+            return next((os.environ[name] for name in names if os.environ.get(name)), None)
+
+        # AWS_MAX_ATTEMPTS is the AWS SDKs' own setting; our default is higher than their 3, since one archive
+        # job makes millions of requests and a transient error must not cost an image.
+        attempts = first("AWS_MAX_ATTEMPTS")
+        return cls(endpoint_url=endpoint_url or first(*ENDPOINT_ENV_VARS),
+                   region=region or first("AWS_DEFAULT_REGION", "AWS_REGION"),
+                   max_attempts=int(attempts) if attempts else DEFAULT_ATTEMPTS)
+
+    def environment(self) -> dict[str, str]:
+        """These settings as the AWS SDKs' standard variables, for a process that builds its own settings
+        elsewhere (a submitted job's driver, a KubeRay pod). No secrets."""
+        env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region,
+               "AWS_MAX_ATTEMPTS": str(self.max_attempts)}
+        return {name: value for name, value in env.items() if value}
 
 
-def storage_env() -> dict[str, str]:
-    """The storage settings of this process, to forward to Ray workers (no secrets)."""
-    names = (*ENDPOINT_ENV_VARS, "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS")
-    return {name: os.environ[name] for name in names if os.environ.get(name)}
+_config: S3Config | None = None  # installed by configure(); until then, the AWS variables
 
 
-def endpoint_url() -> str | None:
-    for name in ENDPOINT_ENV_VARS:
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
+def configure(config: S3Config) -> None:
+    """Use ``config`` for every S3 request of this process (boto3 and :func:`pyarrow_filesystem`)."""
+    global _config
+    _config = config
+
+
+def current_config() -> S3Config:
+    """The installed :class:`S3Config`; where none was installed, the one the AWS variables describe."""
+    return _config or S3Config.from_environment()
+
+
+def installer(config: S3Config) -> Callable[[], None]:
+    """A function that installs ``config``: a Ray ``worker_process_setup_hook``, which Ray pickles and runs in
+    every worker of the job when it starts, so the workers use the driver's settings."""
+
+    def install_storage_config() -> None:
+        configure(config)
+
+    return install_storage_config
 
 
 def is_s3(uri: str) -> bool:
@@ -128,10 +160,8 @@ def split_s3(uri: str) -> tuple[str, str]:
 # --- S3 -----------------------------------------------------------------------------------
 
 def _s3_client():
-    # AWS_MAX_ATTEMPTS is the AWS SDKs' own setting; ours is higher than their 3, since one archive
-    # job makes millions of requests and a transient error must not cost an image.
-    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_ATTEMPTS)
-    return _client_for(endpoint_url(), os.environ.get("AWS_DEFAULT_REGION"), attempts, os.getpid())
+    config = current_config()
+    return _client_for(config.endpoint_url, config.region, config.max_attempts, os.getpid())
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,10 +179,15 @@ def _client_for(endpoint: str | None, region: str | None, attempts: int, pid: in
     )
 
 
+def _where() -> str:
+    endpoint = current_config().endpoint_url
+    return f" at {endpoint}" if endpoint else ""
+
+
 def _s3_error(exc: Exception, uri: str, action: str) -> StorageError:
     from botocore.exceptions import ClientError, NoCredentialsError
 
-    where = f" at {endpoint_url()}" if endpoint_url() else ""
+    where = _where()
     if isinstance(exc, NoCredentialsError):
         return StorageError(
             f"cannot {action} {uri}: no AWS credentials found. Set AWS_ACCESS_KEY_ID/"
@@ -504,8 +539,7 @@ def delete(uri: str) -> None:
 def _require_bucket(uri: str, advice: str = "") -> None:
     if not bucket_exists(uri):
         bucket, _ = split_s3(uri)
-        where = f" at {endpoint_url()}" if endpoint_url() else ""
-        raise StorageError(f"bucket '{bucket}' does not exist{where}{advice}")
+        raise StorageError(f"bucket '{bucket}' does not exist{_where()}{advice}")
 
 
 def check_readable(uri: str) -> None:
@@ -535,14 +569,14 @@ def check_writable(uri: str) -> None:
 
 
 def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it for ``uri``, for Ray Data readers/writers."""
+    """A pyarrow filesystem and the path inside it for ``uri``, for Ray (Train's storage, Data readers and
+    writers): on S3, with the endpoint and region boto3 uses here."""
     uri = normalize(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        fs = pafs.S3FileSystem(
-            endpoint_override=endpoint_url(),
-            region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
-        )
+        config = current_config()
+        fs = pafs.S3FileSystem(endpoint_override=config.endpoint_url, region=config.region or "us-east-1",
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts))
         return fs, f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), uri
 

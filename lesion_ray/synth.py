@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from lesion_ray import report, storage
 from lesion_ray.data import ATTRIBUTES, FOLDERS
+from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, OutputUri, SpecError, key_path, param
 
 # Share of ISIC 2018 training images whose mask for the attribute is not empty (REFERENCE.md 1).
@@ -316,7 +317,7 @@ def _write_batch(batch: dict[str, np.ndarray], spec: SynthSpec) -> dict[str, np.
     return {"id": batch["id"], "files": np.array([write_image(spec, int(i)) for i in batch["id"]])}
 
 
-def run(spec: SynthSpec) -> dict[str, Any]:
+def run(spec: SynthSpec, settings: Settings) -> dict[str, Any]:
     """Generate ``num_images`` training and ``validation_images`` validation images on Ray."""
     total = spec.num_images + spec.validation_images
     if storage.exists(storage.join(spec.output, SUBSET_FOLDERS["Training"][0])):

@@ -40,7 +40,19 @@ from ray.data.expressions import col
 
 from lesion_ray import data, figures, metrics, preprocess, registry, report, report_page, storage
 from lesion_ray.model import AugmentConfig, LossConfig, ModelConfig, augment, build_model, compute_loss
-from lesion_ray.spec import InputUri, JobSpec, OutputUri, SpecError, key_path, param, to_dict
+from lesion_ray.settings import Settings
+from lesion_ray.spec import (
+    CheckContext,
+    InputUri,
+    JobSpec,
+    OutputUri,
+    RegistryUri,
+    SpecError,
+    check_uris,
+    key_path,
+    param,
+    to_dict,
+)
 from lesion_ray.tracking import TENSORBOARD_DIR, EpochLog, MlflowConfig, MlflowTarget
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -69,7 +81,8 @@ class TrainSpec(JobSpec):
     checkpoints_to_keep: int = param(2, min=1, help="keep this many best checkpoints by validation score")
     max_failures: int = param(3, min=0, help="worker group restarts from the latest checkpoint on failure")
     elastic_resize_interval_s: float = param(60.0, min=0, help="elastic: how often to look for new resources")
-    registry: OutputUri | None = param(None, help="model registry URI (default: $LESION_RAY_REGISTRY or runs/registry)")
+    registry: RegistryUri | None = param(None, help="model registry URI (default: the cluster config's registry, "
+                                                     "else runs/registry)")
     model_name: str = param("lesion-unet", help="name under which the best model is published")
     tensorboard: bool = param(True, help="write each epoch's scalars as TensorBoard events to <output>/tensorboard")
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -89,8 +102,13 @@ class TrainSpec(JobSpec):
             raise SpecError(source, key_path(path, "val_fraction"),
                             "must be above 0 (or give split_csv)")
 
+    def check(self, ctx: CheckContext) -> None:
+        super().check(ctx)
+        if self.registry:  # train publishes there
+            check_uris({"registry": OutputUri(self.registry)}, ctx)
+
     def produces(self) -> list[str]:
-        return [*super().produces(), f"model:{self.model_name}"]
+        return [*super().produces(), *([self.registry] if self.registry else []), f"model:{self.model_name}"]
 
 
 SPEC = TrainSpec
@@ -99,7 +117,9 @@ SPEC = TrainSpec
 # --- Driver ------------------------------------------------------------------------------------
 
 
-def run(spec: TrainSpec) -> dict[str, Any]:
+def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
+    # The registry this run publishes into, recorded with its spec (training.json, report page).
+    spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
     output = storage.normalize(spec.output)
     task = spec.model.task
     found = data.discover(spec.data, "Training", task=task)
@@ -231,7 +251,7 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
         "validation_images": counts["validation"],
         "unreadable_images": unreadable,
         "output": output,
-        "registry": storage.normalize(spec.registry or registry.default_registry()),
+        "registry": spec.registry,
         "report": page_uri,
         **({"tensorboard": storage.join(output, TENSORBOARD_DIR)} if spec.tensorboard else {}),
     }

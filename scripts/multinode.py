@@ -152,12 +152,12 @@ def _resumed_and_continued(logs: str, workers: int) -> bool:
 def elastic_training(nodes: LoopbackCluster, remote: str, data: str, output: str) -> dict[str, Any]:
     """Train with num_workers [1, 3] on the trainer nodes; add a third, then kill it. Reports the
     group sizes seen in order and the epochs that finished."""
-    job, config = cli.prepare(str(ROOT / "jobs" / "train.yaml"), remote, [
+    job, config, settings = cli.prepare(str(ROOT / "jobs" / "train.yaml"), remote, [
         f"data={data}", f"output={output}", "model_name=elastic-unet", "model.input_size=32",
         "model.num_filters=4", "model.depth=2", "epochs=1000", "batch_size=4", "num_workers=[1, 3]",
         "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1"])
     nodes.wait_for_nodes(timeout_s=30)
-    client, job_id = cluster.start_job(job, config)
+    client, job_id = cluster.start_job(job, config, settings)
 
     def logs() -> str:
         return client.get_job_logs(job_id)
@@ -193,11 +193,11 @@ def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -
     token = secrets.token_hex(16)
     token_file = write_secret(nodes.root, SERVE_TOKEN_FILE, token)
     # HeadOnly: the nodes share one machine, so only one of them can bind the port.
-    job, config = cli.prepare(str(ROOT / "jobs" / "serve.yaml"), remote, [
+    job, config, settings = cli.prepare(str(ROOT / "jobs" / "serve.yaml"), remote, [
         "min_replicas=2", "max_replicas=2", f"port={port}", "proxy_location=HeadOnly", "poll_latest_s=0",
         "auth_token_env=null", f"auth_token_file={token_file}"])
     nodes.wait_for_nodes(timeout_s=30)
-    _, job_id = cluster.start_job(job, config)
+    _, job_id = cluster.start_job(job, config, settings)
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"}
 

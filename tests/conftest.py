@@ -1,7 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto server on loopback) and one local Ray per session.
-
-The S3 endpoint is started before Ray so that every Ray worker inherits its address and the
-fake credentials through the same environment variables a user would set.
+"""Shared fixtures: a real S3 endpoint (moto server on loopback), the job settings that point at it,
+and one local Ray per session whose workers get those settings as a job's workers do.
 """
 
 from __future__ import annotations
@@ -12,24 +10,19 @@ import uuid
 
 import pytest
 
-from lesion_ray import storage
+from lesion_ray import cluster, storage
+from lesion_ray.cluster import ClusterConfig
 from lesion_ray.loopback import LoopbackCluster, free_port
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """Commands under test apply cluster configs to os.environ; undo that after each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+from lesion_ray.settings import Settings
+from lesion_ray.spec import StorageSettings
 
 
 @pytest.fixture(scope="session", autouse=True)
 def s3_endpoint() -> str:
-    """URL of a moto S3 server on loopback, exported as AWS_ENDPOINT_URL for the whole session.
+    """URL of a moto S3 server on loopback. The session's environment is a user's shell that exports fake
+    credentials and this endpoint in the AWS variables, for the commands tests run as a user does.
 
-    Autouse: it is in place before any test's environment snapshot, and no test can reach AWS.
+    Autouse: no test can reach AWS.
     """
     from moto.server import ThreadedMotoServer
 
@@ -42,10 +35,19 @@ def s3_endpoint() -> str:
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=url,
     )
-    storage.configure(endpoint_url=url)
     yield url
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def settings(s3_endpoint: str) -> Settings:
+    """The settings the CLI builds for a job on a local cluster config that names the moto endpoint, installed
+    in this process as the CLI installs them (autouse: before any test touches S3)."""
+    job_settings = Settings.build(ClusterConfig(kind="local", storage=StorageSettings(endpoint_url=s3_endpoint)))
+    storage.configure(job_settings.storage)
+    return job_settings
 
 
 @pytest.fixture
@@ -59,9 +61,9 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_endpoint: str):
+def ray_local(settings: Settings):
     """One local Ray for the session (started on first use): more logical CPUs than the 2 physical
-    cores, progress bars off."""
+    cores, progress bars off, and the runtime_env a job started by the CLI has."""
     import ray
 
     if not ray.is_initialized():
@@ -71,7 +73,7 @@ def ray_local(s3_endpoint: str):
             object_store_memory=512 * 1024 * 1024,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": storage.storage_env()},
+            runtime_env=cluster.runtime_env(settings),
         )
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

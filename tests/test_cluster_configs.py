@@ -79,9 +79,11 @@ def test_rayservice_carries_the_serve_config(capsys, tmp_path) -> None:
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
     app = serve_config["applications"][0]
     assert app["import_path"] == "lesion_ray.serve:app_builder"
-    # The spec, but with the bearer token from the mounted Secret, listening where the pod's Service reaches it.
+    # The spec, but with the bearer token from the mounted Secret, listening where the pod's Service reaches it,
+    # and the cluster config's registry (the Serve config is all the application gets).
     expected = spec.to_dict(spec.load("jobs/serve.yaml", ["auth_token_env=null", "host=0.0.0.0",
-                                                          f"auth_token_file={kuberay.SERVE_TOKEN_MOUNT}/token"]))
+                                                          f"auth_token_file={kuberay.SERVE_TOKEN_MOUNT}/token",
+                                                          f"registry={tmp_path / 'reg'}"]))
     assert app["args"] == expected
     assert serve_config["http_options"]["host"] == "0.0.0.0"
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True

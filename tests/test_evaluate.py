@@ -28,7 +28,7 @@ def make_spec(**keys) -> evaluate.EvaluateSpec:
     return from_dict(evaluate.EvaluateSpec, {"kind": "evaluate", "name": "eval", **keys}, "test")
 
 
-def test_task1_hand_computed_with_bad_predictions(ray_local, tmp_path) -> None:
+def test_task1_hand_computed_with_bad_predictions(ray_local, settings, tmp_path) -> None:
     gt = tmp_path / "isic" / "ISIC2018_Task1_Validation_GroundTruth"
     pred = tmp_path / "pred"
     for i in range(1, 6):
@@ -42,7 +42,8 @@ def test_task1_hand_computed_with_bad_predictions(ray_local, tmp_path) -> None:
     storage.write_bytes(str(pred / "ISIC_0000001_overlay.png"), png(TRUTH))  # not a prediction
 
     out = tmp_path / "eval"
-    summary = evaluate.run(make_spec(predictions=str(pred), ground_truth=str(tmp_path / "isic"), output=str(out)))
+    summary = evaluate.run(make_spec(predictions=str(pred), ground_truth=str(tmp_path / "isic"), output=str(out)),
+                           settings)
 
     # Per image (J, dice, sens, spec, acc): 1: all 1; 2: .6 .75 .75 .75 .75; 3, 4, 5 (empty): 0 0 0 1 .5.
     expected = {"threshold_jaccard": 1 / 5, "jaccard": 1.6 / 5, "dice": 1.75 / 5,
@@ -91,7 +92,7 @@ def test_examples_are_the_worst_median_and_best() -> None:
     assert evaluate.pick_examples(scores[:3], per_group=2) == [("All images, worst first", [2, 0, 1])]
 
 
-def test_perfect_copies_score_one_on_s3(ray_local, s3_bucket) -> None:
+def test_perfect_copies_score_one_on_s3(ray_local, settings, s3_bucket) -> None:
     rng = np.random.default_rng(0)
     for i in range(1, 4):
         h, w = 20 + i, 30 + 2 * i  # every image its own size
@@ -105,12 +106,12 @@ def test_perfect_copies_score_one_on_s3(ray_local, s3_bucket) -> None:
                 storage.write_bytes(f"{s3_bucket}/{folder}/ISIC_000000{i}_attribute_{name}.png", png(mask))
 
     task1 = evaluate.run(make_spec(predictions=f"{s3_bucket}/pred", ground_truth=f"{s3_bucket}/gt1",
-                                   output=f"{s3_bucket}/eval1"))
+                                   output=f"{s3_bucket}/eval1"), settings)
     assert task1["threshold_jaccard"] == 1.0 and task1["dice"] == 1.0 and task1["accuracy"] == 1.0
     assert sum(task1["problems"].values()) == 0
 
     task2 = evaluate.run(make_spec(predictions=f"{s3_bucket}/pred", ground_truth=f"{s3_bucket}/gt2",
-                                   output=f"{s3_bucket}/eval2", task=2))
+                                   output=f"{s3_bucket}/eval2", task=2), settings)
     assert task2["masks"] == 15 and task2["jaccard"] == 1.0 and task2["dice"] == 1.0
     result = json.loads(storage.read_text(f"{s3_bucket}/eval2/{evaluate.REPORT_FILE}"))
     assert result["scores"]["per_attribute"] == {name: {"jaccard": 1.0, "dice": 1.0} for name in data.ATTRIBUTES}

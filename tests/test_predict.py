@@ -3,6 +3,7 @@ as error rows, resume after an interruption, Task 2 with flips and overlays."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -117,6 +118,15 @@ def test_min_actors_above_max_is_a_spec_error() -> None:
         make_spec(input="x", model="m@latest", output="y", min_actors=3, max_actors=2).validate("test", "")
 
 
+def test_ray_workers_get_the_jobs_storage_settings(ray_local, settings) -> None:
+    # Installed by the runtime_env's setup hook when each worker starts, not read from the environment.
+    @ray_local.remote
+    def installed() -> storage.S3Config | None:
+        return storage._config
+
+    assert ray_local.get(installed.remote()) == settings.storage
+
+
 def test_model_is_checked_in_the_specs_own_registry(tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
     keys = {"input": str(tmp_path), "model": ref, "output": str(tmp_path / "out")}
@@ -125,7 +135,7 @@ def test_model_is_checked_in_the_specs_own_registry(tmp_path) -> None:
         make_spec(**keys, registry=str(tmp_path / "elsewhere")).check(CheckContext(source="test"))
 
 
-def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, s3_bucket, tmp_path) -> None:
+def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, settings, s3_bucket, tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, f"{s3_bucket}/registry", task=1)
     inputs = f"{s3_bucket}/in"  # a plain folder of images
     for i, (w, h) in enumerate(SIZES):
@@ -139,7 +149,7 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, s3_bucket, tmp_path) ->
     spec = make_spec(input=inputs, model=ref, registry=f"{s3_bucket}/registry", output=out, batch_size=4,
                      max_actors=2, overlays="sample", overlay_sample=2)
 
-    summary = predict.run(spec)
+    summary = predict.run(spec, settings)
     assert (summary["inputs"], summary["ok"], summary["error"], summary["resumed"]) == (9, 6, 3, 0)
     assert summary["model"] == "tiny1@1" and summary["threshold"] == 0.5
     for i, (w, h) in enumerate(SIZES):
@@ -172,7 +182,7 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, s3_bucket, tmp_path) ->
     storage.delete(f"{out}/{predict.MANIFEST_FILE}")
     storage.delete(f"{out}/masks/ISIC_0000002_segmentation.png")
 
-    again = predict.run(spec)
+    again = predict.run(spec, settings)
     assert (again["inputs"], again["ok"], again["error"], again["resumed"]) == (9, 6, 3, 3)
     second = {r["id"]: r for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
               .to_pylist()}
@@ -184,14 +194,15 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, s3_bucket, tmp_path) ->
     assert not storage.exists(f"{out}/{predict.PARTS_DIR}")
 
 
-def test_task2_local_with_flips_and_all_overlays(ray_local, tmp_path) -> None:
+def test_task2_local_with_flips_and_all_overlays(ray_local, settings, tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=2)
     inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
     for i, (w, h) in enumerate(SIZES[:3]):
         storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), jpeg(w, h, i))
     out = tmp_path / "out"
-    summary = predict.run(make_spec(input=str(tmp_path), model=ref, registry=str(tmp_path / "registry"),
-                                    output=str(out), tta=True, overlays="all", threshold=0.3))
+    # The spec names no registry: the job's settings do (a cluster config's registry).
+    summary = predict.run(make_spec(input=str(tmp_path), model=ref, output=str(out), tta=True, overlays="all",
+                                    threshold=0.3), dataclasses.replace(settings, registry=str(tmp_path / "registry")))
     assert (summary["inputs"], summary["ok"], summary["error"], summary["threshold"]) == (3, 3, 0, 0.3)
     for i, (w, h) in enumerate(SIZES[:3]):
         for name in data.ATTRIBUTES:
@@ -203,15 +214,15 @@ def test_task2_local_with_flips_and_all_overlays(ray_local, tmp_path) -> None:
     assert all(0.0 <= p <= 1.0 for p in row["head1_prob"] + row["head2_prob"])
 
 
-def test_task1_masks_are_one_region_without_holes(ray_local, tmp_path) -> None:
+def test_task1_masks_are_one_region_without_holes(ray_local, settings, tmp_path) -> None:
     images = [jpeg(w, h, i) for i, (w, h) in enumerate(SIZES[3:])]
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1, speckled_on=images)
     inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
     for i, image in enumerate(images):
         storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), image)
     keys = {"input": str(tmp_path), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none"}
-    predict.run(make_spec(**keys, output=str(tmp_path / "raw"), postprocess="none"))
-    predict.run(make_spec(**keys, output=str(tmp_path / "out")))
+    predict.run(make_spec(**keys, output=str(tmp_path / "raw"), postprocess="none"), settings)
+    predict.run(make_spec(**keys, output=str(tmp_path / "out")), settings)
     for i in range(len(SIZES[3:])):
         name = f"masks/ISIC_000000{i}_segmentation.png"
         raw = np.asarray(Image.open(tmp_path / "raw" / name)) > 0

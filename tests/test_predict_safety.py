@@ -56,7 +56,7 @@ def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
-def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, tmp_path) -> None:
+def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings, tmp_path) -> None:
     reg = str(tmp_path / "registry")
     ref = publish_tiny_model(tmp_path, reg, task=1)
     for i in range(120):
@@ -68,7 +68,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, tmp_path)
 
     def first_run() -> None:
         try:
-            result["summary"] = predict.run(spec)
+            result["summary"] = predict.run(spec, settings)
         except BaseException as exc:  # handed to the test thread
             result["error"] = exc
 
@@ -79,7 +79,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, tmp_path)
 
     # A second run into the same output is refused while the first one owns it.
     with pytest.raises(predict.OutputLocked, match=r"in use by predict run by .* \(pid \d+\).*take_over_lock=true"):
-        predict.run(spec)
+        predict.run(spec, settings)
 
     actors = [a for a in ray._private.state.actors().values()
               if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
@@ -95,7 +95,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, tmp_path)
     assert sorted(ids) == [f"ISIC_{i:07d}" for i in range(120)]  # every input exactly once
     assert len(os.listdir(masks)) == 120
     assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{predict.PARTS_DIR}")
-    assert predict.run(spec)["resumed"] == 120  # the lock is gone with the run that held it
+    assert predict.run(spec, settings)["resumed"] == 120  # the lock is gone with the run that held it
 
 
 def _lesion_ray(job: str, cluster: str, *overrides: str) -> subprocess.Popen:
@@ -107,7 +107,7 @@ def _lesion_ray(job: str, cluster: str, *overrides: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def test_driver_killed_then_resumed_through_failing_s3(s3_bucket, faulty_s3, tmp_path) -> None:
+def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faulty_s3, tmp_path) -> None:
     reg, inputs, out = f"{s3_bucket}/registry", f"{s3_bucket}/in", f"{s3_bucket}/out"
     ref = publish_tiny_model(tmp_path, reg, task=1)
     ids = [f"ISIC_{i:07d}" for i in range(100)]
@@ -137,7 +137,7 @@ def test_driver_killed_then_resumed_through_failing_s3(s3_bucket, faulty_s3, tmp
 
     # The crashed run's lock stands until a run is told to take it over.
     with pytest.raises(predict.OutputLocked, match="if that run crashed, run again with take_over_lock=true"):
-        predict.run(make_spec(**keys))
+        predict.run(make_spec(**keys), settings)
 
     proxy.forwarded.clear()
     resumed = _lesion_ray(str(job), str(cluster), "take_over_lock=true")

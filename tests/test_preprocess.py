@@ -120,7 +120,7 @@ def test_image_dataset_one_row_per_input_with_errors(ray_local, tmp_path) -> Non
 
 
 @pytest.fixture(scope="module")
-def isic_s3(ray_local, s3_endpoint) -> str:
+def isic_s3(ray_local, settings, s3_endpoint) -> str:
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="preprocess-isic")
@@ -133,7 +133,7 @@ def isic_s3(ray_local, s3_endpoint) -> str:
         "width": [64, 96],
         "seed": 3,
     }
-    synth.run(spec.from_dict(synth.SynthSpec, raw, "test"))
+    synth.run(spec.from_dict(synth.SynthSpec, raw, "test"), settings)
     return raw["output"]
 
 

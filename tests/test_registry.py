@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from lesion_ray import registry, storage
+from lesion_ray.cluster import ClusterConfig, load_cluster
 from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext
 
 CONFIG = ModelConfig(architecture="unet", task=2, input_size=32, num_filters=4, depth=2)
@@ -60,11 +62,12 @@ def test_publish_and_lookup(tmp_path) -> None:
         registry.load_model("lesions@7", registry=reg)
 
 
-def test_default_registry_from_env(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("LESION_RAY_REGISTRY", str(tmp_path / "env-registry"))
-    assert registry.default_registry() == str(tmp_path / "env-registry")
-    monkeypatch.delenv("LESION_RAY_REGISTRY")
+def test_the_jobs_registry_comes_from_the_cluster_config(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "cluster.yaml").write_text("kind: local\nregistry: models/registry\n")
+    # Absolute, so that Ray workers in other folders find the same registry.
+    assert Settings.build(load_cluster(str(tmp_path / "cluster.yaml"))).registry == str(tmp_path / "models/registry")
+    assert Settings.build(ClusterConfig(kind="local")).registry == str(tmp_path / "runs" / "registry")
     assert registry.default_registry() == str(tmp_path / "runs" / "registry")
 
 
@@ -91,15 +94,14 @@ def test_bad_references(tmp_path) -> None:
         registry.publish(str(tmp_path), "bad name", {}, str(tmp_path))
 
 
-def test_model_ref_check(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("LESION_RAY_REGISTRY", str(tmp_path / "registry"))
-    ctx = CheckContext("job.yaml")
+def test_model_ref_check(tmp_path) -> None:
+    ctx = CheckContext("job.yaml", registry=str(tmp_path / "registry"))
     with pytest.raises(storage.StorageError, match="train it first"):
         registry.ModelRef("lesions@latest").check(ctx)
     # A model an earlier pipeline step trains passes the check before it exists.
     registry.ModelRef("lesions@latest").check(CheckContext("job.yaml", produced=["model:lesions"]))
     _model_dir(str(tmp_path / "m"))
-    registry.publish(str(tmp_path / "m"), "lesions", {}, None)
+    registry.publish(str(tmp_path / "m"), "lesions", {}, ctx.registry)
     registry.ModelRef("lesions@1").check(ctx)
     registry.ModelRef(str(tmp_path / "m")).check(ctx)
 

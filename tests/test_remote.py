@@ -85,7 +85,7 @@ def test_failed_job_gives_failed_status(tmp_path, ray_processes, monkeypatch, ca
 def test_pinned_requirements_follow_this_client() -> None:
     pins = cluster.pinned_requirements()
     names = {p.split("==")[0].lower() for p in pins}
-    assert {"torch", "pyarrow", "numpy", "pillow", "boto3", "s3fs", "pyyaml"} <= names
+    assert {"torch", "pyarrow", "numpy", "pillow", "boto3", "pyyaml"} <= names
     assert "ray" not in names  # the cluster's own Ray stays
     assert all("==" in p and "+" not in p for p in pins)
 

@@ -71,8 +71,8 @@ def png_array(data: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def app(ray_local, tmp_path_factory):
-    """``run(spec)`` serving lesion@latest in a thread until its ``stop`` event is set."""
+def app(ray_local, settings, tmp_path_factory):
+    """``run(spec, settings)`` serving lesion@latest in a thread until its ``stop`` event is set."""
 
     work = tmp_path_factory.mktemp("serve")
     registry_uri = str(work / "registry")
@@ -87,7 +87,7 @@ def app(ray_local, tmp_path_factory):
     )
     summary: dict = {}
     stop = threading.Event()
-    thread = threading.Thread(target=lambda: summary.update(lserve.run(spec, stop)), daemon=True)
+    thread = threading.Thread(target=lambda: summary.update(lserve.run(spec, settings, stop)), daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{spec.port}/"
     deadline = time.monotonic() + 240

@@ -34,7 +34,7 @@ def picture() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def app(ray_local, tmp_path_factory):
+def app(ray_local, settings, tmp_path_factory):
     from ray import serve
 
     work = tmp_path_factory.mktemp("web")
@@ -52,7 +52,7 @@ def app(ray_local, tmp_path_factory):
     spec = lserve.ServeSpec(kind="serve", name="lesion-web", model=ModelRef("lesion@1"), registry=registry_uri,
                             max_replicas=1, threshold=threshold, auth_token_file=str(work / "token"), port=port)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(lserve.build_app(spec), name=spec.name, route_prefix="/lesion")
+    serve.run(lserve.build_app(spec, settings), name=spec.name, route_prefix="/lesion")
     yield {"url": f"http://127.0.0.1:{port}/lesion", "work": work}
     serve.shutdown()
 

@@ -10,8 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.fs as pafs
 import pytest
+import yaml
 
-from lesion_ray import storage
+from lesion_ray import cli, spec, storage
+from lesion_ray.cluster import ClusterConfig
+from lesion_ray.settings import Settings
+from lesion_ray.spec import StorageSettings
 from lesion_ray.storage import StorageError
 
 
@@ -197,3 +201,51 @@ def test_secrets_never_in_messages(s3_endpoint: str, monkeypatch) -> None:
             assert "AKIDLESIONRAYTEST" not in str(info.value)
     finally:
         storage._client_for.cache_clear()
+
+
+def test_settings_take_the_spec_over_the_cluster_config_over_the_aws_variables(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env.example:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "env-region")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
+    config = ClusterConfig(kind="local", storage=StorageSettings(endpoint_url="http://cluster.example:9000"))
+    job = spec.parse({"kind": "synth", "name": "s", "output": "out", "storage": {"region": "spec-region"}}, "test")
+    assert Settings.build(config, job).storage == storage.S3Config("http://cluster.example:9000", "spec-region", 5)
+    assert Settings.build().storage == storage.S3Config("http://env.example:9000", "env-region", 5)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    assert Settings.build().storage.max_attempts == storage.DEFAULT_ATTEMPTS
+
+
+def test_boto3_and_pyarrow_use_the_installed_settings(settings) -> None:
+    down = storage.S3Config(endpoint_url="http://127.0.0.1:1", region="eu-west-3", max_attempts=1)
+    storage.configure(down)
+    try:
+        with pytest.raises(StorageError, match=r"at http://127\.0\.0\.1:1"):
+            storage.read_bytes("s3://bucket/key")
+        fs, _ = storage.pyarrow_filesystem("s3://bucket/key")
+        _, (options, *_) = fs.__reduce__()
+        assert (options["endpoint_override"], options["region"]) == ("http://127.0.0.1:1", "eu-west-3")
+    finally:
+        storage.configure(settings.storage)
+
+
+def test_preparing_a_job_leaves_the_environment_alone(tmp_path, settings) -> None:
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text(yaml.safe_dump({"kind": "local", "registry": str(tmp_path / "registry"),
+                                            "env_vars": {"LESION_RAY_EXAMPLE": "1"},
+                                            "storage": {"endpoint_url": settings.storage.endpoint_url}}))
+    job_file = tmp_path / "synth.yaml"
+    job_file.write_text(yaml.safe_dump({"kind": "synth", "name": "s", "output": str(tmp_path / "out"),
+                                        "storage": {"region": "eu-west-3"}}))
+    before = dict(os.environ)
+    try:
+        _, _, job_settings = cli.prepare(str(job_file), str(cluster_file), [])
+        assert dict(os.environ) == before
+        assert job_settings.registry == str(tmp_path / "registry")
+        assert job_settings.storage == storage.S3Config(settings.storage.endpoint_url, "eu-west-3")
+        assert storage.current_config() == job_settings.storage  # installed in this process, for its own I/O
+        # For a driver started elsewhere: the env_vars and the storage settings as the AWS variables.
+        assert job_settings.job_environment() == {"AWS_ENDPOINT_URL": settings.storage.endpoint_url,
+                                                  "AWS_DEFAULT_REGION": "eu-west-3", "AWS_MAX_ATTEMPTS": "8",
+                                                  "LESION_RAY_EXAMPLE": "1"}
+    finally:
+        storage.configure(settings.storage)

@@ -61,9 +61,9 @@ def test_spec_defaults_checks_and_example_file() -> None:
 
 
 @pytest.fixture(scope="module")
-def generated(ray_local, tmp_path_factory) -> tuple[str, dict]:
+def generated(ray_local, settings, tmp_path_factory) -> tuple[str, dict]:
     output = str(tmp_path_factory.mktemp("synth") / "isic")
-    return output, synth.run(_synth(output, num_images=10, validation_images=4))
+    return output, synth.run(_synth(output, num_images=10, validation_images=4), settings)
 
 
 def test_run_writes_the_isic_layout(generated) -> None:
@@ -94,10 +94,10 @@ def test_masks_are_binary_sized_contiguous_and_inside_the_lesion(generated) -> N
         assert image[lesion > 0].mean() < image[lesion == 0].mean()  # the lesion is darker than skin
 
 
-def test_same_seed_same_data_on_any_storage(generated, s3_bucket: str) -> None:
+def test_same_seed_same_data_on_any_storage(generated, settings, s3_bucket: str) -> None:
     output, _ = generated
     again = f"{s3_bucket}/isic"
-    synth.run(_synth(again, num_images=3, validation_images=0, tasks=[1]))
+    synth.run(_synth(again, num_images=3, validation_images=0, tasks=[1]), settings)
     names = [f.uri.removeprefix(again) for f in storage.list_files(again)]
     assert len(names) == 6 and not any("Task2" in n for n in names)
     for name in names:

@@ -51,11 +51,11 @@ def _score(model: torch.nn.Module, spec_: train.TrainSpec, validation: ray.data.
     return train.validate(model.eval(), validation, spec_, torch.device("cpu"), None, 0, 1)["val_score"]
 
 
-def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket: str) -> None:
+def test_trains_resumes_and_publishes(ray_local, settings, isic: str, tmp_path, s3_bucket: str) -> None:
     out, reg = f"{s3_bucket}/runs/tiny", str(tmp_path / "registry")
     tracking = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"}}
     spec_ = _spec(isic, out, reg, **tracking)
-    summary = train.run(spec_)
+    summary = train.run(spec_, settings)
 
     assert summary["model"] == "tiny@1" and summary["epochs"] == 12
     assert summary["train_images"] + summary["validation_images"] == 60 and summary["unreadable_images"] == 0
@@ -104,7 +104,7 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert loaded.metrics["val_score"] == summary["best_val_score"]
 
     # Same run, more epochs: resumes from the latest checkpoint in S3 instead of starting over.
-    resumed = train.run(_spec(isic, out, reg, epochs=13, **tracking))
+    resumed = train.run(_spec(isic, out, reg, epochs=13, **tracking), settings)
     history = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert [row["epoch"] for row in history] == list(range(1, 14))
     assert history[-1]["starts"] == 1 and history[0]["starts"] == 0
@@ -125,9 +125,10 @@ def test_trains_resumes_and_publishes(ray_local, isic: str, tmp_path, s3_bucket:
     assert registry.load_model(out).config == ModelConfig(architecture="unet", input_size=32, num_filters=8, depth=3)
 
 
-def test_same_spec_and_seed_give_the_same_history(ray_local, isic: str, tmp_path) -> None:
+def test_same_spec_and_seed_give_the_same_history(ray_local, settings, isic: str, tmp_path) -> None:
     # Full augmentation and the local shuffle on: every random draw is seeded, the split's order is fixed.
-    runs = [train.run(_spec(isic, str(tmp_path / f"run{i}"), str(tmp_path / "registry"), epochs=3, augment={}))
+    runs = [train.run(_spec(isic, str(tmp_path / f"run{i}"), str(tmp_path / "registry"), epochs=3, augment={}),
+                      settings)
             for i in range(2)]
     histories = [json.loads(storage.read_text(run["output"] + "/metrics.json")) for run in runs]
     timing = {"train_images_per_s", "epoch_time_s"}

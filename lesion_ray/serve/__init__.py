@@ -12,36 +12,40 @@ from typing import Any
 
 from ray import serve
 
-from lesion_ray import registry, report, storage
+from lesion_ray import report
 from lesion_ray.serve.config import ServeSpec, read_token
 from lesion_ray.serve.deployment import Prediction, SegmentationModel, check_model, forward, masks_at
 from lesion_ray.serve.ingress import MAX_FORM_PARTS, MAX_PART_HEADER_BYTES, SegmentationApi, prepare, union_png
-from lesion_ray.spec import from_dict, to_dict
+from lesion_ray.settings import Settings
+from lesion_ray.spec import RegistryUri, from_dict, to_dict
 
 SPEC = ServeSpec
 __all__ = ["MAX_FORM_PARTS", "MAX_PART_HEADER_BYTES", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
            "check_model", "forward", "masks_at", "prepare", "read_token", "run", "serve_config", "union_png"]
 
 
-def build_app(spec: ServeSpec) -> serve.Application:
-    """The bound application: ingress -> model, both autoscaled."""
-    spec = dataclasses.replace(spec, registry=storage.normalize(spec.registry or registry.default_registry()))
+def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
+    """The bound application: ingress -> model, both autoscaled, their replicas on ``settings``' storage
+    and registry."""
+    spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
     options = {
         "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
                                "target_ongoing_requests": spec.target_ongoing_requests},
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
-    model = SegmentationModel.options(**options).bind(spec)
+    model = SegmentationModel.options(**options).bind(spec, settings.storage)
     # Only the proxies' queue needs a bound: the ingress calls the model for at most
     # max_ongoing_requests x max_rows images, and a model queue limit would turn a burst of rows into 503s.
-    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(spec, model)
+    return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(
+        spec, model, settings.storage)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
     spec = from_dict(ServeSpec, args, "serve config args")
     spec.validate("serve config args", "")
-    return build_app(spec)
+    # No cluster config here: the spec's storage and registry, else the AWS variables and runs/registry.
+    return build_app(spec, Settings.build(job=spec))
 
 
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
@@ -62,12 +66,12 @@ def _http_options(spec: ServeSpec) -> dict[str, Any]:
     return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
 
 
-def run(spec: ServeSpec, stop: threading.Event | None = None) -> dict[str, Any]:
+def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:
     """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
     then delete the application and shut Serve down."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
     serve.start(proxy_location=spec.proxy_location, http_options=_http_options(spec))
-    serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
+    serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
     url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
     report.info(f"serving {info['name']}@{info['version']} at {url} (web page), {url}v1/segment, {url}v1/predict; "

@@ -11,7 +11,7 @@ from typing import Literal
 from lesion_ray import registry, storage
 from lesion_ray.inference import Postprocess
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
-from lesion_ray.spec import CheckContext, JobSpec, SpecError, check_uris, key_path, param
+from lesion_ray.spec import CheckContext, JobSpec, RegistryUri, SpecError, check_uris, key_path, param
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -19,7 +19,8 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 @dataclasses.dataclass(kw_only=True)
 class ServeSpec(JobSpec):
     model: registry.ModelRef
-    registry: str | None = param(None, help="registry URI (default: $LESION_RAY_REGISTRY or runs/registry)")
+    registry: RegistryUri | None = param(None, help="registry URI (default: the cluster config's registry, "
+                                                     "else runs/registry)")
     min_replicas: int = param(1, min=1, help="replicas of each deployment kept running")
     max_replicas: int = param(2, min=1, help="autoscaling upper bound per deployment")
     target_ongoing_requests: float = param(16.0, min=0.1, help="autoscaling aims at this many requests per replica")

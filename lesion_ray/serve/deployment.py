@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from lesion_ray import inference, registry
+from lesion_ray import inference, registry, storage
 from lesion_ray.data import ATTRIBUTES
 from lesion_ray.serve.config import ServeSpec
 
@@ -66,9 +66,8 @@ def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
 class SegmentationModel:
     """Holds the model; batches the images of all clients into one forward pass."""
 
-    async def __init__(self, spec: ServeSpec) -> None:
-        if spec.storage:
-            spec.storage.apply()
+    async def __init__(self, spec: ServeSpec, storage_config: storage.S3Config) -> None:
+        storage.configure(storage_config)  # also where no driver's setup hook reaches (serve deploy, RayService)
         self.spec = spec
         self.batches = self.images = 0  # this replica's forward passes and the images in them
         self.refused: dict[str, str] | None = None  # the newest version that could not be served, and why

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.staticfiles import StaticFiles
 
+from lesion_ray import storage
 from lesion_ray.data import ATTRIBUTES
 from lesion_ray.inference import mask_png, tint
 from lesion_ray.preprocess import BadImage, decode_image, open_image, to_model_input
@@ -298,7 +299,8 @@ async def _no_tracebacks(request: Request, call_next: Any) -> Response:
 class SegmentationApi:
     """HTTP in and out: auth (from the router), limits, decoding and validation, encoding the masks."""
 
-    def __init__(self, spec: ServeSpec, model: DeploymentHandle) -> None:
+    def __init__(self, spec: ServeSpec, model: DeploymentHandle, storage_config: storage.S3Config) -> None:
+        storage.configure(storage_config)  # auth_token_file may lie on S3
         token = read_token(spec)
         self.token_digest = hashlib.sha256(token).digest() if token else None
         self.spec, self.model = spec, model
