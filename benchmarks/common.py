@@ -19,7 +19,7 @@ import torch
 
 from lesion_ray import registry, storage
 from lesion_ray.loopback import free_port
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 
 
 def start_s3(bucket: str | None = None) -> subprocess.Popen:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lesion_ray import registry, storage
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.spec import CheckContext
 
 CONFIG = ModelConfig(architecture="unet", task=2, input_size=32, num_filters=4, depth=2)
