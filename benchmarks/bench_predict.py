@@ -38,7 +38,7 @@ import torch
 from common import PeakMemory, publish_model, start_s3  # benchmarks/common.py: the script's folder is on sys.path
 
 from lesion_ray import cluster, inference, predict, preprocess, registry, storage, synth
-from lesion_ray.model import ModelConfig
+from lesion_ray.models import ModelConfig
 from lesion_ray.settings import Settings
 from lesion_ray.spec import from_dict
 

@@ -21,7 +21,9 @@ import time
 
 import torch
 
-from lesion_ray.model import AugmentConfig, LossConfig, ModelConfig, augment, build_model, compute_loss
+from lesion_ray.augment import AugmentConfig, augment
+from lesion_ray.losses import LossConfig, compute_loss
+from lesion_ray.models import ModelConfig, build_model
 
 
 def plain_loop(images: torch.Tensor, masks: torch.Tensor, present: torch.Tensor, args: argparse.Namespace,

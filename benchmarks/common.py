@@ -20,7 +20,7 @@ import torch
 from lesion_ray import registry, storage
 from lesion_ray.cluster import ClusterConfig
 from lesion_ray.loopback import free_port
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
 

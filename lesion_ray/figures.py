@@ -1,11 +1,12 @@
-"""Figures a person looks at: training curves, the pixel confusion matrix, truth-vs-prediction tiles.
+"""What a person looks at: training curves and their table, the pixel confusion matrix, truth-vs-prediction tiles.
 
-Each returns image bytes (PNG; the photographic tiles JPEG), drawn with Pillow alone, written beside a
+Figures come as image bytes (PNG; the photographic tiles JPEG), drawn with Pillow alone, written beside a
 run's outputs and embedded in its ``report.html`` (:mod:`lesion_ray.report_page`).
 """
 
 from __future__ import annotations
 
+import csv
 import io
 from typing import Any
 
@@ -27,6 +28,16 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=88)
     return out.getvalue()
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """A training history as CSV: one row per epoch, every key any epoch has as a column."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
 
 
 def plot_history(history: list[dict[str, Any]], task: int, width: int = 720, height: int = 380) -> bytes:

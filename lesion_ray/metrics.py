@@ -49,10 +49,18 @@ def pixel_counts(truth: np.ndarray, prediction: np.ndarray | None) -> np.ndarray
         p = binarize(prediction)
         if p.shape != t.shape:
             raise ValueError(f"prediction is {p.shape[1]}x{p.shape[0]}, ground truth is {t.shape[1]}x{t.shape[0]}")
-    tp = int(np.count_nonzero(t & p))
-    fp = int(np.count_nonzero(p)) - tp
-    fn = int(np.count_nonzero(t)) - tp
-    return np.array([tp, fp, fn, t.size - tp - fp - fn], dtype=np.int64)
+    return mask_counts(t, p)
+
+
+def mask_counts(truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """TP, FP, FN, TN (int64 ``[..., 4]``) of boolean mask pairs ``[..., H, W]``."""
+    pixels, rows = truth.shape[-2] * truth.shape[-1], []
+    # Pair by pair: count_nonzero over a whole array is several times faster than along axes.
+    for t, p in zip(truth.reshape(-1, pixels), prediction.reshape(-1, pixels), strict=True):
+        tp = np.count_nonzero(t & p)
+        fp, fn = np.count_nonzero(p) - tp, np.count_nonzero(t) - tp
+        rows.append([tp, fp, fn, t.size - tp - fp - fn])
+    return np.array(rows, dtype=np.int64).reshape(*truth.shape[:-2], 4)
 
 
 def _split(counts: np.ndarray) -> tuple[np.ndarray, ...]:

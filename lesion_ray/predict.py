@@ -56,7 +56,7 @@ from PIL import Image
 
 from lesion_ray import data, inference, preprocess, registry, report, storage
 from lesion_ray.inference import Postprocess
-from lesion_ray.model import ModelConfig
+from lesion_ray.models import ModelConfig
 from lesion_ray.registry import ModelRef
 from lesion_ray.settings import Settings
 from lesion_ray.spec import (

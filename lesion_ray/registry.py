@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from lesion_ray import storage
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.spec import DEFAULT_REGISTRY, CheckContext, CheckedStr
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"

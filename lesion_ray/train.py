@@ -2,15 +2,15 @@
 
 The driver discovers and splits the data set, preprocesses it once on Ray Data (kept as
 uint8 in the object store, which spills to disk when it is large) and starts a
-``TorchTrainer``. Each worker reads its shard, augments on the fly (the same geometry for an
-image and its masks), trains with Adam + ReduceLROnPlateau as the seed, scores the
-validation set (each worker a share, summed across workers) and reports a checkpoint per
-epoch. Ray Train keeps the N best checkpoints by validation score, restarts the worker group
-from the latest one after a failure or a resize, and restores it when the same spec runs
-again (the run's ``output`` is Ray Train's run folder). At the end the best checkpoint is
-published to the model registry (with the spec and the metrics history) and the history, its
-plot, a report page and the split are written next to the run. Every epoch is also recorded in
-TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
+``TorchTrainer``. Each worker runs a :class:`TrainRecipe`: it reads its shard, augments on the
+fly (the same geometry for an image and its masks), trains with Adam + ReduceLROnPlateau as
+the seed, scores the validation set (each worker a share, summed across workers) and reports a
+checkpoint per epoch. Ray Train keeps the N best checkpoints by validation score, restarts the
+worker group from the latest one after a failure or a resize, and restores it when the same
+spec runs again (the run's ``output`` is Ray Train's run folder). At the end the best
+checkpoint is published to the model registry (with the spec and the metrics history) and the
+history, its plot, a report page and the split are written next to the run. Every epoch is also
+recorded in TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
 
     <output>/split.csv, metrics.json, metrics.csv, training.png, report.html, tensorboard/,
              mlflow.json, best_model/, checkpoint_*/ (Ray Train)
@@ -18,9 +18,7 @@ TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import os
 import pickle
@@ -39,7 +37,9 @@ import torch.distributed as dist
 from ray.data.expressions import col
 
 from lesion_ray import data, figures, metrics, preprocess, registry, report, report_page, storage
-from lesion_ray.model import AugmentConfig, LossConfig, ModelConfig, augment, build_model, compute_loss
+from lesion_ray.augment import AugmentConfig, augment
+from lesion_ray.losses import LossConfig, compute_loss
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import (
     CheckContext,
@@ -121,8 +121,7 @@ def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     # The registry this run publishes into, recorded with its spec (training.json, report page).
     spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
     output = storage.normalize(spec.output)
-    task = spec.model.task
-    found = data.discover(spec.data, "Training", task=task)
+    found = data.discover(spec.data, "Training", task=spec.model.task)
     report.info(f"training data: {found.summary()}")
     split_uri = storage.join(output, "split.csv")
     # A resumed run keeps its split even when the seed or fraction changed since.
@@ -139,16 +138,16 @@ def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     bad_ids = {row["id"] for row in bad}
     counts = {name: sum(s.id not in bad_ids for s in samples) for name, samples in splits.items()}
     report.info(f"{counts['train']} training and {counts['validation']} validation images, {len(bad)} unreadable")
+    if not counts["validation"]:
+        raise ValueError(f"none of the {len(splits['validation'])} validation images is readable: nothing to score")
 
     mlflow = MlflowTarget.resolve(spec.mlflow)
     epoch_log = EpochLog(spec.epochs, output, spec.tensorboard, mlflow, spec.name, to_dict(spec))
     result = _trainer(spec, datasets, output, epoch_log).fit()
     run_id = mlflow.recorded_run(output) if mlflow else None
-    if result.error:
-        if run_id:
-            mlflow.finish(run_id, [], {}, failed=True)
-        raise RuntimeError(f"training failed: {result.error}")
     try:
+        if result.error:
+            raise RuntimeError(f"training failed: {result.error}")
         summary = _finish(spec, result, output, counts, len(bad))
     except Exception:
         if run_id:
@@ -231,12 +230,10 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
             unreadable: int) -> dict[str, Any]:
     with result.checkpoint.as_directory() as latest:
         history = read_train_state(latest)["history"]
-    best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
     best_dir = storage.join(output, registry.BEST_MODEL_DIR)
-    ref = _publish_once(spec, best_checkpoint, best, best_dir, {"spec": to_dict(spec), "history": history})
-
+    ref, best = TrainRecipe(spec).publish(result, history, best_dir)
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(history, indent=2))
-    storage.write_text(storage.join(output, "metrics.csv"), _history_csv(history))
+    storage.write_text(storage.join(output, "metrics.csv"), figures.history_csv(history))
     curves = figures.plot_history(history, spec.model.task)
     storage.write_bytes(storage.join(output, "training.png"), curves)
     report.info(f"best epoch {best['epoch']}: val_score {best['val_score']:.4f}; published {ref}")
@@ -282,113 +279,156 @@ def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], curves
     storage.write_text(uri, report_page.page(f"Training '{spec.name}'", subtitle, sections))
 
 
-def _publish_once(spec: TrainSpec, checkpoint: ray.train.Checkpoint, best: dict[str, Any], best_dir: str,
-                  training: dict[str, Any]) -> str:
-    """Publish the best checkpoint with ``training`` (spec and history), unless this run already published
-    that same checkpoint (re-running a finished spec must not add a duplicate version)."""
-    marker = storage.join(best_dir, registry.METRICS_FILE)
-    checkpoint_name = os.path.basename(checkpoint.path.rstrip("/"))
-    if storage.exists(marker):
-        previous = json.loads(storage.read_text(marker))
-        if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
-            return previous["model"]
-    model_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float))}
-    with checkpoint.as_directory() as local:
-        # A checkpoint is already a model folder (plain state_dict + config.json): copy its bytes, publish it as is.
-        for name in (registry.MODEL_FILE, registry.CONFIG_FILE):
-            storage.write_bytes(storage.join(best_dir, name), storage.read_bytes(os.path.join(local, name)))
-        storage.write_text(storage.join(best_dir, registry.TRAINING_FILE), json.dumps(training, indent=2))
-        ref = registry.publish(local, spec.model_name, model_metrics, spec.registry, training)
-    storage.write_text(marker, json.dumps({**model_metrics, "checkpoint": checkpoint_name, "model": ref}, indent=2))
-    return ref
+# --- Recipe ------------------------------------------------------------------------------------
 
 
-def _history_csv(history: list[dict[str, Any]]) -> str:
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    return buf.getvalue()
+class TrainRecipe:
+    """The training workflow, torchtune's style: each Ray Train worker runs :meth:`setup`, then :meth:`train`
+    (per epoch :meth:`train_epoch`, :meth:`validate`, :meth:`save_checkpoint`); after the fit, the driver calls
+    :meth:`publish` once."""
 
+    def __init__(self, spec: TrainSpec) -> None:
+        self.spec = spec
+        self.rank, self.world, self.device = 0, 1, torch.device("cpu")  # one process until setup says otherwise
+        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)  # None: fp32, no autocast
+        self.state: dict[str, Any] = {"epoch": 0, "history": [], "starts": 0}
 
-# --- Workers -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """This worker's place, model, optimizer and data shards; resumes from Ray Train's latest checkpoint."""
+        spec, checkpoint = self.spec, ray.train.get_checkpoint()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(spec.seed)
+        # A resumed worker takes every weight from the checkpoint: reading the pretrained encoder would be wasted.
+        model = build_model(dataclasses.replace(spec.model, pretrained_encoder=None) if checkpoint else spec.model)
+        if spec.loss.name == "bce":
+            model.head1.requires_grad_(False)  # only the seed loss trains head 1; DDP must not wait for its grads
+        self.optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=spec.lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", factor=0.8, patience=5)
+        if checkpoint:
+            with checkpoint.as_directory() as folder:
+                model.load_state_dict(registry.read_state_dict(os.path.join(folder, registry.MODEL_FILE)))
+                self.state = read_train_state(folder)
+            self.optimizer.load_state_dict(self.state.pop("optimizer"))
+            self.scheduler.load_state_dict(self.state.pop("scheduler"))
+            self.state["starts"] += 1
+            if self.rank == 0:
+                report.info(f"resumed after epoch {self.state['epoch']} with {self.world} workers")
+        self.model = ray.train.torch.prepare_model(model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.precision == "fp16")
+        self.train_data = ray.train.get_dataset_shard("train")
+        self.val_data = ray.train.get_dataset_shard("validation")
+
+    def train(self) -> None:
+        """Train, validate and checkpoint each epoch up to ``spec.epochs``."""
+        for epoch in range(self.state["epoch"] + 1, self.spec.epochs + 1):
+            start = time.perf_counter()
+            loss_sum, seen = self.train_epoch(epoch)
+            train_time = time.perf_counter() - start
+            train_loss, train_images = _all_sum(np.array([loss_sum.item(), seen]), self.device).tolist()
+            scores = self.validate(self.model, self.val_data)
+            self.scheduler.step(scores["val_loss"])
+            self.save_checkpoint({
+                "epoch": epoch, "train_loss": train_loss / max(train_images, 1), **scores,
+                "lr": self.optimizer.param_groups[0]["lr"], "world_size": self.world, "starts": self.state["starts"],
+                "train_images_per_s": train_images / train_time, "epoch_time_s": time.perf_counter() - start})
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, int]:
+        """One pass over this worker's shard, augmented and shuffled (seeded per epoch and rank): loss sum, images."""
+        spec, device = self.spec, self.device
+        epoch_seed = spec.seed * 100_003 + epoch * 1_009 + self.rank
+        generator = torch.Generator(device=device).manual_seed(epoch_seed)
+        self.model.train()
+        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+        for batch in self.train_data.iter_torch_batches(batch_size=spec.batch_size, device=device,
+                                                        local_shuffle_buffer_size=4 * spec.batch_size,
+                                                        local_shuffle_seed=epoch_seed):
+            image, mask = augment(batch["image"].float() / 255, batch["mask"].float(), spec.augment, generator)
+            loss = compute_loss(self._forward(self.model, image), mask, batch["present"], spec.loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            loss_sum += loss.detach() * len(image)  # no .item(): it would wait for the GPU every step
+            seen += len(image)
+        return loss_sum, seen
+
+    @torch.no_grad()
+    def validate(self, model: torch.nn.Module, dataset: ray.data.Dataset | ray.data.DataIterator) -> dict[str, float]:
+        """Validation loss and the task's official score (:mod:`lesion_ray.metrics`) at the model's input size. Each
+        worker reads all of ``dataset``, counts every ``world``-th batch (zeros for others); an all-reduce adds them."""
+        spec, classes = self.spec, self.spec.model.num_classes
+        # The bare module: DDP's forward syncs buffers across workers, and workers score different batch counts.
+        model = getattr(model, "module", model).eval()
+        losses, batches = np.zeros(2), []  # [loss sum, images]; pixel counts [images, classes, 4] per batch
+        for i, batch in enumerate(dataset.iter_torch_batches(batch_size=spec.batch_size, device=self.device)):
+            if i % self.world != self.rank:
+                batches.append(np.zeros((len(batch["mask"]), classes, 4)))
+                continue
+            image, mask = batch["image"].float() / 255, batch["mask"].float()
+            outputs = self._forward(model, image)
+            losses += [compute_loss(outputs, mask, batch["present"], spec.loss).item() * len(image), len(image)]
+            pred = torch.sigmoid(outputs[0].float()) > spec.threshold
+            batches.append(metrics.mask_counts((mask > 0.5).cpu().numpy(), pred.cpu().numpy()))
+        totals = _all_sum(np.concatenate([losses, *(b.ravel() for b in batches)]), self.device)
+        counts = totals[2:].reshape(-1, classes, 4)
+        # Plain floats: the history goes into checkpoints, which load weights_only (no numpy scalars).
+        out = {"val_loss": float(totals[0] / totals[1])}
+        if spec.model.task == 1:
+            official = metrics.task1_scores(counts[:, 0])
+            return out | {"val_score": official["threshold_jaccard"], "val_jaccard": official["jaccard"],
+                          "val_dice": official["dice"]}
+        official = metrics.task2_scores(counts.reshape(-1, 4), counts.sum(-1).ravel(), data.ATTRIBUTES * len(counts))
+        return out | {"val_score": official["jaccard"], "val_dice": official["dice"],
+                      **{f"jaccard_{name}": official["per_attribute"][name]["jaccard"] for name in data.ATTRIBUTES}}
+
+    def save_checkpoint(self, row: dict[str, Any]) -> None:
+        """Report the epoch to Ray Train (EpochLog records it); rank 0 attaches the checkpoint (same weights on all)."""
+        self.state["history"].append(row)
+        self.state["epoch"] = row["epoch"]
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if self.rank == 0:
+                config = registry.config_to_json(self.spec.model, self.spec.threshold)
+                registry.save_model_dir(folder, registry.plain_state_dict(self.model), config)
+                torch.save({**self.state, "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict()}, os.path.join(folder, TRAIN_STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(row, checkpoint=checkpoint)
+
+    def publish(self, result: ray.train.Result, history: list[dict[str, Any]],
+                best_dir: str) -> tuple[str, dict[str, Any]]:
+        """Publish the best checkpoint (also copied to ``best_dir``) with the spec and ``history``, unless this run
+        already published it (re-running a finished spec must not add a duplicate version): its reference, metrics."""
+        checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
+        marker = storage.join(best_dir, registry.METRICS_FILE)
+        checkpoint_name = os.path.basename(checkpoint.path.rstrip("/"))
+        if storage.exists(marker):
+            previous = json.loads(storage.read_text(marker))
+            if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
+                return previous["model"], best
+        model_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float))}
+        training = {"spec": to_dict(self.spec), "history": history}
+        with checkpoint.as_directory() as local:
+            # A checkpoint is already a model folder (plain state_dict + config.json): copy its bytes, publish it.
+            for name in (registry.MODEL_FILE, registry.CONFIG_FILE):
+                storage.write_bytes(storage.join(best_dir, name), storage.read_bytes(os.path.join(local, name)))
+            storage.write_text(storage.join(best_dir, registry.TRAINING_FILE), json.dumps(training, indent=2))
+            ref = registry.publish(local, self.spec.model_name, model_metrics, self.spec.registry, training)
+        storage.write_text(marker, json.dumps({**model_metrics, "checkpoint": checkpoint_name, "model": ref}, indent=2))
+        return ref, best
+
+    def _forward(self, model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return model(image)
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: resume, then train/validate/checkpoint each remaining epoch."""
-    spec: TrainSpec = config["spec"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(spec.seed)
-    checkpoint = ray.train.get_checkpoint()
-    # A resumed worker takes every weight from the checkpoint: reading the pretrained encoder would be wasted.
-    model = build_model(dataclasses.replace(spec.model, pretrained_encoder=None) if checkpoint else spec.model)
-    if spec.loss.name == "bce":
-        model.head1.requires_grad_(False)  # only the seed loss trains head 1; DDP must not wait for its grads
-    optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=spec.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.8, patience=5)
-    state: dict[str, Any] = {"epoch": 0, "history": [], "starts": 0}
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            model.load_state_dict(registry.read_state_dict(os.path.join(folder, registry.MODEL_FILE)))
-            state = read_train_state(folder)
-        optimizer.load_state_dict(state.pop("optimizer"))
-        scheduler.load_state_dict(state.pop("scheduler"))
-        state["starts"] += 1
-        if rank == 0:
-            report.info(f"resumed after epoch {state['epoch']} with {world} workers")
-    model = ray.train.torch.prepare_model(model)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("validation")
-
-    for epoch in range(state["epoch"] + 1, spec.epochs + 1):
-        start = time.perf_counter()
-        epoch_seed = spec.seed * 100_003 + epoch * 1_009 + rank
-        generator = torch.Generator(device=device).manual_seed(epoch_seed)
-        model.train()
-        loss_sum, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        for batch in train_shard.iter_torch_batches(batch_size=spec.batch_size, device=device,
-                                                    local_shuffle_buffer_size=4 * spec.batch_size,
-                                                    local_shuffle_seed=epoch_seed):
-            image, mask = augment(batch["image"].float() / 255, batch["mask"].float(), spec.augment, generator)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                outputs = model(image)
-            loss = compute_loss(outputs, mask, batch["present"], spec.loss)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(image)  # no .item(): it would wait for the GPU every step
-            seen += len(image)
-        train_time = time.perf_counter() - start
-        sums = torch.stack([loss_sum.cpu(), torch.tensor(seen, dtype=torch.float64)])
-        train_loss, train_images = _all_sum(sums, device).tolist()
-        scores = validate(model, val_data, spec, device, amp_dtype, rank, world)
-        scheduler.step(scores["val_loss"])
-        row = {"epoch": epoch, "train_loss": train_loss / max(train_images, 1), **scores,
-               "lr": optimizer.param_groups[0]["lr"], "world_size": world, "starts": state["starts"],
-               "train_images_per_s": train_images / train_time, "epoch_time_s": time.perf_counter() - start}
-        state["history"].append(row)
-        state["epoch"] = epoch
-        _report(row, model, optimizer, scheduler, state, spec, rank)  # EpochLog records it
-
-
-def _report(row: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, state: dict[str, Any], spec: TrainSpec, rank: int) -> None:
-    """Report the epoch; rank 0 attaches the checkpoint (all workers hold the same weights)."""
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            config = registry.config_to_json(spec.model, spec.threshold)
-            registry.save_model_dir(folder, registry.plain_state_dict(model), config)
-            torch.save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                       os.path.join(folder, TRAIN_STATE_FILE))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(row, checkpoint=checkpoint)
+    """One Ray Train worker: the recipe's setup, then its epochs."""
+    recipe = TrainRecipe(config["spec"])
+    recipe.setup()
+    recipe.train()
 
 
 def read_train_state(folder: str) -> dict[str, Any]:
@@ -410,57 +450,10 @@ def read_train_state(folder: str) -> dict[str, Any]:
                          "output folder.") from None
 
 
-def _all_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _all_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """``values`` (float64) summed over all workers."""
     if dist.is_available() and dist.is_initialized():
-        values = values.to(device)
-        dist.all_reduce(values)
-    return values.cpu()
-
-
-@torch.no_grad()
-def validate(model: torch.nn.Module, val_data: Any, spec: TrainSpec, device: torch.device,
-             amp_dtype: torch.dtype | None, rank: int, world: int) -> dict[str, float]:
-    """Validation loss and the task's official score at the model's input size.
-
-    Task 1: mean thresholded Jaccard (any per-image Jaccard < 0.65 counts 0). Task 2: Jaccard of
-    TP/FP/FN pooled over images and attributes, each divided by the image's pixel count; plus
-    per-attribute Jaccard. Each worker scores every ``world``-th batch; the sums are all-reduced.
-    """
-    # The bare module: DDP's forward syncs buffers across workers, and workers score different batch counts.
-    model = getattr(model, "module", model).eval()
-    classes = spec.model.num_classes
-    # [loss sum, images, thresholded Jaccard sum, Jaccard sum, Dice sum] + pooled counts [C, 4]
-    totals = torch.zeros(5 + classes * 4, dtype=torch.float64)
-    batches = val_data.iter_torch_batches(batch_size=spec.batch_size, device=device)
-    for i, batch in enumerate(batches):
-        if i % world != rank:
-            continue
-        image, mask = batch["image"].float() / 255, batch["mask"].float()
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(image)
-        loss = compute_loss(outputs, mask, batch["present"], spec.loss)
-        pred = torch.sigmoid(outputs[0].float()) > spec.threshold
-        truth = mask > 0.5
-        counts = torch.stack([(pred & truth).sum((2, 3)), (pred & ~truth).sum((2, 3)),
-                              (~pred & truth).sum((2, 3)), (~pred & ~truth).sum((2, 3))], dim=-1)
-        counts = counts.cpu().numpy()  # [B, C, 4]
-        totals[0] += loss.item() * len(image)
-        totals[1] += len(image)
-        if spec.model.task == 1:
-            per_image = counts[:, 0]
-            totals[2] += metrics.threshold_jaccard(per_image).sum()
-            totals[3] += metrics.jaccard(per_image).sum()
-            totals[4] += metrics.dice(per_image).sum()
-        else:
-            totals[5:] += torch.from_numpy(counts / truth[0, 0].numel()).sum(0).flatten()
-    totals = _all_sum(totals, device).numpy()
-    n = max(totals[1], 1)
-    # Plain floats: the history goes into checkpoints, which load weights_only (no numpy scalars).
-    out = {"val_loss": float(totals[0] / n)}
-    if spec.model.task == 1:
-        out.update(val_score=float(totals[2] / n), val_jaccard=float(totals[3] / n), val_dice=float(totals[4] / n))
-        return out
-    pooled = totals[5:].reshape(classes, 4)
-    out.update(val_score=float(metrics.jaccard(pooled.sum(0))), val_dice=float(metrics.dice(pooled.sum(0))))
-    out.update({f"jaccard_{name}": float(metrics.jaccard(pooled[c])) for c, name in enumerate(data.ATTRIBUTES)})
-    return out
+        tensor = torch.from_numpy(values).to(device)
+        dist.all_reduce(tensor)
+        return tensor.cpu().numpy()
+    return values

@@ -108,10 +108,10 @@ def make_isic():
     """Writes a small synthetic ISIC layout in-process (faster here than Ray tasks); returns its URI."""
     from lesion_ray import spec, synth
 
-    def write(out: str, num_images: int = 60) -> str:
+    def write(out: str, num_images: int = 60, tasks: tuple[int, ...] = (1,)) -> str:
         config = spec.from_dict(synth.SynthSpec, {
             "kind": "synth", "name": "synth", "output": out, "num_images": num_images, "validation_images": 0,
-            "width": [64, 96], "tasks": [1], "max_hairs": 2,
+            "width": [64, 96], "tasks": list(tasks), "max_hairs": 2,
         }, "test")
         for index in range(num_images):
             synth.write_image(config, index)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lesion_ray import cli, registry, storage
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted(p.name for p in (REPO / "jobs").glob("*.yaml"))

@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lesion_ray.model import (
-    LossConfig,
-    ModelConfig,
-    compute_loss,
-    soft_jaccard,
-    vgg16_features,
-)
-from lesion_ray.model import build_model as build
+from lesion_ray.losses import LossConfig, compute_loss, soft_jaccard
+from lesion_ray.models import ModelConfig, vgg16_features
+from lesion_ray.models import build_model as build
 from lesion_ray.spec import SpecError
 
 

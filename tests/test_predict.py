@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from lesion_ray import data, inference, predict, registry, storage
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
 

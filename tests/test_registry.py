@@ -12,7 +12,7 @@ import torch
 
 from lesion_ray import registry, storage
 from lesion_ray.cluster import ClusterConfig, load_cluster
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext
 

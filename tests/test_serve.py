@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from lesion_ray import cli, inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, SpecError, from_dict
 

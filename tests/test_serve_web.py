@@ -15,7 +15,7 @@ from PIL import Image
 from lesion_ray import inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.loopback import free_port
-from lesion_ray.model import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)

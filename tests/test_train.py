@@ -6,13 +6,16 @@ import json
 import os
 import struct
 
+import numpy as np
 import pytest
 import ray
 import torch
 from PIL import Image
 
-from lesion_ray import data, registry, spec, storage, train
-from lesion_ray.model import AugmentConfig, ModelConfig, augment, build_model
+from lesion_ray import data, metrics, registry, spec, storage, train
+from lesion_ray.augment import AugmentConfig, augment
+from lesion_ray.losses import compute_loss
+from lesion_ray.models import ModelConfig, build_model
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:
 
 
 def _score(model: torch.nn.Module, spec_: train.TrainSpec, validation: ray.data.Dataset) -> float:
-    return train.validate(model.eval(), validation, spec_, torch.device("cpu"), None, 0, 1)["val_score"]
+    return train.TrainRecipe(spec_).validate(model.eval(), validation)["val_score"]
 
 
 def test_trains_resumes_and_publishes(ray_local, settings, isic: str, tmp_path, s3_bucket: str) -> None:
@@ -136,6 +139,44 @@ def test_same_spec_and_seed_give_the_same_history(ray_local, settings, isic: str
     assert len(first) == 3 and [row.keys() for row in first] == [row.keys() for row in second]
     for a, b in zip(first, second, strict=True):
         assert a == pytest.approx(b, abs=1e-4), (a, b)
+
+
+def test_task2_validation_reports_the_official_scores_of_its_predictions(ray_local, make_isic, tmp_path) -> None:
+    # Two workers, each scoring every other validation batch: the epoch's scores must be metrics.py's own
+    # (one pixel count per image and attribute, pooled) for the published model on the whole validation split.
+    # The seed model has no BatchNorm, so every worker's weights are exactly the published ones.
+    isic2 = make_isic(str(tmp_path / "isic2"), num_images=24, tasks=(2,))
+    model = {"architecture": "multitask_unet", "task": 2, "input_size": 32, "num_filters": 4}
+    spec_ = _spec(isic2, str(tmp_path / "run"), str(tmp_path / "registry"), model=model, epochs=1, batch_size=2,
+                  val_fraction=0.34)
+    summary = train.run(spec_)
+    [row] = json.loads(storage.read_text(f"{summary['output']}/metrics.json"))
+
+    samples = data.discover(isic2, task=2).samples
+    splits = {"validation": data.split_samples(samples, split_csv=f"{summary['output']}/split.csv")["validation"]}
+    validation = train.prepare(splits, spec_)[0]["validation"]
+    loaded = registry.load_model(summary["model"], registry=str(tmp_path / "registry")).model.eval()
+    counts, pixels, names, loss_sum = [], [], [], 0.0
+    for batch in validation.iter_torch_batches(batch_size=spec_.batch_size):
+        image, mask = batch["image"].float() / 255, batch["mask"].float()
+        with torch.no_grad():
+            outputs = loaded(image)
+        loss_sum += compute_loss(outputs, mask, batch["present"], spec_.loss).item() * len(image)
+        predicted = (torch.sigmoid(outputs[0]) > spec_.threshold).numpy()
+        for truth, prediction in zip(mask.numpy().astype(np.uint8) * 255, predicted.astype(np.uint8) * 255,
+                                     strict=True):
+            counts += [metrics.pixel_counts(t, p) for t, p in zip(truth, prediction, strict=True)]
+            pixels += [truth[0].size] * len(data.ATTRIBUTES)
+            names += data.ATTRIBUTES
+    assert summary["validation_images"] > 2 * spec_.batch_size  # batches enough for both workers
+    expected = metrics.task2_scores(np.array(counts), pixels, names)
+    assert row["val_loss"] == pytest.approx(loss_sum / summary["validation_images"], rel=1e-5)
+    assert row["val_score"] == pytest.approx(expected["jaccard"], abs=1e-6) and 0 < row["val_score"] < 1
+    assert row["val_dice"] == pytest.approx(expected["dice"], abs=1e-6)
+    per_attribute = {name: row[f"jaccard_{name}"] for name in data.ATTRIBUTES}
+    assert per_attribute == pytest.approx({k: v["jaccard"] for k, v in expected["per_attribute"].items()}, abs=1e-6)
+    assert len(set(per_attribute.values())) > 1, per_attribute  # not one constant for every attribute
+    assert summary["best_val_score"] == row["val_score"]
 
 
 def test_spec_rules(isic: str, tmp_path) -> None:

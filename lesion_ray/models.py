@@ -1,4 +1,4 @@
-"""Segmentation models and their losses.
+"""Segmentation models.
 
 Two architectures share one interface, so training, batch inference and serving never
 branch on the model: ``forward(x)`` takes float32 images ``[B, 3, S, S]`` in ``[0, 1]`` and
@@ -11,9 +11,7 @@ C is 1 (Task 1, lesion) or 5 (Task 2, one channel per attribute in ``data.ATTRIB
   global max pooling of the mask logits.
 - ``unet``: the Peltarion tutorial's plain U-Net with configurable ``depth`` and width
   (``num_filters``, doubled per level), small enough to train in a minute on a CPU at 64x64.
-  It carries the same two heads so the seed loss works with it too.
-
-The losses and the training augmentation live here too: plain torch, usable without Ray.
+  It carries the same two heads so the seed loss (:mod:`lesion_ray.losses`) works with it too.
 """
 
 from __future__ import annotations
@@ -65,9 +63,6 @@ class ModelConfig:
             raise SpecError(source, key_path(path, "pretrained_encoder"),
                             "only multitask_unet has a VGG16 encoder to load; remove it or set "
                             "architecture: multitask_unet")
-
-
-# --- Blocks ------------------------------------------------------------------------------------
 
 
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -220,89 +215,3 @@ def load_vgg16_encoder(model: MultiTaskUNet, uri: str) -> None:
             raise ValueError(f"pretrained_encoder {uri}: {key} has shape {tuple(encoder[key].shape)}, "
                              f"VGG16 needs {tuple(tensor.shape)}")
     model.encoder.load_state_dict({k: encoder[k] for k in expected})
-
-
-# --- Losses ------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class LossConfig:
-    """``bce``: per-pixel BCE (tutorial). ``seed``: BCE - jaccard_weight * log(soft Jaccard) on the
-    masks + head1_weight * BCE(head 1) + head2_weight * BCE(head 2) against "attribute present"."""
-
-    name: Literal["bce", "seed"] = param("bce", help="bce (tutorial) or seed (multi-task loss)")
-    jaccard_weight: float = param(1.0, min=0.0, help="seed: weight of -log(soft Jaccard)")
-    head1_weight: float = param(0.5, min=0.0, help="seed: weight of head 1's BCE")
-    head2_weight: float = param(0.5, min=0.0, help="seed: weight of head 2's BCE")
-
-
-def soft_jaccard(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Soft Jaccard over the whole batch, as the seed computes it."""
-    prob = torch.sigmoid(logits)
-    intersection = (prob * target).sum()
-    union = prob.sum() + target.sum()
-    return (intersection + eps) / (union - intersection + eps)
-
-
-def compute_loss(
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    mask: torch.Tensor,
-    present: torch.Tensor,
-    config: LossConfig,
-) -> torch.Tensor:
-    """The configured loss of ``model(x)`` against masks ``[B, C, S, S]`` and labels ``[B, C]`` (0/1)."""
-    logits, head1, head2 = (o.float() for o in outputs)  # losses in fp32 under autocast
-    loss = F.binary_cross_entropy_with_logits(logits, mask)
-    if config.name == "bce":
-        return loss
-    loss = loss - config.jaccard_weight * torch.log(soft_jaccard(logits, mask))
-    loss = loss + config.head1_weight * F.binary_cross_entropy_with_logits(head1, present)
-    return loss + config.head2_weight * F.binary_cross_entropy_with_logits(head2, present)
-
-
-# --- Augmentation ------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class AugmentConfig:
-    """Random augmentation on the workers; geometry is applied identically to image and masks."""
-
-    flip: bool = param(True, help="random horizontal and vertical flips")
-    affine: bool = param(True, help="random rotation, translation and scale")
-    rotation: float = param(20.0, min=0, max=180, help="max rotation in degrees")
-    translate: float = param(0.1, min=0, max=0.5, help="max shift as a share of the image size")
-    scale: float = param(0.1, min=0, max=0.5, help="max zoom in/out as a share")
-    color: bool = param(True, help="random brightness and saturation (image only)")
-    brightness: float = param(0.2, min=0, max=1, help="max brightness change as a share")
-    saturation: float = param(0.2, min=0, max=1, help="max saturation change as a share")
-
-
-def augment(image: torch.Tensor, mask: torch.Tensor, config: AugmentConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips and affine warps applied identically to ``image`` [B,3,S,S] and ``mask``
-    [B,C,S,S]; brightness and saturation jitter on the image only. Values stay in [0, 1]."""
-    b, device = len(image), image.device
-
-    def uniform(limit: float, *shape: int) -> torch.Tensor:
-        return (torch.rand(b, *shape, device=device, generator=generator) * 2 - 1) * limit
-
-    if config.flip:
-        for dim in (3, 2):
-            flip = torch.rand(b, device=device, generator=generator) < 0.5
-            image = torch.where(flip[:, None, None, None], image.flip(dim), image)
-            mask = torch.where(flip[:, None, None, None], mask.flip(dim), mask)
-    if config.affine:
-        angle = uniform(config.rotation * torch.pi / 180)
-        scale = 1 + uniform(config.scale)
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        shift = uniform(config.translate * 2, 2)  # affine_grid coordinates span [-1, 1]
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        mask = F.grid_sample(mask, grid, mode="nearest", padding_mode="reflection", align_corners=False)
-    if config.color:
-        brightness = 1 + uniform(config.brightness, 1, 1, 1)
-        saturation = 1 + uniform(config.saturation, 1, 1, 1)
-        grey = (image * torch.tensor([0.299, 0.587, 0.114], device=device)[:, None, None]).sum(1, keepdim=True)
-        image = ((grey + (image - grey) * saturation) * brightness).clamp(0, 1)
-    return image, mask
