@@ -29,11 +29,11 @@ from ray import serve
 
 from lesion_ray import registry
 from lesion_ray import serve as lserve
-from lesion_ray.loopback import free_port
 from lesion_ray.models import ModelConfig
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
 from lesion_ray.settings import Settings
+from lesion_ray.testing.loopback import free_port
 
 
 def jpeg(width: int = 1022, height: int = 767) -> bytes:

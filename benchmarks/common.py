@@ -19,10 +19,10 @@ import torch
 
 from lesion_ray import registry, storage
 from lesion_ray.cluster import ClusterConfig
-from lesion_ray.loopback import free_port
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
+from lesion_ray.testing.loopback import free_port
 
 
 def start_s3(bucket: str | None = None) -> tuple[subprocess.Popen, Settings]:

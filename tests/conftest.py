@@ -12,9 +12,9 @@ import pytest
 
 from lesion_ray import cluster, storage
 from lesion_ray.cluster import ClusterConfig
-from lesion_ray.loopback import LoopbackCluster, free_port
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
+from lesion_ray.testing.loopback import LoopbackCluster, free_port
 
 
 @pytest.fixture(scope="session", autouse=True)

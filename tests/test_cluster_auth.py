@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesion_ray.loopback import AGENT_PORT_FLAGS, free_port
+from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, free_port
 
 StartNode = Callable[..., str]
 

@@ -1,6 +1,6 @@
 """Every job kind across real Ray nodes, submitted through a ``kind: remote`` cluster config.
 
-The scenarios are the documented demo's (``scripts/multinode.py``): a ``ray start`` head without
+The scenarios are the documented demo's (``python -m lesion_ray.testing.multinode``): a ``ray start`` head without
 CPUs and two 4-CPU workers on loopback with token authentication, and ``cluster/remote.yaml``
 pointed at it. The quickstart, submitted once per module (:func:`quickstart_job`), trains the model
 and writes the images that inference and serving use, so each test runs alone or in any order.
@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from lesion_ray import cluster
-from lesion_ray.loopback import LoopbackCluster
-from scripts import multinode
+from lesion_ray.testing import multinode
+from lesion_ray.testing.loopback import LoopbackCluster
 
 pytestmark = pytest.mark.slow
 

@@ -177,8 +177,8 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, settings, s3_bucket, tm
     # and one of those four lost its mask.
     done = ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
     part = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
-    predict._write_parquet(f"{out}/{predict.PARTS_DIR}/part-0.parquet",
-                           part.filter(np.isin(part["id"].to_numpy(zero_copy_only=False), done)))
+    with storage.open_write(f"{out}/{predict.PARTS_DIR}/part-0.parquet") as f:
+        pq.write_table(part.filter(np.isin(part["id"].to_numpy(zero_copy_only=False), done)), f)
     storage.delete(f"{out}/{predict.MANIFEST_FILE}")
     storage.delete(f"{out}/masks/ISIC_0000002_segmentation.png")
 

@@ -20,10 +20,10 @@ from ray.serve.schema import ServeDeploySchema
 
 from lesion_ray import cli, inference, registry
 from lesion_ray import serve as lserve
-from lesion_ray.loopback import free_port
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.spec import CheckContext, SpecError, from_dict
+from lesion_ray.testing.loopback import free_port
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "s3cret-token-for-tests"

@@ -14,9 +14,9 @@ from PIL import Image
 
 from lesion_ray import inference, registry
 from lesion_ray import serve as lserve
-from lesion_ray.loopback import free_port
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
+from lesion_ray.testing.loopback import free_port
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "web-test-token"

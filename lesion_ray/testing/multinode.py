@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Every job kind on a real multi-node Ray cluster, on this one machine.
 
-    python3 scripts/dev.py python scripts/multinode.py           # about 5 minutes on 2 cores
-    python3 scripts/dev.py python scripts/multinode.py --keep    # then leave the cluster up (Ctrl-C stops it)
+    python3 scripts/dev.py python -m lesion_ray.testing.multinode          # about 5 minutes on 2 cores
+    python3 scripts/dev.py python -m lesion_ray.testing.multinode --keep   # then leave the cluster up (Ctrl-C stops it)
 
 It starts a `ray start` head (no CPUs: it only coordinates, as on a real cluster) and two 4-CPU
 workers on loopback with token authentication, writes `runs/multinode/remote.yaml` (cluster/remote.yaml
@@ -32,13 +31,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a file from any folder
+from lesion_ray import cli, cluster, report, storage
+from lesion_ray.predict import read_manifest
+from lesion_ray.testing.loopback import LoopbackCluster, free_port
 
-from lesion_ray import cli, cluster, report, storage  # noqa: E402
-from lesion_ray.loopback import LoopbackCluster, free_port  # noqa: E402
-from lesion_ray.predict import read_manifest  # noqa: E402
-
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose jobs/ and cluster/ the scenarios submit
 # Tokens live in files readable by this user only, in the cluster's folder (every node is on this
 # machine): never in a cluster config, a job's env_vars (shown on the dashboard) or the output.
 RAY_TOKEN_FILE = "ray_token"  # the cluster's Ray token, for the Jobs API client (remote.yaml's auth_token_file)
@@ -228,7 +225,7 @@ def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(ROOT / "runs" / "multinode"), help="outputs and the cluster config")
+    parser.add_argument("--out", default="runs/multinode", help="outputs and the cluster config")
     parser.add_argument("--keep", action="store_true", help="keep the cluster up afterwards, until Ctrl-C")
     args = parser.parse_args()
     out = Path(args.out).resolve()

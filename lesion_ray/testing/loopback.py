@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on one machine: a ``ray start`` head and workers on loopback.
 
-For trying ``cluster/remote.yaml`` end to end before there is a cluster (``scripts/multinode.py``)
+For trying ``cluster/remote.yaml`` end to end before there is a cluster (:mod:`lesion_ray.testing.multinode`)
 and for the multi-node tests. Every node is a ``ray start --block`` process in its own process
 group with its own free ports, so such a cluster can run beside an embedded Ray; stopping a node
 kills exactly that node, as a machine failure would. Token authentication is on, as on Ray 2.60
