@@ -141,7 +141,8 @@ def test_same_spec_and_seed_give_the_same_history(ray_local, settings, isic: str
         assert a == pytest.approx(b, abs=1e-4), (a, b)
 
 
-def test_task2_validation_reports_the_official_scores_of_its_predictions(ray_local, make_isic, tmp_path) -> None:
+def test_task2_validation_reports_the_official_scores_of_its_predictions(ray_local, settings, make_isic,
+                                                                         tmp_path) -> None:
     # Two workers, each scoring every other validation batch: the epoch's scores must be metrics.py's own
     # (one pixel count per image and attribute, pooled) for the published model on the whole validation split.
     # The seed model has no BatchNorm, so every worker's weights are exactly the published ones.
@@ -149,7 +150,7 @@ def test_task2_validation_reports_the_official_scores_of_its_predictions(ray_loc
     model = {"architecture": "multitask_unet", "task": 2, "input_size": 32, "num_filters": 4}
     spec_ = _spec(isic2, str(tmp_path / "run"), str(tmp_path / "registry"), model=model, epochs=1, batch_size=2,
                   val_fraction=0.34)
-    summary = train.run(spec_)
+    summary = train.run(spec_, settings)
     [row] = json.loads(storage.read_text(f"{summary['output']}/metrics.json"))
 
     samples = data.discover(isic2, task=2).samples
