@@ -101,7 +101,7 @@ def prepare_run(args: argparse.Namespace, folder: str):
     for index in range(args.images):
         synth.write_image(config, index)
     raw = {"kind": "train", "name": "bench", "data": isic, "output": f"{folder}/run", "registry": f"{folder}/reg",
-           "model": vars(_model_config(args)), "loss": {"name": args.loss}, "epochs": args.epochs,
+           "model": _model_config(args).model_dump(), "loss": {"name": args.loss}, "epochs": args.epochs,
            "batch_size": args.batch_size, "num_workers": 1, "cpus_per_worker": args.threads,
            "val_fraction": 0.1, "use_gpu": args.device == "cuda", "precision": args.precision}
     train_spec = spec.from_dict(train.TrainSpec, raw, "bench")

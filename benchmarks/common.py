@@ -18,7 +18,7 @@ import boto3
 import torch
 
 from lesion_ray import registry, storage
-from lesion_ray.cluster import ClusterConfig
+from lesion_ray.cluster import LocalCluster
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
@@ -40,7 +40,7 @@ def start_s3(bucket: str | None = None) -> tuple[subprocess.Popen, Settings]:
     )
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     url = f"http://127.0.0.1:{port}"
-    settings = Settings.build(ClusterConfig(kind="local", storage=StorageSettings(endpoint_url=url)))
+    settings = Settings.build(LocalCluster(storage=StorageSettings(endpoint_url=url)))
     storage.configure(settings.storage)
     try:
         for _ in range(100):

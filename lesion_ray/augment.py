@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-from lesion_ray.spec import param
 
-
-@dataclass(kw_only=True)
-class AugmentConfig:
+class AugmentConfig(BaseModel):
     """Random augmentation on the workers; geometry is applied identically to image and masks."""
 
-    flip: bool = param(True, help="random horizontal and vertical flips")
-    affine: bool = param(True, help="random rotation, translation and scale")
-    rotation: float = param(20.0, min=0, max=180, help="max rotation in degrees")
-    translate: float = param(0.1, min=0, max=0.5, help="max shift as a share of the image size")
-    scale: float = param(0.1, min=0, max=0.5, help="max zoom in/out as a share")
-    color: bool = param(True, help="random brightness and saturation (image only)")
-    brightness: float = param(0.2, min=0, max=1, help="max brightness change as a share")
-    saturation: float = param(0.2, min=0, max=1, help="max saturation change as a share")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    flip: bool = Field(True, description="random horizontal and vertical flips")
+    affine: bool = Field(True, description="random rotation, translation and scale")
+    rotation: float = Field(20.0, ge=0, le=180, description="max rotation in degrees")
+    translate: float = Field(0.1, ge=0, le=0.5, description="max shift as a share of the image size")
+    scale: float = Field(0.1, ge=0, le=0.5, description="max zoom in/out as a share")
+    color: bool = Field(True, description="random brightness and saturation (image only)")
+    brightness: float = Field(0.2, ge=0, le=1, description="max brightness change as a share")
+    saturation: float = Field(0.2, ge=0, le=1, description="max saturation change as a share")
 
 
 def augment(image: torch.Tensor, mask: torch.Tensor, config: AugmentConfig,

@@ -19,15 +19,15 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from lesion_ray import report, spec, storage
 from lesion_ray.settings import Settings
-from lesion_ray.spec import SpecError, StorageSettings, param
+from lesion_ray.spec import SpecError, StorageSettings
 
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
 MIN_LOCAL_CPUS = 8
@@ -37,77 +37,88 @@ SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE_?K
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
-@dataclass(kw_only=True)
-class ClusterConfig:
-    kind: Literal["local", "remote", "kuberay"]
+def parse_size(value: str | int | None) -> int | None:
+    """'2GB', '512MiB', 1073741824 -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"expected a size like 2GB or 512MB, got {value!r}")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(number * 1024**power)
+
+
+class _Cluster(BaseModel):  # the keys every kind has
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: str
     name: str = "local"
-    # local
-    address: str | None = param(None, help="local: attach to a running Ray ('auto' or host:port); "
-                                            "remote: the Ray Jobs API URL, e.g. http://head:8265")
-    num_cpus: int | None = param(None, min=1, help=f"local: logical CPUs for Ray (default: all cores, at least "
-                                                   f"{MIN_LOCAL_CPUS})")
-    num_gpus: int | None = param(None, min=0, help="local: GPUs for Ray (default: all detected)")
-    object_store_memory: str | int | None = param("4GB", help="local: object store size, e.g. 4GB")
-    # remote
-    auth_token_env: str = param("RAY_AUTH_TOKEN", help="remote: env var holding the cluster's token")
-    auth_token_file: str | None = param("~/.ray/auth_token", help="remote: file holding the token")
-    dependencies: Literal["pinned", "installed"] = param(
-        "pinned", help="remote: 'pinned' installs this client's dependency versions in the job's runtime_env; "
-                       "'installed' uses what the cluster has")
-    env_vars: dict[str, str] = param({}, help="extra environment variables for the job and its workers")
-    # kuberay
-    raycluster: str | None = param(None, help="kuberay: RayCluster manifest, relative to this file")
-    image: str | None = param(None, help="kuberay: container image with lesion-ray installed")
-    namespace: str = param("default", help="kuberay: Kubernetes namespace")
-    auth_secret: str = param("lesion-ray-auth", help="kuberay: Secret holding the cluster's Ray token "
-                                                     "under the key auth_token")
-    serve_token_secret: str = param("lesion-ray-serve-token", help="kuberay: Secret holding the serve API's "
-                                                                   "bearer token under the key token")
-    # all kinds
+    env_vars: dict[str, str] = Field({}, description="extra environment variables for the job and its workers")
     # As written: a relative path names a folder where the job's driver runs (remote: on the cluster).
-    registry: str | None = param(None, help="model registry URI for name@version references "
-                                             f"(default: {spec.DEFAULT_REGISTRY})")
+    registry: str | None = Field(None, description="model registry URI for name@version references "
+                                                   f"(default: {spec.DEFAULT_REGISTRY})")
     storage: StorageSettings | None = None
+
+
+class LocalCluster(_Cluster):
+    kind: Literal["local"] = "local"
+    address: str | None = Field(None, description="attach to a running Ray ('auto' or host:port)")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for Ray (default: all cores, at least "
+                                                         f"{MIN_LOCAL_CPUS})")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for Ray (default: all detected)")
+    # Written 4GB, 512MiB or in bytes; held in bytes.
+    object_store_memory: Annotated[str | int | None, AfterValidator(parse_size)] = Field(
+        "4GB", validate_default=True, description="object store size, e.g. 4GB")
+
+
+class RemoteCluster(_Cluster):
+    kind: Literal["remote"] = "remote"
+    address: str | None = Field(None, description="the Ray Jobs API URL, e.g. http://head:8265")
+    auth_token_env: str = Field("RAY_AUTH_TOKEN", description="env var holding the cluster's token")
+    auth_token_file: str | None = Field("~/.ray/auth_token", description="file holding the token")
+    dependencies: Literal["pinned", "installed"] = Field(
+        "pinned", description="'pinned' installs this client's dependency versions in the job's runtime_env; "
+                              "'installed' uses what the cluster has")
+
+
+class KubeRayCluster(_Cluster):
+    kind: Literal["kuberay"] = "kuberay"
+    raycluster: str | None = Field(None, description="RayCluster manifest, relative to this file")
+    image: str | None = Field(None, description="container image with lesion-ray installed")
+    namespace: str = Field("default", description="Kubernetes namespace")
+    auth_secret: str = Field("lesion-ray-auth", description="Secret holding the cluster's Ray token "
+                                                            "under the key auth_token")
+    serve_token_secret: str = Field("lesion-ray-serve-token", description="Secret holding the serve API's "
+                                                                          "bearer token under the key token")
+
+
+ClusterConfig = Annotated[LocalCluster | RemoteCluster | KubeRayCluster, Field(discriminator="kind")]
 
 
 def load_cluster(source: str | None) -> ClusterConfig:
     """The cluster config at ``source``; with None, ``cluster/local.yaml`` when present, else defaults."""
     if source is None:
         if not Path(DEFAULT_CLUSTER_FILE).exists():
-            return ClusterConfig(kind="local")
+            return LocalCluster()
         source = DEFAULT_CLUSTER_FILE
     config = spec.from_dict(ClusterConfig, spec.read_yaml(source), source)
-    for name in config.env_vars:
-        if SECRET_ENV_NAME.search(name):
-            raise SpecError(source, f"env_vars.{name}", (
-                "looks like a secret, and env_vars are readable by everyone with access to the Ray dashboard "
-                "(the job's runtime_env) or the rendered manifests. Put it in a file on the cluster (serve's "
-                "auth_token_file), a Kubernetes Secret or the nodes' instance role; for the embedded Ray, "
-                "export it in your shell."))
-    if config.kind == "remote" and not config.address:
-        raise SpecError(source, "address", "a remote cluster needs the Ray Jobs API URL, e.g. http://head:8265")
-    if config.kind == "remote" and not re.match(r"^https?://", config.address or ""):
-        raise SpecError(source, "address", f"expected an http(s):// URL of the Ray dashboard, got {config.address!r}")
-    if config.kind == "kuberay":
+    if secret := next(filter(SECRET_ENV_NAME.search, config.env_vars), None):
+        raise SpecError(source, f"env_vars.{secret}", (
+            "looks like a secret, and env_vars are readable by everyone with access to the Ray dashboard "
+            "(the job's runtime_env) or the rendered manifests. Put it in a file on the cluster (serve's "
+            "auth_token_file), a Kubernetes Secret or the nodes' instance role; for the embedded Ray, "
+            "export it in your shell."))
+    if isinstance(config, RemoteCluster) and not re.match(r"^https?://", config.address or ""):
+        raise SpecError(source, "address", f"expected an http(s):// URL of the Ray dashboard, got {config.address!r}"
+                        if config.address else "a remote cluster needs the Ray Jobs API URL, e.g. http://head:8265")
+    if isinstance(config, KubeRayCluster):
         if not config.raycluster:
             raise SpecError(source, "raycluster", "a kuberay config names its RayCluster manifest, "
                                                   "e.g. kuberay/raycluster.yaml")
         if not storage.is_s3(config.raycluster) and not os.path.isabs(config.raycluster):
             config.raycluster = os.path.join(os.path.dirname(storage.normalize(source)), config.raycluster)
-    parse_size(config.object_store_memory, source)
     return config
-
-
-def parse_size(value: str | int | None, source: str = "cluster config") -> int | None:
-    """'2GB', '512MiB', 1073741824 -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    match = _SIZE.match(value)
-    if not match:
-        raise SpecError(source, "object_store_memory", f"expected a size like 2GB or 512MB, got {value!r}")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(number * 1024**power)
 
 
 # --- Local ----------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def runtime_env(settings: Settings) -> dict[str, Any]:
     return {"env_vars": dict(settings.env_vars), "worker_process_setup_hook": storage.installer(settings.storage)}
 
 
-def start_local(config: ClusterConfig, settings: Settings, log_file: str | None = None,
+def start_local(config: LocalCluster, settings: Settings, log_file: str | None = None,
                 verbose: bool = False) -> bool:
     """Start (or attach to) Ray for a job that runs in this process, its workers set up with ``settings``.
 
@@ -150,7 +161,7 @@ def start_local(config: ClusterConfig, settings: Settings, log_file: str | None 
             address="local",  # embedded: never attach to a `ray start` cluster on this machine
             num_cpus=num_cpus,
             num_gpus=config.num_gpus,
-            object_store_memory=parse_size(config.object_store_memory),
+            object_store_memory=config.object_store_memory,
             # Ray Train polls its controller through the State API, which the dashboard process serves:
             # without it, Train's placement-group cleaner fails (and warns) every second of a training.
             include_dashboard=True,
@@ -249,7 +260,7 @@ class RemoteError(Exception):
     """The remote cluster refused or failed a request; the message says what to do."""
 
 
-def _token(config: ClusterConfig) -> str | None:
+def _token(config: RemoteCluster) -> str | None:
     token = os.environ.get(config.auth_token_env)
     if not token and config.auth_token_file:
         path = Path(config.auth_token_file).expanduser()
@@ -258,7 +269,7 @@ def _token(config: ClusterConfig) -> str | None:
     return token or None
 
 
-def job_client(config: ClusterConfig):
+def job_client(config: RemoteCluster):
     """A Ray Jobs API client for a remote cluster, authenticated with the cluster's token."""
     from ray.job_submission import JobSubmissionClient
 
@@ -267,14 +278,14 @@ def job_client(config: ClusterConfig):
     return _request(config, JobSubmissionClient, config.address, headers=headers)
 
 
-def _request(config: ClusterConfig, fn, *args, **kwargs):
+def _request(config: RemoteCluster, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as exc:  # the SDK raises bare ConnectionError/RuntimeError
         raise RemoteError(_explain(exc, config)) from None
 
 
-def _explain(exc: Exception, config: ClusterConfig) -> str:
+def _explain(exc: Exception, config: RemoteCluster) -> str:
     text = str(exc)
     if "401" in text or "Missing authentication token" in text or "Authentication required" in text:
         where = f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
@@ -312,7 +323,7 @@ def _package_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def submit(job: spec.JobSpec, config: ClusterConfig, settings: Settings, wait: bool = True,
+def submit(job: spec.JobSpec, config: RemoteCluster, settings: Settings, wait: bool = True,
            verbose: bool = False) -> int:
     """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
     client, job_id = start_job(job, config, settings, verbose=verbose)
@@ -322,7 +333,7 @@ def submit(job: spec.JobSpec, config: ClusterConfig, settings: Settings, wait: b
     return follow(client, job_id)
 
 
-def start_job(job: spec.JobSpec, config: ClusterConfig, settings: Settings,
+def start_job(job: spec.JobSpec, config: RemoteCluster, settings: Settings,
               verbose: bool = False) -> tuple[Any, str]:
     """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting.
 
@@ -334,9 +345,9 @@ def start_job(job: spec.JobSpec, config: ClusterConfig, settings: Settings,
     workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
     try:
         shutil.copytree(_package_dir(), workdir / "lesion_ray", ignore=shutil.ignore_patterns("__pycache__"))
-        (workdir / "job.yaml").write_text(yaml.safe_dump(spec.to_dict(job), sort_keys=False))
-        inside = replace(config, kind="local", address="auto", storage=None, env_vars={})
-        (workdir / "cluster.yaml").write_text(yaml.safe_dump(spec.to_dict(inside), sort_keys=False))
+        (workdir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+        inside = LocalCluster(name=config.name, address="auto", registry=config.registry)  # the driver, there
+        (workdir / "cluster.yaml").write_text(yaml.safe_dump(inside.model_dump(mode="json"), sort_keys=False))
         runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": settings.job_environment()}
         if config.dependencies == "pinned":
             runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
@@ -355,7 +366,7 @@ def start_job(job: spec.JobSpec, config: ClusterConfig, settings: Settings,
     return client, job_id
 
 
-def _submit_when_ready(config: ClusterConfig, client, timeout_s: float = 120, **job: Any) -> str:
+def _submit_when_ready(config: RemoteCluster, client, timeout_s: float = 120, **job: Any) -> str:
     # A cluster that just started answers before its job agent is up: wait for it, briefly.
     deadline = time.monotonic() + timeout_s
     while True:
@@ -385,7 +396,7 @@ def follow(client, job_id: str) -> int:
     return 0 if status.endswith("SUCCEEDED") else 1
 
 
-def list_jobs(config: ClusterConfig) -> list[dict[str, Any]]:
+def list_jobs(config: RemoteCluster) -> list[dict[str, Any]]:
     jobs = _request(config, job_client(config).list_jobs)
     rows = []
     for job in sorted(jobs, key=lambda j: j.start_time or 0):
@@ -399,9 +410,9 @@ def list_jobs(config: ClusterConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def job_logs(config: ClusterConfig, job_id: str) -> str:
+def job_logs(config: RemoteCluster, job_id: str) -> str:
     return _request(config, job_client(config).get_job_logs, job_id)
 
 
-def stop_job(config: ClusterConfig, job_id: str) -> bool:
+def stop_job(config: RemoteCluster, job_id: str) -> bool:
     return _request(config, job_client(config).stop_job, job_id)

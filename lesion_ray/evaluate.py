@@ -26,7 +26,6 @@ import contextlib
 import io
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -35,10 +34,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
+from pydantic import Field
 
 from lesion_ray import data, figures, metrics, predict, preprocess, registry, report, report_page, storage
 from lesion_ray.settings import Settings
-from lesion_ray.spec import InputUri, JobSpec, OutputUri, param, to_dict
+from lesion_ray.spec import InputUri, JobSpec, OutputUri
 
 # Statuses of a scoring pair; all but "bad_truth" are scored.
 PROBLEMS = ("missing", "unreadable", "wrong_size", "ambiguous", "bad_truth")
@@ -58,15 +58,16 @@ _PREDICTION_NAME = re.compile(
 )
 
 
-@dataclass(kw_only=True)
 class EvaluateSpec(JobSpec):
+    kind: Literal["evaluate"] = "evaluate"
     predictions: InputUri
     ground_truth: InputUri
     output: OutputUri
-    task: Literal[1, 2] = param(1, help="1: lesion masks (thresholded Jaccard); 2: attribute masks (pooled Jaccard)")
-    subset: Literal["Training", "Validation", "Test"] = param(
-        "Validation", help="which subset's ground truth to score when ground_truth is an ISIC root")
-    batch_size: int = param(16, min=1, help="mask pairs per Ray Data task")
+    task: Literal[1, 2] = Field(
+        1, description="1: lesion masks (thresholded Jaccard); 2: attribute masks (pooled Jaccard)")
+    subset: Literal["Training", "Validation", "Test"] = Field(
+        "Validation", description="which subset's ground truth to score when ground_truth is an ISIC root")
+    batch_size: int = Field(16, ge=1, description="mask pairs per Ray Data task")
 
 
 SPEC = EvaluateSpec
@@ -261,7 +262,7 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
                                             "model"))
     sections.append(report_page.specs_section([("train spec", training.get("spec")),
                                                ("predict spec", record["spec"] if record else None),
-                                               ("evaluate spec", to_dict(job))]))
+                                               ("evaluate spec", job.model_dump(mode="json"))]))
     model = f" · model {report_page.model_name(card)}" if card else ""
     subtitle = f"ISIC 2018 Task {job.task}, {result['images']:,} images{model}"
     storage.write_text(uri, report_page.page(f"Evaluation '{job.name}'", subtitle, sections))

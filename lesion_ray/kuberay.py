@@ -12,14 +12,13 @@ name the Secrets; no token value is ever in them.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from typing import Any
 
 import yaml
 
 from lesion_ray import spec
-from lesion_ray.cluster import ClusterConfig
+from lesion_ray.cluster import KubeRayCluster
 from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, SpecError
 
@@ -35,7 +34,7 @@ def _dns_name(text: str) -> str:
     return name[:50] or "lesion-ray"
 
 
-def _cluster_spec(config: ClusterConfig, settings: Settings) -> dict[str, Any]:
+def _cluster_spec(config: KubeRayCluster, settings: Settings) -> dict[str, Any]:
     manifest = spec.read_yaml(config.raycluster or "")
     if manifest.get("kind") != "RayCluster" or "spec" not in manifest:
         raise SpecError(config.raycluster or "", "kind", "expected a ray.io/v1 RayCluster manifest")
@@ -72,7 +71,7 @@ def _mount(templates: list[dict[str, Any]], name: str, source: dict[str, Any], p
             container.setdefault("volumeMounts", []).append({"name": name, "mountPath": path, "readOnly": True})
 
 
-def render(job: JobSpec, config: ClusterConfig, settings: Settings) -> list[dict[str, Any]]:
+def render(job: JobSpec, config: KubeRayCluster, settings: Settings) -> list[dict[str, Any]]:
     """The manifests to ``kubectl apply`` for ``job`` on the KubeRay cluster ``config``; the pods get
     ``settings``' env_vars and storage settings (:meth:`Settings.job_environment`)."""
     name = _dns_name(job.name)
@@ -87,8 +86,9 @@ def render(job: JobSpec, config: ClusterConfig, settings: Settings) -> list[dict
                SERVE_TOKEN_MOUNT)
         # Listening on every interface of the pod, so its Kubernetes Service reaches it: with the token required.
         # The Serve config is all the application gets: it names the cluster config's registry too.
-        job = dataclasses.replace(job, auth_token_env=None, auth_token_file=f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}",
-                                  host="0.0.0.0", registry=job.registry or config.registry)
+        job = job.model_copy(update={"auth_token_env": None, "host": "0.0.0.0",
+                                     "auth_token_file": f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}",
+                                     "registry": job.registry or config.registry})
         return [{
             "apiVersion": "ray.io/v1",
             "kind": "RayService",
@@ -104,7 +104,7 @@ def render(job: JobSpec, config: ClusterConfig, settings: Settings) -> list[dict
         "kind": "ConfigMap",
         "metadata": {**metadata, "name": f"{name}-spec"},
         "data": {
-            "job.yaml": yaml.safe_dump(spec.to_dict(job), sort_keys=False),
+            "job.yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
             "cluster.yaml": yaml.safe_dump(inside, sort_keys=False),
         },
     }

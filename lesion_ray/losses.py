@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
-from lesion_ray.spec import param
 
-
-@dataclass(kw_only=True)
-class LossConfig:
+class LossConfig(BaseModel):
     """``bce``: per-pixel BCE (tutorial). ``seed``: BCE - jaccard_weight * log(soft Jaccard) on the
     masks + head1_weight * BCE(head 1) + head2_weight * BCE(head 2) against "attribute present"."""
 
-    name: Literal["bce", "seed"] = param("bce", help="bce (tutorial) or seed (multi-task loss)")
-    jaccard_weight: float = param(1.0, min=0.0, help="seed: weight of -log(soft Jaccard)")
-    head1_weight: float = param(0.5, min=0.0, help="seed: weight of head 1's BCE")
-    head2_weight: float = param(0.5, min=0.0, help="seed: weight of head 2's BCE")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Literal["bce", "seed"] = Field("bce", description="bce (tutorial) or seed (multi-task loss)")
+    jaccard_weight: float = Field(1.0, ge=0.0, description="seed: weight of -log(soft Jaccard)")
+    head1_weight: float = Field(0.5, ge=0.0, description="seed: weight of head 1's BCE")
+    head2_weight: float = Field(0.5, ge=0.0, description="seed: weight of head 2's BCE")
 
 
 def soft_jaccard(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:

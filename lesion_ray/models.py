@@ -17,32 +17,34 @@ C is 1 (Task 1, lesion) or 5 (Task 2, one channel per attribute in ``data.ATTRIB
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 from torch import nn
 
 from lesion_ray import storage
-from lesion_ray.spec import SpecError, key_path, param
 
 # The channel layout of torchvision's ``vgg16().features``: conv widths, "M" = max-pool.
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-@dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(BaseModel):
     """Architecture choice; nested under ``model:`` in a train spec and stored in config.json."""
 
-    architecture: Literal["unet", "multitask_unet"] = param(
-        "unet", help="unet: the tutorial's plain U-Net; multitask_unet: the seed VGG16 U-Net with two heads")
-    task: Literal[1, 2] = param(1, help="1: lesion mask; 2: the five attribute masks")
-    input_size: int = param(64, min=32, help="images and masks are resized to input_size x input_size")
-    num_filters: int = param(32, min=1, help="width: decoder filters (multitask_unet) or first-level filters (unet)")
-    depth: int = param(4, min=1, max=7, help="unet only: number of down-sampling levels")
-    pretrained_encoder: str | None = param(
-        None, help="multitask_unet only: a file/URI with VGG16 weights, e.g. a torchvision vgg16 state_dict")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    architecture: Literal["unet", "multitask_unet"] = Field(
+        "unet", description="unet: the tutorial's plain U-Net; multitask_unet: the seed VGG16 U-Net with two heads")
+    task: Literal[1, 2] = Field(1, description="1: lesion mask; 2: the five attribute masks")
+    input_size: int = Field(64, ge=32, description="images and masks are resized to input_size x input_size")
+    num_filters: int = Field(
+        32, ge=1, description="width: decoder filters (multitask_unet) or first-level filters (unet)")
+    depth: int = Field(4, ge=1, le=7, description="unet only: number of down-sampling levels")
+    pretrained_encoder: str | None = Field(
+        None, description="multitask_unet only: a file/URI with VGG16 weights, e.g. a torchvision vgg16 state_dict")
 
     @property
     def num_classes(self) -> int:
@@ -53,16 +55,16 @@ class ModelConfig:
         """The input size must be a multiple of this."""
         return 32 if self.architecture == "multitask_unet" else 2**self.depth
 
-    def validate(self, source: str, path: str) -> None:
+    @model_validator(mode="after")
+    def _fits(self) -> ModelConfig:
         if self.input_size % self.downsampling:
-            raise SpecError(source, key_path(path, "input_size"),
-                            f"must be a multiple of {self.downsampling} for {self.architecture}"
-                            + (f" with depth {self.depth}" if self.architecture == "unet" else "")
-                            + f", got {self.input_size}")
+            raise PydanticCustomError("rule", f"must be a multiple of {self.downsampling} for {self.architecture}"
+                                      + (f" with depth {self.depth}" if self.architecture == "unet" else "")
+                                      + f", got {self.input_size}", {"key": "input_size"})
         if self.pretrained_encoder and self.architecture != "multitask_unet":
-            raise SpecError(source, key_path(path, "pretrained_encoder"),
-                            "only multitask_unet has a VGG16 encoder to load; remove it or set "
-                            "architecture: multitask_unet")
+            raise PydanticCustomError("rule", "only multitask_unet has a VGG16 encoder to load; remove it or set "
+                                              "architecture: multitask_unet", {"key": "pretrained_encoder"})
+        return self
 
 
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from lesion_ray import report, spec, storage
 from lesion_ray.settings import Settings
@@ -21,17 +22,23 @@ from lesion_ray.spec import CheckContext, JobSpec, SpecError
 _REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)((?:\.[A-Za-z0-9_-]+)+)\}")
 
 
-@dataclass(kw_only=True)
 class PipelineSpec(JobSpec):
-    steps: list[dict[str, Any]] = spec.param(help="job specs to run in order (inline, or file: path)")
-    # Parsed steps, filled by validate(); `steps` then holds them as plain, self-contained data.
-    jobs: list[JobSpec] = field(default_factory=list, init=False, repr=False)
+    kind: Literal["pipeline"] = "pipeline"
+    steps: list[dict[str, Any]] = Field(description="job specs to run in order (inline, or file: path)")
+    # The parsed steps; `steps` then holds them as plain, self-contained data.
+    _jobs: list[JobSpec] = PrivateAttr(default_factory=list)
 
-    def validate(self, source: str, path: str) -> None:
+    @property
+    def jobs(self) -> list[JobSpec]:
+        return self._jobs
+
+    @model_validator(mode="after")
+    def _parse_steps(self, info: ValidationInfo) -> PipelineSpec:
+        # Step files are relative to this spec's file, and step errors name it (spec.from_dict's context).
+        source, path = (info.context or {}).get("source", "pipeline"), (info.context or {}).get("path", "")
         if not self.steps:
             raise SpecError(source, spec.key_path(path, "steps"), "a pipeline needs at least one step")
         resolved: dict[str, dict[str, Any]] = {}
-        self.jobs = []
         for index, raw in enumerate(self.steps):
             where = spec.key_path(spec.key_path(path, "steps"), index)
             data = _interpolate(_load_step(raw, source, where), resolved, source, where)
@@ -41,9 +48,10 @@ class PipelineSpec(JobSpec):
             job = spec.parse(data, source, where)
             if job.name in resolved:
                 raise SpecError(source, f"{where}.name", f"step name '{job.name}' is used twice")
-            resolved[job.name] = spec.to_dict(job)
-            self.jobs.append(job)
+            resolved[job.name] = job.model_dump(mode="json")
+            self._jobs.append(job)
         self.steps = list(resolved.values())
+        return self
 
     def check(self, ctx: CheckContext) -> None:
         for job in self.jobs:

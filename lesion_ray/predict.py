@@ -42,7 +42,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -53,24 +52,15 @@ import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from lesion_ray import data, inference, preprocess, registry, report, storage
 from lesion_ray.inference import Postprocess
 from lesion_ray.models import ModelConfig
 from lesion_ray.registry import ModelRef
 from lesion_ray.settings import Settings
-from lesion_ray.spec import (
-    CheckContext,
-    InputUri,
-    JobSpec,
-    OutputUri,
-    RegistryUri,
-    SpecError,
-    check_uris,
-    key_path,
-    param,
-    to_dict,
-)
+from lesion_ray.spec import InputUri, JobSpec, OutputUri, RegistryUri
 
 MANIFEST_FILE = "manifest.parquet"
 PARTS_DIR = "manifest_parts"
@@ -109,46 +99,44 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(kw_only=True)
 class PredictSpec(JobSpec):
+    kind: Literal["predict"] = "predict"
     input: InputUri
     model: ModelRef
     output: OutputUri
-    registry: RegistryUri | None = param(None, help="model registry for name@version (default: the cluster "
-                                                    "config's registry, else runs/registry)")
-    subset: Literal["Training", "Validation", "Test"] = param(
-        "Validation", help="which subset's images when input is an ISIC root")
-    batch_size: int = param(16, min=1, help="images per forward pass (and per decode task)")
-    min_actors: int = param(1, min=1, help="inference actors kept running")
-    max_actors: int = param(1, min=1, help="inference actors at most (one model copy each)")
-    cpus_per_actor: int = param(1, min=1, help="CPUs reserved per inference actor; also its torch threads")
-    gpus_per_actor: float = param(0.0, min=0.0, help="GPUs per inference actor; 0 runs the model on CPU")
-    threshold: float | None = param(None, min=0.0, max=1.0, help="probability above which a pixel is in "
-                                                                  "the mask (default: the model's own)")
-    overlays: Literal["none", "sample", "all"] = param(
-        "sample", help="input | mask | overlay PNGs: none, the first overlay_sample images by id, or all")
-    overlay_sample: int = param(16, min=1, help="how many images get an overlay with overlays: sample")
-    tta: bool = param(False, help="average the probabilities over the image and its horizontal/vertical flips")
-    postprocess: Postprocess = param("largest_component", help="Task 1: largest_component keeps the largest "
-                                     "region and fills its holes; none keeps the thresholded mask as it is")
-    resume: bool = param(True, help="skip inputs whose outputs a previous run with the same model finished")
-    max_pixels: int = param(preprocess.DEFAULT_MAX_PIXELS, min=1, help="refuse larger images (decompression "
-                                                                       "bombs)")
-    take_over_lock: bool = param(False, help="take over the output's lock.json left by a run that crashed")
+    registry: RegistryUri | None = Field(None, description="model registry for name@version (default: the cluster "
+                                                           "config's registry, else runs/registry)")
+    subset: Literal["Training", "Validation", "Test"] = Field(
+        "Validation", description="which subset's images when input is an ISIC root")
+    batch_size: int = Field(16, ge=1, description="images per forward pass (and per decode task)")
+    min_actors: int = Field(1, ge=1, description="inference actors kept running")
+    max_actors: int = Field(1, ge=1, description="inference actors at most (one model copy each)")
+    cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per inference actor; also its torch threads")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per inference actor; 0 runs the model on CPU")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="probability above which a pixel is in "
+                                                                      "the mask (default: the model's own)")
+    overlays: Literal["none", "sample", "all"] = Field(
+        "sample", description="input | mask | overlay PNGs: none, the first overlay_sample images by id, or all")
+    overlay_sample: int = Field(16, ge=1, description="how many images get an overlay with overlays: sample")
+    tta: bool = Field(False, description="average the probabilities over the image and its horizontal/vertical flips")
+    postprocess: Postprocess = Field(
+        "largest_component", description="Task 1: largest_component keeps the largest region and fills its holes; "
+                                         "none keeps the thresholded mask as it is")
+    resume: bool = Field(True, description="skip inputs whose outputs a previous run with the same model finished")
+    max_pixels: int = Field(preprocess.DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images (decompression "
+                                                                             "bombs)")
+    take_over_lock: bool = Field(False, description="take over the output's lock.json left by a run that crashed")
 
-    def check(self, ctx: CheckContext) -> None:
-        # A ModelRef alone looks name@version up in the default registry; this spec may name another.
-        check_uris(replace(self, model=registry.qualified(self.model, self.registry)), ctx)
-
-    def validate(self, source: str, path: str) -> None:
+    @model_validator(mode="after")
+    def _rules(self) -> PredictSpec:
         if self.min_actors > self.max_actors:
-            key = key_path(path, "min_actors")
-            raise SpecError(source, key, f"must be at most max_actors ({self.max_actors}), got {self.min_actors}")
+            raise PydanticCustomError("rule", f"must be at most max_actors ({self.max_actors}), got {self.min_actors}",
+                                      {"key": "min_actors"})
         # Predictions must never land on (or among) what they are made from, e.g. an archive's annotations.
         if storage.is_within(self.output, self.input) or storage.is_within(self.input, self.output):
-            raise SpecError(source, key_path(path, "output"),
-                            f"{self.output} is, contains or lies inside the input {self.input}: "
-                            "write predictions to a folder of their own")
+            raise PydanticCustomError("rule", f"{self.output} is, contains or lies inside the input {self.input}: "
+                                              "write predictions to a folder of their own", {"key": "output"})
+        return self
 
 
 SPEC = PredictSpec
@@ -461,7 +449,8 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str) -> dic
                                                        run_id), todo, found, threshold)
     seconds = time.perf_counter() - start
     manifest = _finish(out, kept, tables)
-    record = {"spec": to_dict(spec), "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
+    record = {"spec": spec.model_dump(mode="json"),
+              "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
               "threshold": threshold, "postprocess": spec.postprocess, "manifest": storage.join(out, MANIFEST_FILE)}
     storage.write_text(storage.join(out, PREDICT_RECORD), json.dumps(record, indent=2))
 

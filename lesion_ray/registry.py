@@ -19,7 +19,6 @@ folder (its ``best_model/``).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -73,13 +72,12 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 def config_to_json(config: ModelConfig, threshold: float, **extra: Any) -> dict[str, Any]:
     # The encoder weights are inside model.pt now: loading must not ask for the VGG16 file again.
-    fields = dataclasses.asdict(dataclasses.replace(config, pretrained_encoder=None))
-    return {**fields, "threshold": threshold, **extra}
+    return {**config.model_dump(), "pretrained_encoder": None, "threshold": threshold, **extra}
 
 
 def config_from_json(data: dict[str, Any]) -> tuple[ModelConfig, float]:
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in names}), float(data.get("threshold", 0.5))
+    fields = {k: v for k, v in data.items() if k in ModelConfig.model_fields}
+    return ModelConfig(**fields), float(data.get("threshold", 0.5))
 
 
 def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
@@ -252,13 +250,6 @@ class ModelRef(CheckedStr):
         elif ctx.skip(self):
             return
         resolve(self, ctx.registry)
-
-
-def qualified(ref: str, registry: str | None) -> ModelRef:
-    """``ref``, with a bare ``name@version`` placed in ``registry`` (a spec's own registry key)."""
-    if registry and _REGISTRY_REF.match(ref) and "/" not in ref:
-        return ModelRef(ModelRef.canonical(f"{registry}/{ref}"))
-    return ModelRef(ref)
 
 
 # --- Loading -----------------------------------------------------------------------------------

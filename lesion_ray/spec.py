@@ -1,23 +1,25 @@
-"""Job specs: typed dataclasses loaded from YAML and checked before any Ray work starts.
+"""Job specs: pydantic models loaded from YAML and checked before any Ray work starts.
 
-Each job kind's module declares ``SPEC`` (a :class:`JobSpec` dataclass) and ``run(spec, settings)``
-(:class:`lesion_ray.settings.Settings`: where the job's storage and registry are).
-Type hints are the schema: unknown keys, wrong types, impossible values and unreachable
-URIs all become one :class:`SpecError` naming the file, the key path and what is expected.
+Each job kind's module declares ``SPEC`` (a :class:`JobSpec` model) and ``run(spec, settings)``
+(:class:`lesion_ray.settings.Settings`: where the job's storage and registry are). The models are the schema;
+rules a type cannot express are ``model_validator`` methods raising ``PydanticCustomError(..., {"key": k})``.
+:func:`from_dict` turns pydantic's first error into one :class:`SpecError` naming the file, the key path and
+what is expected. Parsing never touches storage: :func:`check_uris` checks the URIs a spec names afterwards.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import difflib
 import importlib
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import core_schema
 
 from lesion_ray import storage
 
@@ -72,6 +74,18 @@ class CheckedStr(str):
         """The stored form of a value (URIs: absolute, so Ray workers in other folders agree)."""
         return value
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        # Validated as a non-empty string and stored canonical; dumped as a plain string.
+        return core_schema.no_info_after_validator_function(cls._parse, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _parse(cls, value: str) -> CheckedStr:
+        try:
+            return cls(cls.canonical(value))
+        except storage.StorageError as exc:
+            raise ValueError(str(exc)) from None
+
     def check(self, ctx: CheckContext) -> None:
         """Raise StorageError/ValueError when what the value names is unusable."""
 
@@ -110,35 +124,31 @@ class RegistryUri(_Uri):
         pass
 
 
-def param(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
-          help: str = "") -> Any:
-    """A spec field with bounds and a help text (the bounds are checked on load)."""
-    meta = {"min": min, "max": max, "help": help}
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+T = TypeVar("T")
+# [low, high] and the like: YAML has lists only, and strict mode takes a list for a tuple in JSON alone.
+Pair = Annotated[tuple[T, T], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) and len(v) == 2 else v)]
 
 
-@dataclass(kw_only=True)
-class StorageSettings:
-    endpoint_url: str | None = param(None, help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    region: str | None = param(None, help="S3 region")
+class StorageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: str | None = Field(None, description="S3 region")
 
 
-@dataclass(kw_only=True)
-class JobSpec:
+class JobSpec(BaseModel):
     """Keys every job spec has."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: str
     name: str
     storage: StorageSettings | None = None
 
-    def validate(self, source: str, path: str) -> None:
-        """Cross-field rules a type cannot express; raise :class:`SpecError` with ``path``."""
-
     def check(self, ctx: CheckContext) -> None:
-        """Check the world this spec names (URIs, models) without running anything."""
-        check_uris(self, ctx)
+        """Check the world this spec names (URIs, models) without running anything; a bare name@version
+        is looked up in the spec's own registry when it names one."""
+        check_uris(self, replace(ctx, registry=getattr(self, "registry", None) or ctx.registry))
 
     def produces(self) -> list[str]:
         """What this job creates, so later pipeline steps may name it before it exists:
@@ -150,26 +160,27 @@ class JobSpec:
 
 
 def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _describe(args[0])
     if tp is Any:
         return "any value"
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        text = " or ".join(_describe(a) for a in args)
-        return text + (" (or null)" if len(args) < len(typing.get_args(tp)) else "")
+        options = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a) for a in options)
+        return text + (" (or null)" if len(options) < len(args) else "")
     if origin is list:
-        return f"a list of {_plural(typing.get_args(tp)[0])}"
+        return f"a list of {_plural(args[0])}"
     if origin is tuple:
-        args = typing.get_args(tp)
         return f"a list of {len(args)} values [{', '.join(_describe(a) for a in args)}]"
     if origin is dict:
-        return f"a mapping of names to {_plural(typing.get_args(tp)[1])}"
+        return f"a mapping of names to {_plural(args[1])}"
     if isinstance(tp, type) and issubclass(tp, CheckedStr):
         return tp.expected
-    if dataclasses.is_dataclass(tp):
-        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping with keys " + ", ".join(tp.model_fields)
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -188,125 +199,117 @@ def key_path(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _convert(tp: Any, value: Any, path: str, source: str) -> Any:
-    def fail() -> typing.NoReturn:
-        raise SpecError(source, path, f"expected {_describe(tp)}, got {value!r}")
-
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            fail()
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(arg, value, path, source)
-            except SpecError as exc:
-                # A nested mapping's own error is more useful than "expected X or Y".
-                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                    raise exc from None
-        fail()
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        fail()
-    if origin is list:
-        if not isinstance(value, list):
-            fail()
-        (item,) = typing.get_args(tp)
-        return [_convert(item, v, key_path(path, i), source) for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            fail()
-        pairs = enumerate(zip(args, value, strict=True))
-        return tuple(_convert(a, v, key_path(path, i), source) for i, (a, v) in pairs)
-    if origin is dict:
-        if not isinstance(value, dict):
-            fail()
-        _, item = typing.get_args(tp)
-        return {str(k): _convert(item, v, key_path(path, str(k)), source) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail()
-        return from_dict(tp, value, source, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        fail()
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        fail()
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        fail()
-    if isinstance(tp, type) and issubclass(tp, str):
-        if not isinstance(value, str) or (not value and tp is not str):
-            fail()
-        if issubclass(tp, CheckedStr):
-            try:
-                return tp(tp.canonical(value))
-            except (storage.StorageError, ValueError) as exc:
-                raise SpecError(source, path, str(exc)) from None
-        return tp(value)
-    raise TypeError(f"unsupported spec type {tp!r} at {path}")
+def _tags(model: Any) -> tuple[Any, ...]:
+    """The ``kind`` values of a model in a union discriminated by ``kind`` (none for other types)."""
+    kind = getattr(model, "model_fields", {}).get("kind")
+    return typing.get_args(kind.annotation) if kind else ()
 
 
-def _check_bounds(f: dataclasses.Field, value: Any, path: str, source: str) -> None:
-    lo, hi = f.metadata.get("min"), f.metadata.get("max")
-    numbers = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
-    if isinstance(value, (list, tuple)):
-        numbers = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    for number in numbers:
-        if lo is not None and number < lo:
-            raise SpecError(source, path, f"must be at least {lo}, got {number!r}")
-        if hi is not None and number > hi:
-            raise SpecError(source, path, f"must be at most {hi}, got {number!r}")
+def _bare(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` and ``| None``: the type whose members an error location names."""
+    if typing.get_origin(tp) is Annotated:
+        return _bare(typing.get_args(tp)[0])
+    options = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(options) == 1:
+        return _bare(options[0])
+    return tp
 
 
-T = typing.TypeVar("T")
+@dataclass
+class _Place:
+    """Where a pydantic error location points: in the declared types, in the data and as a key path."""
+
+    tp: Any
+    value: Any
+    path: str
+    field_path: str  # of the innermost model field: bounds are reported there, as for a whole [low, high]
+    field: FieldInfo | None = None  # that field: its bounds as declared (pydantic's error has them as its type)
+    union_depth: int | None = None  # location entries up to a union whose member's label comes next
 
 
-def from_dict(cls: type[T], data: dict[str, Any], source: str, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, converting and checking every key."""
-    if not isinstance(data, dict):
-        raise SpecError(source, path or "(top level)", f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            allowed = ", ".join(fields)
-            raise SpecError(source, key_path(path, str(key)), f"unknown key{hint}; allowed keys: {allowed}")
-    values = {}
-    for name, f in fields.items():
-        where = key_path(path, name)
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SpecError(source, where, f"missing required key: expected {_describe(hints[name])}")
+def _locate(tp: Any, data: Any, path: str, loc: tuple[Any, ...]) -> _Place:
+    place = _Place(tp, data, path, path)
+    for depth, key in enumerate(loc):
+        tp = _bare(place.tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and key in tp.model_fields:
+            place.field = tp.model_fields[key]
+            place.tp, place.path = place.field.annotation, key_path(place.path, key)
+            place.field_path = place.path
+        elif origin in (Union, types.UnionType):
+            member = next((m for m in args if key in _tags(m)), None)
+            if member is None:  # a member's label: the error is about the union as a whole
+                place.union_depth = depth
+                return place
+            place.tp = member
             continue
-        values[name] = _convert(hints[name], data[name], where, source)
-        _check_bounds(f, values[name], where, source)
-    return cls(**values)
+        elif origin in (list, tuple, dict):
+            place.tp = args[0] if origin is list else args[-1] if origin is dict else args[key]
+            place.path = key_path(place.path, key)
+        else:  # an unknown key, or a dict's key
+            return place
+        value = place.value
+        in_list = isinstance(value, list) and isinstance(key, int) and key < len(value)
+        place.value = value[key] if in_list else value.get(key) if isinstance(value, dict) else None
+    return place
 
 
-def to_dict(obj: Any) -> Any:
-    """A spec as plain YAML-able data (the inverse of :func:`from_dict`)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "at most")}
+
+
+def _spec_error(exc: ValidationError, tp: Any, data: Any, source: str, path: str) -> SpecError:
+    """pydantic's first error as a :class:`SpecError` at its key path, worded as it always was."""
+    errors = exc.errors()
+    # Type errors before the rules of the models they are in (nested models run their rules first).
+    error = min(errors, key=lambda e: "key" in e.get("ctx", {}))
+    place = _locate(tp, data, path, error["loc"])
+    if place.union_depth is not None:
+        # An int or [min, max]: a member's bounds say more than "expected X or Y".
+        prefix = error["loc"][: place.union_depth]
+        error = next((e for e in errors if e["loc"][: len(prefix)] == prefix and e["type"] in _BOUNDS), error)
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind in _BOUNDS:
+        bound_name, words = _BOUNDS[kind]
+        metadata = place.field.metadata if place.field else []
+        declared = [getattr(m, bound_name) for m in metadata if hasattr(m, bound_name)]
+        bound = declared[0] if declared else ctx[bound_name]
+        got = float(error["input"]) if isinstance(ctx[bound_name], float) else error["input"]
+        return SpecError(source, place.field_path, f"must be {words} {bound}, got {got!r}")
+    if "key" in ctx:  # a model's rule, about one of its keys
+        return SpecError(source, key_path(place.path, ctx["key"]), error["msg"])
+    if kind == "extra_forbidden":
+        model, key = _bare(place.tp), str(error["loc"][-1])
+        close = difflib.get_close_matches(key, model.model_fields, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        allowed = ", ".join(model.model_fields)
+        return SpecError(source, key_path(place.path, key), f"unknown key{hint}; allowed keys: {allowed}")
+    if kind == "missing":
+        return SpecError(source, place.path, f"missing required key: expected {_describe(place.tp)}")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        expected = "one of " + ", ".join(repr(k) for m in typing.get_args(_bare(place.tp)) for k in _tags(m))
+        text = f"expected {expected}, got {place.value.get('kind')!r}" if kind == "union_tag_invalid" else \
+            f"missing required key: expected {expected}"
+        return SpecError(source, key_path(place.path, "kind"), text)
+    if kind == "value_error":
+        return SpecError(source, place.path, str(ctx["error"]))
+    return SpecError(source, place.path or "(top level)", f"expected {_describe(place.tp)}, got {place.value!r}")
+
+
+def from_dict(tp: type[T] | Any, data: Any, source: str, path: str = "") -> T:
+    """``data`` as ``tp`` (a model, or models discriminated by ``kind``); ``path``: where it is in ``source``."""
+    try:
+        return TypeAdapter(tp).validate_python(data, context={"source": source, "path": path})
+    except ValidationError as exc:
+        raise _spec_error(exc, tp, data, source, path) from None
+
+
+def _fields(obj: Any) -> list[tuple[str | int, Any]]:
+    """The (key, value) pairs a spec walk descends into."""
+    if isinstance(obj, BaseModel):
+        return [(name, getattr(obj, name)) for name in type(obj).model_fields]
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, str):
-        return str(obj)
-    return obj
+        return list(enumerate(obj))
+    return list(obj.items()) if isinstance(obj, dict) else []
 
 
 def check_uris(obj: Any, ctx: CheckContext, path: str = "") -> None:
@@ -316,26 +319,15 @@ def check_uris(obj: Any, ctx: CheckContext, path: str = "") -> None:
             obj.check(ctx)
         except (storage.StorageError, ValueError) as exc:
             raise SpecError(ctx.source, path, str(exc)) from None
-    elif dataclasses.is_dataclass(obj):
-        for f in dataclasses.fields(obj):
-            check_uris(getattr(obj, f.name), ctx, key_path(path, f.name))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            check_uris(v, ctx, key_path(path, i))
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            check_uris(v, ctx, key_path(path, k))
+    for key, value in _fields(obj):
+        check_uris(value, ctx, key_path(path, key))
 
 
 def outputs_of(obj: Any) -> list[str]:
     """Every :class:`OutputUri` in a spec: what a later pipeline step may read."""
     if isinstance(obj, OutputUri):
         return [storage.normalize(obj)]
-    if dataclasses.is_dataclass(obj):
-        return [u for f in dataclasses.fields(obj) for u in outputs_of(getattr(obj, f.name))]
-    if isinstance(obj, (list, tuple)):
-        return [u for v in obj for u in outputs_of(v)]
-    return []
+    return [uri for _, value in _fields(obj) for uri in outputs_of(value)]
 
 
 # --- Files and overrides --------------------------------------------------------------------
@@ -412,10 +404,8 @@ def parse(data: dict[str, Any], source: str, path: str = "") -> JobSpec:
     for key in ("kind", "name"):
         if key not in data:
             raise SpecError(source, key_path(path, key), "missing required key")
-    module = job_module(data["kind"], source, key_path(path, "kind"))
-    spec = from_dict(module.SPEC, data, source, path)
-    spec.validate(source, path)
-    return spec
+    # The kind picks the model (each kind's module imports what its job needs, e.g. torch, only when used).
+    return from_dict(job_module(data["kind"], source, key_path(path, "kind")).SPEC, data, source, path)
 
 
 def load(source: str, overrides: list[str] | None = None) -> JobSpec:

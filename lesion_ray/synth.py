@@ -19,16 +19,18 @@ import io
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import ray
 from PIL import Image, ImageDraw, ImageFilter
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from lesion_ray import report, storage
 from lesion_ray.data import ATTRIBUTES, FOLDERS
 from lesion_ray.settings import Settings
-from lesion_ray.spec import JobSpec, OutputUri, SpecError, key_path, param
+from lesion_ray.spec import JobSpec, OutputUri, Pair
 
 # Share of ISIC 2018 training images whose mask for the attribute is not empty (REFERENCE.md 1).
 ATTRIBUTE_RATES = {
@@ -49,26 +51,31 @@ SUBSET_FOLDERS = {
 }
 
 
-@dataclass(kw_only=True)
 class SynthSpec(JobSpec):
+    kind: Literal["synth"] = "synth"
     output: OutputUri
-    num_images: int = param(100, min=1, help="training images (ISIC2018_Task1-2_Training_Input)")
-    seed: int = param(0, min=0, help="the same seed gives the same data set")
-    validation_images: int = param(20, min=0, help="held-out images with ground truth (Validation subset)")
-    width: tuple[int, int] = param((300, 450), min=32, max=8192, help="range of image widths in pixels")
-    aspect: tuple[float, float] = param((0.66, 0.75), min=0.2, max=5.0, help="range of height/width (ISIC ~2:3)")
-    tasks: list[Literal[1, 2]] = param([1, 2], help="which ground truth to write: 1 (lesion) and/or 2 (attributes)")
-    dermoscope_corners: float = param(0.3, min=0.0, max=1.0, help="share of images with dark corners (0: none)")
-    max_hairs: int = param(8, min=0, max=100, help="at most this many hairs per image")
-    jpeg_quality: int = param(90, min=1, max=100, help="JPEG quality of the input images")
+    num_images: int = Field(100, ge=1, description="training images (ISIC2018_Task1-2_Training_Input)")
+    seed: int = Field(0, ge=0, description="the same seed gives the same data set")
+    validation_images: int = Field(20, ge=0, description="held-out images with ground truth (Validation subset)")
+    width: Pair[Annotated[int, Field(ge=32, le=8192)]] = Field(
+        (300, 450), description="range of image widths in pixels")
+    aspect: Pair[Annotated[float, Field(ge=0.2, le=5.0)]] = Field(
+        (0.66, 0.75), description="range of height/width (ISIC ~2:3)")
+    tasks: list[Literal[1, 2]] = Field(
+        [1, 2], description="which ground truth to write: 1 (lesion) and/or 2 (attributes)")
+    dermoscope_corners: float = Field(0.3, ge=0.0, le=1.0, description="share of images with dark corners (0: none)")
+    max_hairs: int = Field(8, ge=0, le=100, description="at most this many hairs per image")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the input images")
 
-    def validate(self, source: str, path: str) -> None:
+    @model_validator(mode="after")
+    def _ranges(self) -> SynthSpec:
         for key in ("width", "aspect"):
             low, high = getattr(self, key)
             if low > high:
-                raise SpecError(source, key_path(path, key), f"expected [low, high], got [{low}, {high}]")
+                raise PydanticCustomError("rule", f"expected [low, high], got [{low}, {high}]", {"key": key})
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise SpecError(source, key_path(path, "tasks"), "expected [1], [2] or [1, 2]")
+            raise PydanticCustomError("rule", "expected [1], [2] or [1, 2]", {"key": "tasks"})
+        return self
 
 
 SPEC = SynthSpec

@@ -26,21 +26,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
+from pydantic import BaseModel, ConfigDict, Field
 
 from lesion_ray import report, storage
-from lesion_ray.spec import param
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RECORD = "mlflow.json"  # {"tracking_uri", "run_id"}: lets a resumed run continue its MLflow run
 _TAGS = {"train_loss": "loss/train", "val_loss": "loss/validation", "val_score": "score/validation"}
 
 
-@dataclass(kw_only=True)
-class MlflowConfig:
-    enabled: bool = param(True, help="log params, epochs and the report to MLflow (when mlflow is installed)")
-    tracking_uri: str | None = param(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                                                "sqlite:///runs/mlflow.db under the working directory)")
-    experiment: str = param("lesion-ray", help="MLflow experiment name")
+class MlflowConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: bool = Field(True, description="log params, epochs and the report to MLflow (when mlflow is installed)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                                       "sqlite:///runs/mlflow.db under the working directory)")
+    experiment: str = Field("lesion-ray", description="MLflow experiment name")
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:

@@ -18,15 +18,13 @@ recorded in TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import ray
@@ -34,6 +32,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 from ray.data.expressions import col
 
 from lesion_ray import data, figures, metrics, preprocess, registry, report, report_page, storage
@@ -41,66 +41,57 @@ from lesion_ray.augment import AugmentConfig, augment
 from lesion_ray.losses import LossConfig, compute_loss
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
-from lesion_ray.spec import (
-    CheckContext,
-    InputUri,
-    JobSpec,
-    OutputUri,
-    RegistryUri,
-    SpecError,
-    check_uris,
-    key_path,
-    param,
-    to_dict,
-)
+from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, Pair, RegistryUri, check_uris
 from lesion_ray.tracking import TENSORBOARD_DIR, EpochLog, MlflowConfig, MlflowTarget
 
 TRAIN_STATE_FILE = "train_state.pt"
+_Workers = Annotated[int, Field(ge=1)]
 
 
-@dataclass(kw_only=True)
 class TrainSpec(JobSpec):
-    data: InputUri = param(help="an ISIC 2018 layout (its Training subset is used)")
-    output: OutputUri = param(help="the run folder: checkpoints, metrics, plot, split; same output = resume")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = param(10, min=1, help="total epochs (a resumed run continues up to this)")
-    batch_size: int = param(8, min=1, help="images per worker per step")
-    lr: float = param(1e-3, min=0, help="Adam learning rate")
-    seed: int = param(0, help="seed of the split, the initial weights and the augmentation")
-    num_workers: int | tuple[int, int] = param(
-        2, min=1, help="training workers, or [min, max] for elastic training that grows when resources appear")
-    cpus_per_worker: float = param(1.0, min=0, help="CPUs each worker reserves")
-    resources_per_worker: dict[str, float] = param({}, help="extra Ray resources each worker reserves")
-    use_gpu: bool = param(False, help="one GPU per worker")
-    precision: Literal["fp32", "bf16", "fp16"] = param("fp32", help="bf16/fp16: mixed precision (GPU only)")
-    threshold: float = param(0.5, min=0, max=1, help="probability above which a pixel is in the mask")
-    val_fraction: float = param(0.2, min=0, max=0.9, help="share of images held out for validation")
-    split_csv: InputUri | None = param(None, help="a CSV id,split to use instead of a seeded split")
-    checkpoints_to_keep: int = param(2, min=1, help="keep this many best checkpoints by validation score")
-    max_failures: int = param(3, min=0, help="worker group restarts from the latest checkpoint on failure")
-    elastic_resize_interval_s: float = param(60.0, min=0, help="elastic: how often to look for new resources")
-    registry: RegistryUri | None = param(None, help="model registry URI (default: the cluster config's registry, "
-                                                     "else runs/registry)")
-    model_name: str = param("lesion-unet", help="name under which the best model is published")
-    tensorboard: bool = param(True, help="write each epoch's scalars as TensorBoard events to <output>/tensorboard")
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    kind: Literal["train"] = "train"
+    data: InputUri = Field(description="an ISIC 2018 layout (its Training subset is used)")
+    output: OutputUri = Field(description="the run folder: checkpoints, metrics, plot, split; same output = resume")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    epochs: int = Field(10, ge=1, description="total epochs (a resumed run continues up to this)")
+    batch_size: int = Field(8, ge=1, description="images per worker per step")
+    lr: float = Field(1e-3, ge=0, description="Adam learning rate")
+    seed: int = Field(0, description="seed of the split, the initial weights and the augmentation")
+    num_workers: _Workers | Pair[_Workers] = Field(
+        2, description="training workers, or [min, max] for elastic training that grows when resources appear")
+    cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each worker reserves")
+    resources_per_worker: dict[str, float] = Field({}, description="extra Ray resources each worker reserves")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: mixed precision (GPU only)")
+    threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel is in the mask")
+    val_fraction: float = Field(0.2, ge=0, le=0.9, description="share of images held out for validation")
+    split_csv: InputUri | None = Field(None, description="a CSV id,split to use instead of a seeded split")
+    checkpoints_to_keep: int = Field(2, ge=1, description="keep this many best checkpoints by validation score")
+    max_failures: int = Field(3, ge=0, description="worker group restarts from the latest checkpoint on failure")
+    elastic_resize_interval_s: float = Field(60.0, ge=0, description="elastic: how often to look for new resources")
+    registry: RegistryUri | None = Field(
+        None, description="model registry URI (default: the cluster config's registry, "
+                          "else runs/registry)")
+    model_name: str = Field("lesion-unet", description="name under which the best model is published")
+    tensorboard: bool = Field(
+        True, description="write each epoch's scalars as TensorBoard events to <output>/tensorboard")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
-    def validate(self, source: str, path: str) -> None:
-        self.model.validate(source, key_path(path, "model"))
+    @model_validator(mode="after")
+    def _rules(self) -> TrainSpec:
         if isinstance(self.num_workers, tuple) and self.num_workers[0] > self.num_workers[1]:
-            raise SpecError(source, key_path(path, "num_workers"),
-                            f"[min, max] needs min <= max, got {list(self.num_workers)}")
+            raise PydanticCustomError("rule", f"[min, max] needs min <= max, got {list(self.num_workers)}",
+                                      {"key": "num_workers"})
         if self.precision != "fp32" and not self.use_gpu:
-            raise SpecError(source, key_path(path, "precision"),
-                            f"{self.precision} mixed precision needs use_gpu: true")
+            raise PydanticCustomError("rule", f"{self.precision} mixed precision needs use_gpu: true",
+                                      {"key": "precision"})
         if not re.fullmatch(registry.NAME_PATTERN, self.model_name):
-            raise SpecError(source, key_path(path, "model_name"),
-                            "use only letters, digits, '.', '_' and '-'")
+            raise PydanticCustomError("rule", "use only letters, digits, '.', '_' and '-'", {"key": "model_name"})
         if self.split_csv is None and self.val_fraction <= 0:
-            raise SpecError(source, key_path(path, "val_fraction"),
-                            "must be above 0 (or give split_csv)")
+            raise PydanticCustomError("rule", "must be above 0 (or give split_csv)", {"key": "val_fraction"})
+        return self
 
     def check(self, ctx: CheckContext) -> None:
         super().check(ctx)
@@ -119,7 +110,7 @@ SPEC = TrainSpec
 
 def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     # The registry this run publishes into, recorded with its spec (training.json, report page).
-    spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
+    spec = spec.model_copy(update={"registry": spec.registry or RegistryUri(settings.registry)})
     output = storage.normalize(spec.output)
     found = data.discover(spec.data, "Training", task=spec.model.task)
     report.info(f"training data: {found.summary()}")
@@ -142,7 +133,7 @@ def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
         raise ValueError(f"none of the {len(splits['validation'])} validation images is readable: nothing to score")
 
     mlflow = MlflowTarget.resolve(spec.mlflow)
-    epoch_log = EpochLog(spec.epochs, output, spec.tensorboard, mlflow, spec.name, to_dict(spec))
+    epoch_log = EpochLog(spec.epochs, output, spec.tensorboard, mlflow, spec.name, spec.model_dump(mode="json"))
     result = _trainer(spec, datasets, output, epoch_log).fit()
     run_id = mlflow.recorded_run(output) if mlflow else None
     try:
@@ -274,7 +265,7 @@ def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], curves
     sections = [report_page.curves_section(history, spec.model.task, curves),
                 report_page.section("Data", report_page.key_values(data_rows), "data"),
                 report_page.model_section(card),
-                report_page.specs_section([("train spec", to_dict(spec))])]
+                report_page.specs_section([("train spec", spec.model_dump(mode="json"))])]
     subtitle = f"published {card['config']['name']}@{card['config']['version']}, {len(history)} epochs"
     storage.write_text(uri, report_page.page(f"Training '{spec.name}'", subtitle, sections))
 
@@ -301,7 +292,7 @@ class TrainRecipe:
         self.device = ray.train.torch.get_device()
         torch.manual_seed(spec.seed)
         # A resumed worker takes every weight from the checkpoint: reading the pretrained encoder would be wasted.
-        model = build_model(dataclasses.replace(spec.model, pretrained_encoder=None) if checkpoint else spec.model)
+        model = build_model(spec.model.model_copy(update={"pretrained_encoder": None}) if checkpoint else spec.model)
         if spec.loss.name == "bce":
             model.head1.requires_grad_(False)  # only the seed loss trains head 1; DDP must not wait for its grads
         self.optimizer = torch.optim.Adam((p for p in model.parameters() if p.requires_grad), lr=spec.lr)
@@ -409,7 +400,7 @@ class TrainRecipe:
             if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
                 return previous["model"], best
         model_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float))}
-        training = {"spec": to_dict(self.spec), "history": history}
+        training = {"spec": self.spec.model_dump(mode="json"), "history": history}
         with checkpoint.as_directory() as local:
             # A checkpoint is already a model folder (plain state_dict + config.json): copy its bytes, publish it.
             for name in (registry.MODEL_FILE, registry.CONFIG_FILE):

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from lesion_ray import cluster, storage
-from lesion_ray.cluster import ClusterConfig
+from lesion_ray.cluster import LocalCluster
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
 from lesion_ray.testing.loopback import LoopbackCluster, free_port
@@ -45,7 +45,7 @@ def s3_endpoint() -> str:
 def settings(s3_endpoint: str) -> Settings:
     """The settings the CLI builds for a job on a local cluster config that names the moto endpoint, installed
     in this process as the CLI installs them (autouse: before any test touches S3)."""
-    job_settings = Settings.build(ClusterConfig(kind="local", storage=StorageSettings(endpoint_url=s3_endpoint)))
+    job_settings = Settings.build(LocalCluster(storage=StorageSettings(endpoint_url=s3_endpoint)))
     storage.configure(job_settings.storage)
     return job_settings
 

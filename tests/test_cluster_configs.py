@@ -62,7 +62,7 @@ def test_rayjob_carries_the_spec_unchanged(capsys, tmp_path) -> None:
     config_map, ray_job = docs
     assert config_map["kind"] == "ConfigMap" and ray_job["kind"] == "RayJob"
     assert ray_job["apiVersion"] == "ray.io/v1"
-    expected = spec.to_dict(spec.load("jobs/train.yaml", ["epochs=7"]))
+    expected = spec.load("jobs/train.yaml", ["epochs=7"]).model_dump(mode="json")
     assert yaml.safe_load(config_map["data"]["job.yaml"]) == expected
     job_spec = ray_job["spec"]
     assert "lesion_ray.cli run" in job_spec["entrypoint"] and job_spec["shutdownAfterJobFinishes"] is True
@@ -81,9 +81,9 @@ def test_rayservice_carries_the_serve_config(capsys, tmp_path) -> None:
     assert app["import_path"] == "lesion_ray.serve:app_builder"
     # The spec, but with the bearer token from the mounted Secret, listening where the pod's Service reaches it,
     # and the cluster config's registry (the Serve config is all the application gets).
-    expected = spec.to_dict(spec.load("jobs/serve.yaml", ["auth_token_env=null", "host=0.0.0.0",
-                                                          f"auth_token_file={kuberay.SERVE_TOKEN_MOUNT}/token",
-                                                          f"registry={tmp_path / 'reg'}"]))
+    expected = spec.load("jobs/serve.yaml", ["auth_token_env=null", "host=0.0.0.0",
+                                             f"auth_token_file={kuberay.SERVE_TOKEN_MOUNT}/token",
+                                             f"registry={tmp_path / 'reg'}"]).model_dump(mode="json")
     assert app["args"] == expected
     assert serve_config["http_options"]["host"] == "0.0.0.0"
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True

@@ -8,7 +8,7 @@ import torch
 from lesion_ray.losses import LossConfig, compute_loss, soft_jaccard
 from lesion_ray.models import ModelConfig, vgg16_features
 from lesion_ray.models import build_model as build
-from lesion_ray.spec import SpecError
+from lesion_ray.spec import SpecError, from_dict
 
 
 @pytest.mark.parametrize(
@@ -59,10 +59,10 @@ def test_pretrained_encoder_rejects_other_weights(tmp_path) -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(SpecError, match="multiple of 16"):
-        ModelConfig(architecture="unet", depth=4, input_size=72).validate("t.yaml", "model")
+        from_dict(ModelConfig, {"architecture": "unet", "depth": 4, "input_size": 72}, "t.yaml", "model")
     with pytest.raises(SpecError, match="model.pretrained_encoder"):
-        ModelConfig(architecture="unet", pretrained_encoder="vgg.pth").validate("t.yaml", "model")
-    ModelConfig(architecture="multitask_unet", input_size=512).validate("t.yaml", "model")
+        from_dict(ModelConfig, {"architecture": "unet", "pretrained_encoder": "vgg.pth"}, "t.yaml", "model")
+    from_dict(ModelConfig, {"architecture": "multitask_unet", "input_size": 512}, "t.yaml", "model")
 
 
 def test_losses() -> None:

@@ -115,7 +115,7 @@ def test_largest_component_drops_stray_blobs_and_fills_holes() -> None:
 
 def test_min_actors_above_max_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match="min_actors: must be at most max_actors"):
-        make_spec(input="x", model="m@latest", output="y", min_actors=3, max_actors=2).validate("test", "")
+        make_spec(input="x", model="m@latest", output="y", min_actors=3, max_actors=2)
 
 
 def test_ray_workers_get_the_jobs_storage_settings(ray_local, settings) -> None:
@@ -129,7 +129,8 @@ def test_ray_workers_get_the_jobs_storage_settings(ray_local, settings) -> None:
 
 def test_model_is_checked_in_the_specs_own_registry(tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
-    keys = {"input": str(tmp_path), "model": ref, "output": str(tmp_path / "out")}
+    # The output lies beside the input (inside it, the spec would be refused).
+    keys = {"input": str(tmp_path), "model": ref, "output": f"{tmp_path}-out"}
     make_spec(**keys, registry=str(tmp_path / "registry")).check(CheckContext(source="test"))
     with pytest.raises(SpecError, match="model: model tiny1@1 is not in the registry .*elsewhere"):
         make_spec(**keys, registry=str(tmp_path / "elsewhere")).check(CheckContext(source="test"))
@@ -196,12 +197,12 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, settings, s3_bucket, tm
 
 def test_task2_local_with_flips_and_all_overlays(ray_local, settings, tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=2)
-    inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
+    inputs = tmp_path / "isic" / "ISIC2018_Task1-2_Validation_Input"
     for i, (w, h) in enumerate(SIZES[:3]):
         storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), jpeg(w, h, i))
     out = tmp_path / "out"
     # The spec names no registry: the job's settings do (a cluster config's registry).
-    summary = predict.run(make_spec(input=str(tmp_path), model=ref, output=str(out), tta=True, overlays="all",
+    summary = predict.run(make_spec(input=str(tmp_path / "isic"), model=ref, output=str(out), tta=True, overlays="all",
                                     threshold=0.3), dataclasses.replace(settings, registry=str(tmp_path / "registry")))
     assert (summary["inputs"], summary["ok"], summary["error"], summary["threshold"]) == (3, 3, 0, 0.3)
     for i, (w, h) in enumerate(SIZES[:3]):
@@ -217,10 +218,10 @@ def test_task2_local_with_flips_and_all_overlays(ray_local, settings, tmp_path) 
 def test_task1_masks_are_one_region_without_holes(ray_local, settings, tmp_path) -> None:
     images = [jpeg(w, h, i) for i, (w, h) in enumerate(SIZES[3:])]
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1, speckled_on=images)
-    inputs = tmp_path / "ISIC2018_Task1-2_Validation_Input"
+    inputs = tmp_path / "isic" / "ISIC2018_Task1-2_Validation_Input"
     for i, image in enumerate(images):
         storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), image)
-    keys = {"input": str(tmp_path), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none"}
+    keys = {"input": str(tmp_path / "isic"), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none"}
     predict.run(make_spec(**keys, output=str(tmp_path / "raw"), postprocess="none"), settings)
     predict.run(make_spec(**keys, output=str(tmp_path / "out")), settings)
     for i in range(len(SIZES[3:])):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lesion_ray import registry, storage
-from lesion_ray.cluster import ClusterConfig, load_cluster
+from lesion_ray.cluster import LocalCluster, load_cluster
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext
@@ -67,7 +67,7 @@ def test_the_jobs_registry_comes_from_the_cluster_config(tmp_path, monkeypatch) 
     (tmp_path / "cluster.yaml").write_text("kind: local\nregistry: models/registry\n")
     # Absolute, so that Ray workers in other folders find the same registry.
     assert Settings.build(load_cluster(str(tmp_path / "cluster.yaml"))).registry == str(tmp_path / "models/registry")
-    assert Settings.build(ClusterConfig(kind="local")).registry == str(tmp_path / "runs" / "registry")
+    assert Settings.build(LocalCluster()).registry == str(tmp_path / "runs" / "registry")
     assert registry.default_registry() == str(tmp_path / "runs" / "registry")
 
 

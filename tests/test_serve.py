@@ -129,9 +129,8 @@ def test_spec_rules_and_serve_config(tmp_path):
                      ({"auth_token_env": "my token!"}, "auth_token_env"),
                      ({"auth_token_env": "T", "auth_token_file": "/t"}, "auth_token_env"),
                      ({"max_batch_size": 32, "max_ongoing_requests": 8}, "max_ongoing_requests")):
-        spec = from_dict(lserve.ServeSpec, base | bad, "t.yaml")
         with pytest.raises(SpecError, match=key):
-            spec.validate("t.yaml", "")
+            from_dict(lserve.ServeSpec, base | bad, "t.yaml")
     with pytest.raises(SpecError, match="unknown key"):
         from_dict(lserve.ServeSpec, base | {"auth_token": "abc"}, "t.yaml")
     spec = from_dict(lserve.ServeSpec, base | {"auth_token_env": "LESION_TOKEN", "registry": str(tmp_path)}, "t.yaml")
@@ -150,15 +149,14 @@ def test_spec_rules_and_serve_config(tmp_path):
 def test_non_loopback_host_needs_a_token_or_allow_unauthenticated(capsys):
     base = {"kind": "serve", "name": "s", "model": "lesion@latest"}
     for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "LocalHost"):
-        from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml").validate("t.yaml", "")
+        from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml")
     for host in ("0.0.0.0", "::", "10.1.2.3", "128.0.0.1", "lesion.example.org"):
-        spec = from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml")
         with pytest.raises(SpecError, match="^t.yaml: host: .*auth_token_env or auth_token_file, or "
                                             "allow_unauthenticated: true"):
-            spec.validate("t.yaml", "")
+            from_dict(lserve.ServeSpec, base | {"host": host}, "t.yaml")
         for allowed in ({"auth_token_env": "LESION_TOKEN"}, {"auth_token_file": "/run/token"},
                         {"allow_unauthenticated": True}):
-            from_dict(lserve.ServeSpec, base | {"host": host} | allowed, "t.yaml").validate("t.yaml", "")
+            from_dict(lserve.ServeSpec, base | {"host": host} | allowed, "t.yaml")
     # Serve config files build the app through app_builder, which refuses the same spec.
     with pytest.raises(SpecError, match="host"):
         lserve.app_builder(base | {"host": "0.0.0.0"})

@@ -2,30 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from lesion_ray import spec
-from lesion_ray.spec import CheckContext, InputUri, OutputUri, SpecError, param
+from lesion_ray.spec import CheckContext, InputUri, OutputUri, Pair, SpecError
+
+Workers = Annotated[int, Field(ge=1)]
 
 
-@dataclass(kw_only=True)
-class Inner:
-    size: int = param(64, min=8, max=1024)
+class Inner(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    size: int = Field(64, ge=8, le=1024)
     mode: Literal["a", "b"] = "a"
 
 
-@dataclass(kw_only=True)
-class Example:
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     data: InputUri
     out: OutputUri
-    workers: int | tuple[int, int] = param(1, min=1)
+    workers: Workers | Pair[Workers] = 1
     rate: float = 0.1
     flag: bool = False
-    tags: list[str] = param([])
-    inner: Inner = param(Inner())
+    tags: list[str] = []
+    inner: Inner = Field(default_factory=Inner)
     maybe: str | None = None
 
 
@@ -40,7 +44,7 @@ def test_good_values_are_converted() -> None:
     assert ex.rate == 1.0 and isinstance(ex.rate, float)
     assert ex.inner == Inner(size=128, mode="b")
     assert isinstance(ex.data, InputUri)
-    assert spec.to_dict(ex)["workers"] == [1, 3]
+    assert ex.model_dump(mode="json")["workers"] == [1, 3]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from lesion_ray import cli, spec, storage
-from lesion_ray.cluster import ClusterConfig
+from lesion_ray.cluster import LocalCluster
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
 from lesion_ray.storage import StorageError
@@ -210,7 +210,7 @@ def test_settings_take_the_spec_over_the_cluster_config_over_the_aws_variables(m
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env.example:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "env-region")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "5")
-    config = ClusterConfig(kind="local", storage=StorageSettings(endpoint_url="http://cluster.example:9000"))
+    config = LocalCluster(storage=StorageSettings(endpoint_url="http://cluster.example:9000"))
     job = spec.parse({"kind": "synth", "name": "s", "output": "out", "storage": {"region": "spec-region"}}, "test")
     assert Settings.build(config, job).storage == storage.S3Config("http://cluster.example:9000", "spec-region", 5)
     assert Settings.build().storage == storage.S3Config("http://env.example:9000", "env-region", 5)

@@ -30,9 +30,7 @@ def _spec(isic: str, output: str, registry_uri: str, **overrides) -> train.Train
         "epochs": 12, "batch_size": 8, "lr": 0.01, "num_workers": 2, "model_name": "tiny",
         "augment": {"affine": False}, "mlflow": {"enabled": False},
     }
-    parsed = spec.from_dict(train.TrainSpec, raw | overrides, "test")
-    parsed.validate("test", "")
-    return parsed
+    return spec.from_dict(train.TrainSpec, raw | overrides, "test")
 
 
 def tensorboard_scalars(data: bytes) -> dict[str, list[tuple[int, float]]]:

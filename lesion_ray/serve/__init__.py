@@ -4,7 +4,6 @@ deployments so that bad input never reaches the model and each side scales on it
 :mod:`.config`. Here: the application, its Serve config file (``lesion_ray.serve:app_builder``), the run loop.
 """
 
-import dataclasses
 import signal
 import threading
 import time
@@ -17,7 +16,7 @@ from lesion_ray.serve.config import ServeSpec, read_token
 from lesion_ray.serve.deployment import Prediction, SegmentationModel, check_model, forward, masks_at
 from lesion_ray.serve.ingress import MAX_FORM_PARTS, MAX_PART_HEADER_BYTES, SegmentationApi, prepare, union_png
 from lesion_ray.settings import Settings
-from lesion_ray.spec import RegistryUri, from_dict, to_dict
+from lesion_ray.spec import RegistryUri, from_dict
 
 SPEC = ServeSpec
 __all__ = ["MAX_FORM_PARTS", "MAX_PART_HEADER_BYTES", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
@@ -27,7 +26,7 @@ __all__ = ["MAX_FORM_PARTS", "MAX_PART_HEADER_BYTES", "SPEC", "Prediction", "Ser
 def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
     """The bound application: ingress -> model, both autoscaled, their replicas on ``settings``' storage
     and registry."""
-    spec = dataclasses.replace(spec, registry=spec.registry or RegistryUri(settings.registry))
+    spec = spec.model_copy(update={"registry": spec.registry or RegistryUri(settings.registry)})
     options = {
         "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
                                "target_ongoing_requests": spec.target_ongoing_requests},
@@ -43,7 +42,6 @@ def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
     spec = from_dict(ServeSpec, args, "serve config args")
-    spec.validate("serve config args", "")
     # No cluster config here: the spec's storage and registry, else the AWS variables and runs/registry.
     return build_app(spec, Settings.build(job=spec))
 
@@ -57,7 +55,7 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
             "name": spec.name,
             "route_prefix": spec.route_prefix,
             "import_path": "lesion_ray.serve:app_builder",
-            "args": to_dict(spec),
+            "args": spec.model_dump(mode="json"),
         }],
     }
 

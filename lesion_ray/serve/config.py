@@ -2,83 +2,86 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import re
 from typing import Literal
 
-from lesion_ray import registry, storage
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from lesion_ray import storage
 from lesion_ray.inference import Postprocess
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
-from lesion_ray.spec import CheckContext, JobSpec, RegistryUri, SpecError, check_uris, key_path, param
+from lesion_ray.registry import ModelRef
+from lesion_ray.spec import JobSpec, RegistryUri
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-@dataclasses.dataclass(kw_only=True)
 class ServeSpec(JobSpec):
-    model: registry.ModelRef
-    registry: RegistryUri | None = param(None, help="registry URI (default: the cluster config's registry, "
-                                                     "else runs/registry)")
-    min_replicas: int = param(1, min=1, help="replicas of each deployment kept running")
-    max_replicas: int = param(2, min=1, help="autoscaling upper bound per deployment")
-    target_ongoing_requests: float = param(16.0, min=0.1, help="autoscaling aims at this many requests per replica")
-    max_ongoing_requests: int = param(64, min=1, help="requests a replica accepts at once (>= max_batch_size)")
-    max_batch_size: int = param(16, min=1, help="images in one forward pass (1 = no batching)")
-    batch_wait_timeout_s: float = param(0.01, min=0.0, help="how long a batch waits to fill up")
-    max_upload_bytes: int = param(20 * 1024 * 1024, min=1, help="larger request bodies get 413")
-    max_pixels: int = param(DEFAULT_MAX_PIXELS, min=1, help="larger images (decompression bombs) get 413")
+    kind: Literal["serve"] = "serve"
+    model: ModelRef
+    registry: RegistryUri | None = Field(None, description="registry URI (default: the cluster config's registry, "
+                                                           "else runs/registry)")
+    min_replicas: int = Field(1, ge=1, description="replicas of each deployment kept running")
+    max_replicas: int = Field(2, ge=1, description="autoscaling upper bound per deployment")
+    target_ongoing_requests: float = Field(
+        16.0, ge=0.1, description="autoscaling aims at this many requests per replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (>= max_batch_size)")
+    max_batch_size: int = Field(16, ge=1, description="images in one forward pass (1 = no batching)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="how long a batch waits to fill up")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger request bodies get 413")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images (decompression bombs) get 413")
     # 32 Mpx: 2.6x the largest ISIC 2018 image. Work on a decoded image peaks at ~25 bytes/pixel (RGB,
     # model input, float masks, overlay), so 4 decodes at the budget stay near 3 GiB per ingress replica.
-    max_request_pixels: int = param(32_000_000, min=1,
-                                    help="pixels of all images of one request, read from their headers; more gets "
-                                         "413 before anything is decoded")
-    max_rows: int = param(16, min=1, help="rows of one /v1/predict request; more get 413")
-    max_concurrent_decodes: int = param(4, min=1, help="threads per ingress replica that parse, decode and encode "
-                                                       "request content; other requests wait for one")
-    max_queued_requests: int = param(64, min=1, help="requests each HTTP proxy holds waiting for an ingress replica; "
-                                                     "more get 503 at once")
-    request_timeout_s: float = param(60.0, min=0.1, help="a request not answered within this time gets 408")
-    auth_token_env: str | None = param(None, help="NAME of the environment variable holding the bearer token")
-    auth_token_file: str | None = param(None, help="file holding the bearer token (e.g. a mounted secret)")
-    allow_unauthenticated: bool = param(False, help="serve without a token on a non-loopback host")
-    host: str = param("127.0.0.1", help="HTTP listen address (0.0.0.0 for every interface: needs a token)")
-    port: int = param(8000, min=1, max=65535, help="HTTP port")
-    proxy_location: Literal["EveryNode", "HeadOnly"] = param(
-        "EveryNode", help="which nodes run an HTTP proxy on host:port (HeadOnly: one entry point, e.g. when "
-                          "several nodes share one machine and so cannot all bind the port)")
-    route_prefix: str = param("/", help="URL path the API lives under")
-    threshold: float | None = param(None, min=0.0, max=1.0, help="mask threshold (default: the model's own)")
-    postprocess: Postprocess = param("largest_component", help="Task 1: largest_component keeps the largest "
-                                     "region and fills its holes, as predict does; none keeps the mask as it is")
-    poll_latest_s: float = param(30.0, min=0.0, help="name@latest: look for a new version this often (0: never)")
+    max_request_pixels: int = Field(
+        32_000_000, ge=1, description="pixels of all images of one request, read from their headers; more gets 413 "
+                                      "before anything is decoded")
+    max_rows: int = Field(16, ge=1, description="rows of one /v1/predict request; more get 413")
+    max_concurrent_decodes: int = Field(
+        4, ge=1, description="threads per ingress replica that parse, decode and encode "
+                             "request content; other requests wait for one")
+    max_queued_requests: int = Field(
+        64, ge=1, description="requests each HTTP proxy holds waiting for an ingress replica; "
+                              "more get 503 at once")
+    request_timeout_s: float = Field(60.0, ge=0.1, description="a request not answered within this time gets 408")
+    auth_token_env: str | None = Field(None, description="NAME of the environment variable holding the bearer token")
+    auth_token_file: str | None = Field(None, description="file holding the bearer token (e.g. a mounted secret)")
+    allow_unauthenticated: bool = Field(False, description="serve without a token on a non-loopback host")
+    host: str = Field("127.0.0.1", description="HTTP listen address (0.0.0.0 for every interface: needs a token)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="which nodes run an HTTP proxy on host:port (HeadOnly: one entry point, e.g. when "
+                                 "several nodes share one machine and so cannot all bind the port)")
+    route_prefix: str = Field("/", description="URL path the API lives under")
+    threshold: float | None = Field(None, ge=0.0, le=1.0, description="mask threshold (default: the model's own)")
+    postprocess: Postprocess = Field(
+        "largest_component", description="Task 1: largest_component keeps the largest region and fills its holes, "
+                                         "as predict does; none keeps the mask as it is")
+    poll_latest_s: float = Field(30.0, ge=0.0, description="name@latest: look for a new version this often (0: never)")
 
-    def validate(self, source: str, path: str) -> None:
-        if self.max_replicas < self.min_replicas:
-            raise SpecError(source, key_path(path, "max_replicas"),
-                            f"must be at least min_replicas ({self.min_replicas})")
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise SpecError(source, key_path(path, "max_ongoing_requests"),
-                            f"must be at least max_batch_size ({self.max_batch_size}), or batches never fill")
-        if not self.route_prefix.startswith("/"):
-            raise SpecError(source, key_path(path, "route_prefix"),
-                            f"must start with '/', got {self.route_prefix!r}")
-        if self.auth_token_env and self.auth_token_file:
-            raise SpecError(source, key_path(path, "auth_token_env"),
-                            "give auth_token_env or auth_token_file, not both")
-        if self.auth_token_env and not ENV_NAME.fullmatch(self.auth_token_env):
-            raise SpecError(source, key_path(path, "auth_token_env"),
-                            "must be the NAME of an environment variable holding the token (e.g. LESION_RAY_TOKEN), "
-                            "never the token itself")
-        if not (self.auth_token_env or self.auth_token_file or self.allow_unauthenticated or is_loopback(self.host)):
-            raise SpecError(source, key_path(path, "host"),
-                            f"{self.host} accepts connections from other machines, so requests need a token: set "
-                            "auth_token_env or auth_token_file, or allow_unauthenticated: true to serve anyone")
-
-    def check(self, ctx: CheckContext) -> None:
-        # A ModelRef alone looks name@version up in the default registry; this spec may name another.
-        check_uris(dataclasses.replace(self, model=registry.qualified(self.model, self.registry)), ctx)
+    @model_validator(mode="after")
+    def _rules(self) -> ServeSpec:
+        for key, broken, message in (
+            ("max_replicas", self.max_replicas < self.min_replicas,
+             f"must be at least min_replicas ({self.min_replicas})"),
+            ("max_ongoing_requests", self.max_ongoing_requests < self.max_batch_size,
+             f"must be at least max_batch_size ({self.max_batch_size}), or batches never fill"),
+            ("route_prefix", not self.route_prefix.startswith("/"), f"must start with '/', got {self.route_prefix!r}"),
+            ("auth_token_env", self.auth_token_env and self.auth_token_file,
+             "give auth_token_env or auth_token_file, not both"),
+            ("auth_token_env", self.auth_token_env and not ENV_NAME.fullmatch(self.auth_token_env),
+             "must be the NAME of an environment variable holding the token (e.g. LESION_RAY_TOKEN), "
+             "never the token itself"),
+            ("host", not (self.auth_token_env or self.auth_token_file or self.allow_unauthenticated
+                          or is_loopback(self.host)),
+             f"{self.host} accepts connections from other machines, so requests need a token: set "
+             "auth_token_env or auth_token_file, or allow_unauthenticated: true to serve anyone"),
+        ):
+            if broken:
+                raise PydanticCustomError("rule", message, {"key": key})
+        return self
 
 
 def is_loopback(host: str) -> bool:
