@@ -34,6 +34,7 @@ MIN_LOCAL_CPUS = 8
 # Variable names that carry secrets. A cluster config's env_vars travel in plain text: in a job's
 # runtime_env (shown to everyone with dashboard access) and in rendered KubeRay manifests.
 SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE_?KEY", re.IGNORECASE)
+REGION_ENV_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
 
@@ -102,13 +103,20 @@ def load_cluster(source: str | None) -> ClusterConfig:
         if not Path(DEFAULT_CLUSTER_FILE).exists():
             return LocalCluster()
         source = DEFAULT_CLUSTER_FILE
-    config = spec.from_dict(ClusterConfig, spec.read_yaml(source), source)
-    if secret := next(filter(SECRET_ENV_NAME.search, config.env_vars), None):
+    data = spec.read_yaml(source)
+    # Before the types are checked: an error about a secret's value must not print it.
+    names = [str(name) for name in data.get("env_vars") or {}] if isinstance(data.get("env_vars"), dict) else []
+    if secret := next(filter(SECRET_ENV_NAME.search, names), None):
         raise SpecError(source, f"env_vars.{secret}", (
             "looks like a secret, and env_vars are readable by everyone with access to the Ray dashboard "
             "(the job's runtime_env) or the rendered manifests. Put it in a file on the cluster (serve's "
             "auth_token_file), a Kubernetes Secret or the nodes' instance role; for the embedded Ray, "
             "export it in your shell."))
+    if setting := next((name for name in names if name in storage.ENDPOINT_ENV_VARS + REGION_ENV_VARS), None):
+        raise SpecError(source, f"env_vars.{setting}", "is a storage setting: write it as storage.endpoint_url or "
+                                                       "storage.region, so that this client, the job and its "
+                                                       "workers all use it")
+    config = spec.from_dict(ClusterConfig, data, source)
     if isinstance(config, RemoteCluster) and not re.match(r"^https?://", config.address or ""):
         raise SpecError(source, "address", f"expected an http(s):// URL of the Ray dashboard, got {config.address!r}"
                         if config.address else "a remote cluster needs the Ray Jobs API URL, e.g. http://head:8265")

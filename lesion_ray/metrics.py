@@ -1,9 +1,10 @@
 """The official ISIC 2018 segmentation scores, in pure numpy.
 
-Scoring is split so that it parallelises: :func:`pixel_counts` turns one (ground truth,
-prediction) mask pair into four integers (TP, FP, FN, TN) anywhere (a Ray Data batch), and
-the reductions (:func:`task1_scores`, :func:`task2_scores`, :func:`confusion_matrix`) take the
-stacked counts of all pairs on the driver. Counts arrays have shape ``[..., 4]`` in the order
+Scoring is split so that it parallelises: :func:`pixel_counts` (one pair) and :func:`mask_counts` (a
+batch) turn (ground truth, prediction) masks into four integers (TP, FP, FN, TN) anywhere (a Ray Data
+batch, a training worker), and the reductions (:func:`task1_scores`, :func:`task2_scores`,
+:func:`confusion_matrix`) take the stacked counts of all pairs: on evaluate's driver, or in every
+training worker after the counts are summed across workers. Counts arrays have shape ``[..., 4]`` in the order
 of :data:`COUNTS`.
 
 Definitions follow the ISIC challenge scoring code (ImageMarkup/isic-challenge-scoring):

@@ -78,8 +78,9 @@ class S3Config:
     def environment(self) -> dict[str, str]:
         """These settings as the AWS SDKs' standard variables, for a process that builds its own settings
         elsewhere (a submitted job's driver, a KubeRay pod). No secrets."""
-        env = {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": self.region,
-               "AWS_MAX_ATTEMPTS": str(self.max_attempts)}
+        # Both endpoint names: a node's own AWS_ENDPOINT_URL_S3 would win over AWS_ENDPOINT_URL alone.
+        env = {"AWS_ENDPOINT_URL_S3": self.endpoint_url, "AWS_ENDPOINT_URL": self.endpoint_url,
+               "AWS_DEFAULT_REGION": self.region, "AWS_MAX_ATTEMPTS": str(self.max_attempts)}
         return {name: value for name, value in env.items() if value}
 
 

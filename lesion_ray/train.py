@@ -364,6 +364,8 @@ class TrainRecipe:
             batches.append(metrics.mask_counts((mask > 0.5).cpu().numpy(), pred.cpu().numpy()))
         totals = _all_sum(np.concatenate([losses, *(b.ravel() for b in batches)]), self.device)
         counts = totals[2:].reshape(-1, classes, 4)
+        if not np.all(counts.sum(-1) == spec.model.input_size ** 2):  # else a Task 1 image would score 1.0 silently
+            raise RuntimeError("validation batches differ between workers: each image must be scored exactly once")
         # Plain floats: the history goes into checkpoints, which load weights_only (no numpy scalars).
         out = {"val_loss": float(totals[0] / totals[1])}
         if spec.model.task == 1:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
@@ -333,9 +334,19 @@ def test_multipart_part_limit(client):
     started = time.monotonic()
     r = client.post("v1/segment", content=b"--B\r\n\r\n\r\n" * 20_000 + b"--B--\r\n", headers=form)
     assert r.status_code == 413 and time.monotonic() - started < 5
-    long_header = b"--B\r\nX-Pad: " + b"a" * lserve.MAX_PART_HEADER_BYTES + b"\r\n\r\nx\r\n--B--\r\n"
-    r = client.post("v1/segment", content=long_header, headers=form)
-    assert r.status_code == 400 and "blank line" in r.json()["error"]
+    # A part's headers: python-multipart's bounds (8 lines of 4,224 bytes), just under and just over each.
+    def part(*headers: bytes) -> bytes:
+        disposition = b'Content-Disposition: form-data; name="file"; filename="lesion.png"\r\n'
+        return b"--B\r\n" + disposition + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + image[1] + b"\r\n--B--\r\n"
+
+    pad = b"X-Pad: " + b"a" * (DEFAULT_MAX_HEADER_SIZE - len(b"X-Pad: "))  # a line of 4,224 bytes
+    assert client.post("v1/segment", content=part(pad), headers=form).status_code == 200
+    r = client.post("v1/segment", content=part(pad + b"a"), headers=form)
+    assert r.status_code == 400 and "Maximum header size exceeded" in r.json()["error"]
+    lines = [b"X-%d: a" % i for i in range(DEFAULT_MAX_HEADER_COUNT)]  # Content-Disposition is one more
+    assert client.post("v1/segment", content=part(*lines[:-1]), headers=form).status_code == 200
+    r = client.post("v1/segment", content=part(*lines), headers=form)
+    assert r.status_code == 400 and "Maximum header count exceeded" in r.json()["error"]
 
 
 def test_full_queue_answers_503_at_once(app, client):

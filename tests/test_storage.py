@@ -247,7 +247,8 @@ def test_preparing_a_job_leaves_the_environment_alone(tmp_path, settings) -> Non
         assert job_settings.storage == storage.S3Config(settings.storage.endpoint_url, "eu-west-3")
         assert storage.current_config() == job_settings.storage  # installed in this process, for its own I/O
         # For a driver started elsewhere: the env_vars and the storage settings as the AWS variables.
-        assert job_settings.job_environment() == {"AWS_ENDPOINT_URL": settings.storage.endpoint_url,
+        assert job_settings.job_environment() == {"AWS_ENDPOINT_URL_S3": settings.storage.endpoint_url,
+                                                  "AWS_ENDPOINT_URL": settings.storage.endpoint_url,
                                                   "AWS_DEFAULT_REGION": "eu-west-3", "AWS_MAX_ATTEMPTS": "8",
                                                   "LESION_RAY_EXAMPLE": "1"}
     finally:

@@ -14,12 +14,12 @@ from ray import serve
 from lesion_ray import report
 from lesion_ray.serve.config import ServeSpec, read_token
 from lesion_ray.serve.deployment import Prediction, SegmentationModel, check_model, forward, masks_at
-from lesion_ray.serve.ingress import MAX_FORM_PARTS, MAX_PART_HEADER_BYTES, SegmentationApi, prepare, union_png
+from lesion_ray.serve.ingress import MAX_FORM_PARTS, SegmentationApi, prepare, union_png
 from lesion_ray.settings import Settings
 from lesion_ray.spec import RegistryUri, from_dict
 
 SPEC = ServeSpec
-__all__ = ["MAX_FORM_PARTS", "MAX_PART_HEADER_BYTES", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
+__all__ = ["MAX_FORM_PARTS", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
            "check_model", "forward", "masks_at", "prepare", "read_token", "run", "serve_config", "union_png"]
 
 

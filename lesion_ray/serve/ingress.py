@@ -20,10 +20,11 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE, parse_options_header
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -46,8 +47,6 @@ DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)(?:;[^;,]*)*?;base64,(?
 ROWS_EXAMPLE = '{"rows": [{"image": "data:image/png;base64,..."}]}'
 # The upload form needs one part; a bound keeps a crafted body of thousands of parts cheap to refuse.
 MAX_FORM_PARTS = 16
-# What python-multipart, under Starlette's parser, allows the headers of one part (8 lines of 4,224 bytes).
-MAX_PART_HEADER_BYTES = DEFAULT_MAX_HEADER_COUNT * DEFAULT_MAX_HEADER_SIZE
 T = TypeVar("T")
 
 
@@ -187,22 +186,25 @@ async def _join(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 async def _form_file(request: Request, limit: int) -> bytes:
-    """The ``file`` part (or the first part with a file name) of a multipart/form-data body, as
+    """The file part named ``file`` (or the first part with a file name) of a multipart/form-data body, as
     Starlette's parser (python-multipart) reads it while it arrives."""
     boundary = parse_options_header(request.headers["content-type"])[1].get(b"boundary", b"")
     chunks = _chunks(request, limit, b"--" + boundary)
     try:
-        # Any field may be as large as the body, as before; only the file is kept (spooled to disk past 1 MiB).
+        # Any part may be as large as the body, as before: fields are kept in memory, files spooled to disk
+        # past 1 MiB, until the form is closed.
         form = await MultiPartParser(request.headers, chunks, max_part_size=limit).parse()
     except MultiPartException as exc:
-        raise HTTPException(400, f"malformed multipart/form-data body ({exc.__cause__ or exc.message}): each part "
-                                 f"needs a name and headers ending in a blank line within {MAX_PART_HEADER_BYTES:,} "
-                                 "bytes") from None
+        limits = (f"; a part may have {DEFAULT_MAX_HEADER_COUNT} header lines of up to {DEFAULT_MAX_HEADER_SIZE:,} "
+                  "bytes" if isinstance(exc.__cause__, MultipartParseError) else "")
+        cause = exc.__cause__ or exc.message
+        raise HTTPException(400, f"malformed multipart/form-data body ({cause}){limits}") from None
     try:
         upload = next((value for name, value in form.multi_items()
                        if isinstance(value, UploadFile) and (name == "file" or value.filename)), None)
         if upload is None:
-            raise HTTPException(422, "the multipart form has no file: send the image as a file in a field named 'file'")
+            raise HTTPException(422, "the multipart form has no file: send the image as a file (with a file name) "
+                                     "in a field named 'file'")
         return await upload.read()
     finally:
         await form.close()
@@ -252,7 +254,7 @@ def data_uri_bytes(uri: str, where: str) -> bytes:
         raise HTTPException(422, f"{where} holds invalid base64 data") from None
 
 
-api = FastAPI(title="lesion-ray", docs_url=None, redoc_url=None)
+api = FastAPI(title="lesion-ray", docs_url=None, redoc_url=None, openapi_url=None)  # no public route map
 
 
 async def require_token(
@@ -370,6 +372,10 @@ class SegmentationApi:
 
     @api.get("/")
     @api.get("/{name}")
-    async def page(self, request: Request, name: str = "") -> Response:
-        """The web page and its files (no token); ``GET {route_prefix}`` redirects to the trailing slash."""
+    async def page(self, request: Request) -> Response:
+        """The web page and its files (no token); ``GET {route_prefix}`` redirects to the trailing slash,
+        which the page's relative URLs need (a relative Location: the Host header is the client's)."""
+        name = request.path_params.get("name", "")
+        if not name and not request.url.path.endswith("/"):
+            return RedirectResponse(request.url.path + "/")
         return await self.files.get_response(name, request.scope)

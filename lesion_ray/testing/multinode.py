@@ -56,9 +56,13 @@ T = TypeVar("T")
 
 def start_cluster(workers: int = 2) -> LoopbackCluster:
     nodes = LoopbackCluster(head_cpus=0)
-    for index in range(1, workers + 1):
-        nodes.add_worker(f"worker{index}", num_cpus=4, resources={"trainer": 1})
-    nodes.wait_for_nodes()
+    try:
+        for index in range(1, workers + 1):
+            nodes.add_worker(f"worker{index}", num_cpus=4, resources={"trainer": 1})
+        nodes.wait_for_nodes()
+    except BaseException:  # no head left running behind a failed start (wait_for_nodes keeps the logs)
+        nodes.shutdown()
+        raise
     return nodes
 
 
@@ -225,7 +229,7 @@ def serve_through_node_loss(nodes: LoopbackCluster, remote: str, image: bytes) -
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/multinode", help="outputs and the cluster config")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "multinode"), help="outputs and the cluster config")
     parser.add_argument("--keep", action="store_true", help="keep the cluster up afterwards, until Ctrl-C")
     args = parser.parse_args()
     out = Path(args.out).resolve()
