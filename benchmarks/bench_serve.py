@@ -32,6 +32,7 @@ from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
+from lesion_ray.serve import deployment, ingress
 from lesion_ray.settings import Settings
 from lesion_ray.testing.loopback import free_port
 
@@ -77,8 +78,8 @@ def direct(loaded: registry.LoadedModel, data: bytes, requests: int) -> dict[str
     latencies = []
     for _ in range(requests):
         start = time.perf_counter()
-        x, orig = lserve.prepare(data, DEFAULT_MAX_PIXELS, loaded.config.input_size)
-        lserve.union_png(lserve.forward(loaded, [x])[0], orig)
+        x, orig = ingress.prepare(data, DEFAULT_MAX_PIXELS, loaded.config.input_size)
+        ingress.union_png(deployment.forward(loaded, [x])[0], orig)
         latencies.append(time.perf_counter() - start)
     return {"rps": requests / sum(latencies), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 

@@ -23,6 +23,8 @@ from lesion_ray import cli, inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import LoadedModel, ModelRef
+from lesion_ray.serve import config as serve_config
+from lesion_ray.serve import deployment, ingress
 from lesion_ray.spec import CheckContext, SpecError, from_dict
 from lesion_ray.testing.loopback import free_port
 
@@ -116,8 +118,8 @@ def client(app):
 def direct_mask(app, data: bytes) -> np.ndarray:
     """The same image through the model called in-process: what the service must answer."""
     loaded = registry.load_model("lesion@latest", app["registry"])
-    x, orig = lserve.prepare(data, 4_000_000, loaded.config.input_size)
-    return lserve.masks_at(lserve.forward(loaded, [x])[0], orig).any(0)
+    x, orig = ingress.prepare(data, 4_000_000, loaded.config.input_size)
+    return deployment.masks_at(deployment.forward(loaded, [x])[0], orig).any(0)
 
 
 # --- Without a server -------------------------------------------------------------------------
@@ -169,30 +171,30 @@ def test_token_from_env_or_file(tmp_path, monkeypatch):
     spec = lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"), auth_token_env="LESION_TEST_TOKEN")
     monkeypatch.delenv("LESION_TEST_TOKEN", raising=False)
     with pytest.raises(RuntimeError, match="LESION_TEST_TOKEN is not set"):
-        lserve.read_token(spec)
+        serve_config.read_token(spec)
     monkeypatch.setenv("LESION_TEST_TOKEN", " abc \n")
-    assert lserve.read_token(spec) == b"abc"
+    assert serve_config.read_token(spec) == b"abc"
     (tmp_path / "t").write_text("")
     with pytest.raises(RuntimeError, match="empty"):
-        lserve.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"),
+        serve_config.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"),
                                            auth_token_file=str(tmp_path / "t")))
-    assert lserve.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"))) is None
+    assert serve_config.read_token(lserve.ServeSpec(kind="serve", name="s", model=ModelRef("m@1"))) is None
 
 
 def test_check_model_fails_on_nan_weights():
     model = build_model(CONFIG).eval()
     loaded = LoadedModel(model, CONFIG, 0.5, "m", "1", {}, "mem")
-    lserve.check_model(loaded)
+    deployment.check_model(loaded)
     torch.nn.init.constant_(model.final.bias, float("nan"))
     with pytest.raises(RuntimeError, match="NaN"):
-        lserve.check_model(loaded)
+        deployment.check_model(loaded)
 
 
 def test_masks_at_resizes_then_thresholds():
     probs = np.zeros((1, 4, 4), np.float16)
     probs[0, :, :2] = 0.9
-    pred = lserve.Prediction(probs, [0.7], 0.5, "m", "1", 1, 4)
-    mask = lserve.masks_at(pred, (30, 40))
+    pred = deployment.Prediction(probs, [0.7], 0.5, "m", "1", 1, 4)
+    mask = deployment.masks_at(pred, (30, 40))
     assert mask.shape == (1, 30, 40)
     assert mask[0, :, :18].all() and not mask[0, :, 22:].any()
 
@@ -202,9 +204,9 @@ def test_masks_at_post_processes_task1_as_predict_does():
     probs[0, 1:6, 1:6] = 0.9
     probs[0, 3, 3] = 0.1  # a hole
     probs[0, 7, 7] = 0.9  # a stray blob
-    pred = lserve.Prediction(probs, [0.7], 0.5, "m", "1", 1, 8)  # postprocess: largest_component, the default
-    mask = lserve.masks_at(pred, (24, 24))[0]
-    raw = lserve.masks_at(dataclasses.replace(pred, postprocess="none"), (24, 24))[0]
+    pred = deployment.Prediction(probs, [0.7], 0.5, "m", "1", 1, 8)  # postprocess: largest_component, the default
+    mask = deployment.masks_at(pred, (24, 24))[0]
+    raw = deployment.masks_at(dataclasses.replace(pred, postprocess="none"), (24, 24))[0]
     assert raw[22:, 22:].any() and not mask[22:, 22:].any()  # the stray blob is dropped
     assert not raw[9:12, 9:12].all() and mask[9:12, 9:12].all()  # the hole is filled
     assert np.array_equal(mask, inference.to_masks(probs, 24, 24, 0.5, "largest_component")[0])
@@ -325,7 +327,7 @@ def test_row_limit(app, client):
 
 def test_multipart_part_limit(client):
     image = ("lesion.png", lesion_image(), "image/png")
-    fields = {f"field{i}": "x" for i in range(lserve.MAX_FORM_PARTS - 1)}
+    fields = {f"field{i}": "x" for i in range(ingress.MAX_FORM_PARTS - 1)}
     assert client.post("v1/segment", data=fields, files={"file": image}).status_code == 200
     r = client.post("v1/segment", data=fields | {"one_more": "x"}, files={"file": image})
     assert r.status_code == 413 and "more than 16 parts" in r.json()["error"]

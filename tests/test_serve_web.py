@@ -16,6 +16,7 @@ from lesion_ray import inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
+from lesion_ray.serve import deployment, ingress
 from lesion_ray.testing.loopback import free_port
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
@@ -45,8 +46,8 @@ def app(ray_local, settings, tmp_path_factory):
     registry.publish(folder, "lesion", {}, registry_uri)
     # An untrained net answers nearly the same probability everywhere: cut at its median for a mixed mask.
     loaded = registry.load_model("lesion@1", registry_uri)
-    x, _ = lserve.prepare(picture(), 10**7, CONFIG.input_size)
-    threshold = float(np.median(lserve.forward(loaded, [x])[0].probs))
+    x, _ = ingress.prepare(picture(), 10**7, CONFIG.input_size)
+    threshold = float(np.median(deployment.forward(loaded, [x])[0].probs))
     (work / "token").write_text(TOKEN)
     port = free_port()
     spec = lserve.ServeSpec(kind="serve", name="lesion-web", model=ModelRef("lesion@1"), registry=registry_uri,

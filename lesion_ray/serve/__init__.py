@@ -13,14 +13,13 @@ from ray import serve
 
 from lesion_ray import report
 from lesion_ray.serve.config import ServeSpec, read_token
-from lesion_ray.serve.deployment import Prediction, SegmentationModel, check_model, forward, masks_at
-from lesion_ray.serve.ingress import MAX_FORM_PARTS, SegmentationApi, prepare, union_png
+from lesion_ray.serve.deployment import SegmentationModel
+from lesion_ray.serve.ingress import SegmentationApi
 from lesion_ray.settings import Settings
 from lesion_ray.spec import RegistryUri, from_dict
 
 SPEC = ServeSpec
-__all__ = ["MAX_FORM_PARTS", "SPEC", "Prediction", "ServeSpec", "app_builder", "build_app",
-           "check_model", "forward", "masks_at", "prepare", "read_token", "run", "serve_config", "union_png"]
+__all__ = ["SPEC", "ServeSpec", "app_builder", "build_app", "run", "serve_config"]
 
 
 def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
