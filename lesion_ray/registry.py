@@ -33,7 +33,7 @@ from torch import nn
 
 from lesion_ray import storage
 from lesion_ray.models import ModelConfig, build_model
-from lesion_ray.spec import DEFAULT_REGISTRY, CheckContext, CheckedStr
+from lesion_ray.spec import CheckContext, CheckedStr, default_registry
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
 TRAINING_FILE = "training.json"  # the train spec and metrics history that made the model (when it was trained here)
@@ -41,12 +41,6 @@ CLAIM_FILE = "claim.json"
 BEST_MODEL_DIR = "best_model"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _REGISTRY_REF = re.compile(rf"^(?:(?P<registry>.+)/)?(?P<name>{NAME_PATTERN})@(?P<version>latest|\d+)$")
-
-
-def default_registry() -> str:
-    """``runs/registry`` under the working directory: where these functions look when given no registry
-    (jobs pass theirs: the spec's, else the cluster config's, see :class:`lesion_ray.settings.Settings`)."""
-    return storage.normalize(DEFAULT_REGISTRY)
 
 
 # --- Model folders -----------------------------------------------------------------------------

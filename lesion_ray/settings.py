@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lesion_ray import storage
-from lesion_ray.spec import DEFAULT_REGISTRY
+from lesion_ray.spec import default_registry
 
 if TYPE_CHECKING:
     from lesion_ray.cluster import ClusterConfig
@@ -27,7 +27,7 @@ class Settings:
     storage: storage.S3Config = field(default_factory=storage.S3Config)
     # For name@version references where the spec names no registry: the cluster config's, made absolute here
     # (so that workers in other folders agree); a driver on another cluster resolves the config's own value.
-    registry: str = field(default_factory=lambda: storage.normalize(DEFAULT_REGISTRY))
+    registry: str = field(default_factory=default_registry)
     log_folder: str = field(default_factory=lambda: storage.normalize(LOG_FOLDER))
     # The cluster config's env_vars: for the job's Ray workers (their runtime_env), never this process.
     env_vars: Mapping[str, str] = field(default_factory=dict)
@@ -42,7 +42,7 @@ class Settings:
         region = next((s.region for s in sections if s.region), None)
         return cls(
             storage=storage.S3Config.from_environment(endpoint, region),
-            registry=storage.normalize((config.registry if config else None) or DEFAULT_REGISTRY),
+            registry=storage.normalize(config.registry) if config and config.registry else default_registry(),
             env_vars=dict(config.env_vars) if config else {},
         )
 

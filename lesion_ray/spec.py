@@ -35,6 +35,12 @@ KINDS: dict[str, str] = {
 DEFAULT_REGISTRY = "runs/registry"  # under the working directory, where neither spec nor cluster config names one
 
 
+def default_registry() -> str:
+    """``runs/registry`` under the working directory, absolute: where neither the spec nor the cluster config
+    names a registry (jobs pass theirs, see :class:`lesion_ray.settings.Settings`)."""
+    return storage.normalize(DEFAULT_REGISTRY)
+
+
 class SpecError(Exception):
     """A user's mistake in a spec or cluster config (the CLI exits with status 2)."""
 
@@ -53,7 +59,7 @@ class CheckContext:
     # On a remote cluster local paths name the cluster's disks, which we cannot see.
     check_local_paths: bool = True
     # Where a bare name@version is looked up: the job's registry (Settings.registry).
-    registry: str = field(default_factory=lambda: storage.normalize(DEFAULT_REGISTRY))
+    registry: str = field(default_factory=default_registry)
 
     def will_exist(self, uri: str) -> bool:
         if uri in self.produced:
