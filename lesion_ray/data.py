@@ -25,6 +25,10 @@ from lesion_ray import report, storage
 
 ATTRIBUTES = ("pigment_network", "negative_network", "streaks", "milia_like_cyst", "globules")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Images in formats lesion-ray does not decode: error rows (convert them), not objects to skip.
+UNSUPPORTED_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".webp", ".gif", ".heic", ".heif",
+                              ".jp2", ".j2k", ".jxl", ".ppm", ".pgm", ".raw", ".nef", ".cr2", ".dng")
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # 25x the largest ISIC 2018 image file
 SPLITS = ("train", "validation")
 
 _ISIC_ID = re.compile(r"ISIC_\d{7}")
@@ -100,6 +104,38 @@ def _layout_root(uri: str) -> tuple[str, str | None]:
     """(root to list, subset) when ``uri`` is itself an ISIC input folder, else (uri, None)."""
     found = re.fullmatch(r"ISIC2018_Task1-2_(\w+?)_Input", storage.basename(uri), re.IGNORECASE)
     return (storage.parent(uri), found.group(1)) if found else (uri, None)
+
+
+def input_folder(uri: str, subset: str) -> str:
+    """The folder whose images predict reads: ``uri`` itself (an ISIC input folder, or any folder of images),
+    or, when ``uri`` is an ISIC root, its ``subset``'s input folder. Lists one level, never the archive."""
+    if _layout_root(uri)[1] is not None:
+        return storage.normalize(uri)
+    pattern = re.compile(FOLDERS["input"].format(subset=r"(?P<subset>[A-Za-z]+)"), re.IGNORECASE)
+    inputs = {m.group("subset"): name for name in storage.list_folders(uri) if (m := pattern.fullmatch(name))}
+    for found, name in inputs.items():
+        if found.lower() == subset.lower():
+            return storage.join(uri, name)
+    if inputs:
+        raise ValueError(f"no {subset} images under {uri}; it holds the subsets {', '.join(sorted(inputs))}")
+    return storage.normalize(uri)
+
+
+def triage(info: storage.FileInfo, max_bytes: int) -> tuple[str, str] | None:
+    """What becomes of a listed object, from its name and size alone: None for an image to predict on,
+    ``("error", reason)`` for an image that cannot be (an unsupported type, too large), ``("skipped", reason)``
+    for anything else (a mask, a licence, a CSV)."""
+    name = storage.basename(info.uri).lower()
+    if _is_mask(info.uri):
+        return "skipped", "a mask, not an input image"
+    if name.endswith(IMAGE_SUFFIXES):
+        if info.size > max_bytes:
+            return "error", f"the object is {info.size:,} bytes, over max_bytes ({max_bytes:,}): not read"
+        return None
+    if name.endswith(UNSUPPORTED_IMAGE_SUFFIXES):
+        suffix = "." + name.rsplit(".", 1)[-1]
+        return "error", f"unsupported image type {suffix}: convert it to JPEG or PNG"
+    return "skipped", "not an image file"
 
 
 def discover(uri: str, subset: str = "Training", task: int | None = None) -> Discovery:

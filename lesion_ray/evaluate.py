@@ -208,8 +208,10 @@ def _image_sources(record: dict[str, Any] | None, truth: dict[str, dict[str, str
     """Where the input images of ``ids`` lie: the predict manifest's sources, else the ISIC input folder
     beside the ground truth."""
     if record and record.get("manifest") and storage.exists(record["manifest"]):
-        manifest = pq.read_table(io.BytesIO(storage.read_bytes(record["manifest"])), columns=["id", "source"])
-        manifest = manifest.filter(pc.is_in(manifest["id"], pa.array(ids)))
+        manifest = pq.read_table(io.BytesIO(storage.read_bytes(record["manifest"])),
+                                 columns=["id", "source", "status"])
+        # The ok row of an id: a duplicate's error row names the same id.
+        manifest = manifest.filter(pc.and_(pc.is_in(manifest["id"], pa.array(ids)), pc.equal(manifest["status"], "ok")))
         return dict(zip(manifest["id"].to_pylist(), manifest["source"].to_pylist(), strict=True))
     found = {}
     for image_id in ids:

@@ -1,11 +1,13 @@
-"""``kind: predict``: batch inference over an image archive on Ray Data, resumable and accounted for.
+"""``kind: predict``: batch inference over an image archive on Ray Data, streamed, resumable and accounted for.
 
-The streaming pipeline (every stage runs concurrently, with Ray Data's backpressure):
+The streaming pipeline (every stage runs at once, with Ray Data's backpressure):
 
-1. list the inputs once (:func:`lesion_ray.data.discover`: an ISIC root, an input folder or any
-   folder of images) and the output folder once (resume);
-2. read + decode + resize + scale in CPU tasks (:func:`lesion_ray.preprocess.image_dataset`), so
-   the model never waits on JPEG decoding while there are CPUs to decode;
+1. the driver lists the input (:func:`lesion_ray.data.input_folder`: an ISIC root's input folder, or any
+   folder of images) a page at a time, on S3 several key ranges side by side
+   (:func:`lesion_ray.storage.iter_listing_parallel`), and sorts every object at once from its name and
+   size (:func:`lesion_ray.data.triage`): images go into a queue as pages, the rest become rows at once;
+2. read tasks take pages from the queue; CPU tasks read + decode + resize + scale
+   (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding;
 3. :class:`Predictor` actors (``ActorPoolStrategy``; ``num_gpus`` when ``gpus_per_actor`` > 0)
    load the model once each and return sigmoid probabilities at the model's resolution, plus
    both heads' attribute probabilities (optionally averaged over flips: ``tta``);
@@ -13,18 +15,19 @@ The streaming pipeline (every stage runs concurrently, with Ray Data's backpress
    threshold them, keep a Task 1 mask's largest region with its holes filled (``postprocess``),
    encode 0/255 single-channel PNGs in the ISIC submission format
    (``masks/<id>_segmentation.png`` or ``masks/<id>_attribute_<name>.png``), optionally an
-   input | mask | overlay PNG (``overlays/<id>_overlay.png``), and return one manifest row each;
-   and write them as a part file in ``manifest_parts/`` next to the masks, so a run killed at
-   any moment keeps every row it finished;
-5. the driver collects the rows into ``manifest.parquet`` (see :data:`MANIFEST_SCHEMA`), drops
-   the parts and writes ``predict.json`` (the spec, the model and its settings, for evaluate's
-   report).
+   input | mask | overlay PNG (``overlays/<id>_overlay.png``), and write their manifest rows as a
+   part, so a run killed at any moment keeps every row it finished;
+5. the driver streams the parts into ``manifest.parquet`` and ``skipped.csv`` (:mod:`lesion_ray.manifest`)
+   and writes ``predict.json`` (the spec, the model and its settings, for evaluate's report).
 
-Every input ends as exactly one manifest row, ``ok`` or ``error`` with the reason. With
-``resume`` (the default) an input is skipped when an earlier ``ok`` row from the same model,
-threshold and post-processing exists and all the outputs it names are in the output listing; its
-row is kept. When the pipeline itself fails mid-run (an inference actor or a node lost for good),
-the images not done yet are run again, up to :data:`ATTEMPTS` times.
+Every listed object is accounted for: ok + error + skipped (+ other shards) = listed. An image is
+``ok`` or ``error`` with the reason (unreadable, a second file with the same id, an unsupported
+type, over ``max_bytes``); anything else is ``skipped``. The driver's memory does not grow with the
+archive: its bookkeeping is an SQLite ledger on its local disk. With ``resume`` (the default) an image
+is not done again when an earlier ``ok`` row from the same model, threshold and post-processing
+stands and all the outputs it names exist. When the pipeline itself fails mid-run (an inference actor
+or a node lost for good), the images not done yet are run again, up to :data:`ATTEMPTS` times.
+``shard: K/N`` splits an archive between N jobs by a stable hash of the image id.
 
 A run owns its output while it works: ``lock.json`` (owner, host, pid, start time), created only
 if absent, so two runs never write into one folder. A crashed run's lock is taken over only with
@@ -34,36 +37,41 @@ if absent, so two runs never write into one folder. A crashed run's lock is take
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import io
+import itertools
 import json
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 import torch
 from PIL import Image
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from ray.util.queue import Full, Queue
 
-from lesion_ray import data, inference, preprocess, registry, report, storage
+from lesion_ray import data, inference, manifest, preprocess, registry, report, storage
 from lesion_ray.inference import Postprocess
 from lesion_ray.models import ModelConfig
 from lesion_ray.registry import ModelRef
 from lesion_ray.settings import Settings
 from lesion_ray.spec import InputUri, JobSpec, OutputUri, RegistryUri
 
-MANIFEST_FILE = "manifest.parquet"
-PARTS_DIR = "manifest_parts"
 MASKS_DIR = "masks"
 OVERLAYS_DIR = "overlays"
 LOCK_FILE = "lock.json"
@@ -75,28 +83,8 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exc
 OVERLAY_HEIGHT = 256
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
-
-MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source", pa.string()),
-    ("status", pa.string()),  # "ok" or "error"
-    ("error", pa.string()),  # "" when ok
-    ("masks", pa.list_(pa.string())),  # output URIs: one (Task 1) or five in data.ATTRIBUTES order (Task 2)
-    ("overlay", pa.string()),  # "" when none was written
-    ("height", pa.int32()),  # original image size (0 when the image could not be decoded)
-    ("width", pa.int32()),
-    ("area_fraction", pa.list_(pa.float32())),  # share of mask pixels, per channel
-    ("head1_prob", pa.list_(pa.float32())),  # attribute/lesion presence, head 1 (pooled centre block)
-    ("head2_prob", pa.list_(pa.float32())),  # head 2 (max of the mask logits)
-    ("model_name", pa.string()),
-    ("model_version", pa.string()),
-    ("threshold", pa.float64()),
-    ("postprocess", pa.string()),  # null in manifests from before the key existed: those rows are redone
-    ("infer_ms", pa.float32()),  # this image's share of its batch's forward pass
-    ("write_ms", pa.float32()),  # resize + threshold + encode + write
-    ("finished_at", pa.timestamp("ms", tz="UTC")),
-    ("node", pa.string()),  # the Ray node id of the inference actor that handled the row
-])
+READERS = 2  # tasks taking listing pages from the queue into the pipeline (light: no CPU reserved)
+QUEUED_PAGES = 4  # listing pages waiting per reader: the listing runs this far ahead of the pipeline
 
 
 class PredictSpec(JobSpec):
@@ -126,9 +114,16 @@ class PredictSpec(JobSpec):
     max_pixels: int = Field(preprocess.DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images (decompression "
                                                                              "bombs)")
     take_over_lock: bool = Field(False, description="take over the output's lock.json left by a run that crashed")
+    max_bytes: int = Field(data.DEFAULT_MAX_BYTES, ge=1, description="larger objects become error rows without "
+                                                                      "being read")
+    shard: str | None = Field(None, pattern=r"^[1-9][0-9]*/[1-9][0-9]*$", description=(
+        "K/N: this job's share of the input, by a stable hash of the image id (run N jobs, K = 1..N, each with "
+        "its own output; `lesion-ray manifest` combines their manifests)"))
 
     @model_validator(mode="after")
     def _rules(self) -> PredictSpec:
+        if self.shard and (share := _shard(self.shard))[0] > share[1]:
+            raise PydanticCustomError("rule", f"K must be at most N in K/N, got {self.shard}", {"key": "shard"})
         if self.min_actors > self.max_actors:
             raise PydanticCustomError("rule", f"must be at most max_actors ({self.max_actors}), got {self.min_actors}",
                                       {"key": "min_actors"})
@@ -223,7 +218,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
                 overlay_ids: set[str] | None, model_name: str, model_version: str, max_pixels: int,
                 run_id: str) -> pa.Table:
     """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included),
-    the rows also written as a manifest part, so they survive the driver.
+    written as a manifest part; returns ``source``, ``status``, ``part`` and ``node`` of each row for the
+    driver's ledger.
 
     ``overlay_ids``: the images that get an overlay; None for all of them.
     """
@@ -243,7 +239,7 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
         rows.append({
             "id": image_id,
             "source": str(row["source"]),
-            "status": "error" if error else "ok",
+            "status": manifest.ERROR if error else manifest.OK,
             "error": error,
             "masks": uris,
             "overlay": overlay_uri,
@@ -261,53 +257,16 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
             "finished_at": datetime.now(timezone.utc),
             "node": str(row["node"]),
         })
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    # Named by run, so a later run's rows sort after an earlier run's (read_manifest keeps the newest).
-    _write_parquet(storage.join(out, PARTS_DIR, f"part-{run_id}-{uuid.uuid4().hex}.parquet"), table)
-    return table
+    table = pa.Table.from_pylist(rows, schema=manifest.SCHEMA)
+    part = _part_uri(out, run_id)
+    manifest.write_part(part, table)
+    return pa.table({"source": table["source"], "status": table["status"], "error": table["error"],
+                     "part": [part] * len(rows), "node": table["node"]})
 
 
-# --- Manifest and resume ------------------------------------------------------------------------
-
-
-def _read_parquet(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)), schema=MANIFEST_SCHEMA)
-
-
-def read_manifest(out: str, listing: set[str]) -> pa.Table:
-    """Every row an earlier run recorded under ``out``, the newest row per id (parts after the manifest)."""
-    uris = [u for u in sorted(listing) if u.endswith(".parquet") and storage.parent(u) == storage.join(out, PARTS_DIR)]
-    if storage.join(out, MANIFEST_FILE) in listing:
-        uris.insert(0, storage.join(out, MANIFEST_FILE))
-    if not uris:
-        return MANIFEST_SCHEMA.empty_table()
-    return _newest_per_id(pa.concat_tables([_read_parquet(u) for u in uris]))
-
-
-def _newest_per_id(table: pa.Table) -> pa.Table:
-    """The last row of each id (rows come oldest first)."""
-    newest = {image_id: i for i, image_id in enumerate(table["id"].to_pylist())}
-    return table.take(sorted(newest.values()))
-
-
-def finished_rows(previous: pa.Table, listing: set[str], ids: set[str], model_name: str, model_version: str,
-                  threshold: float, postprocess: Postprocess) -> pa.Table:
-    """The earlier rows that stand: ok, same model, threshold and post-processing, an input now, all outputs
-    present."""
-    keep = []
-    for i, row in enumerate(previous.select(["id", "status", "masks", "overlay", "model_name", "model_version",
-                                             "threshold", "postprocess"]).to_pylist()):
-        outputs = row["masks"] + ([row["overlay"]] if row["overlay"] else [])
-        if (row["status"] == "ok" and row["id"] in ids and row["model_name"] == model_name
-                and row["model_version"] == model_version and row["threshold"] == threshold
-                and row["postprocess"] == postprocess and all(u in listing for u in outputs)):
-            keep.append(i)
-    return previous.take(pa.array(keep, pa.int64()))
-
-
-def _write_parquet(uri: str, table: pa.Table) -> None:
-    with storage.open_write(uri) as f:
-        pq.write_table(table, f)
+def _part_uri(out: str, run_id: str) -> str:
+    # Named by run, so a later run's parts sort after an earlier run's.
+    return storage.join(out, manifest.PARTS_DIR, f"part-{run_id}-{uuid.uuid4().hex}.parquet")
 
 
 # --- The job ------------------------------------------------------------------------------------
@@ -355,28 +314,116 @@ def _lock_holder(uri: str, run_id: str) -> str | None:
             f"(pid {held.get('pid', '?')}) since {held.get('started_at', '?')}")
 
 
-def _plan(out: str, samples: list[data.Sample], model_name: str, model_version: str,
-          threshold: float, postprocess: Postprocess) -> tuple[pa.Table, list[data.Sample]]:
-    """(the earlier rows that stand, the samples still to do), from the manifest, its parts and the outputs."""
-    listing = {f.uri for f in storage.list_files(out)} if storage.exists(out) else set()
-    kept = finished_rows(read_manifest(out, listing), listing, {s.id for s in samples}, model_name, model_version,
-                         threshold, postprocess)
-    done = set(kept["id"].to_pylist())
-    return kept, [s for s in samples if s.id not in done]
+def _shard(text: str) -> tuple[int, int]:
+    k, n = text.split("/")
+    return int(k), int(n)
 
 
-def _collect(ds: ray.data.Dataset, tables: list[pa.Table]) -> Iterator[int]:
-    """Run the pipeline, appending its manifest rows to ``tables``; yields once per image (progress)."""
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        tables.append(table)
-        yield from range(len(table))
+def in_shard(image_id: str, shard: tuple[int, int] | None) -> bool:
+    """Whether ``image_id`` belongs to share K of N (a CRC-32 of the id: the same in every process)."""
+    return shard is None or zlib.crc32(image_id.encode()) % shard[1] == shard[0] - 1
 
 
-def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolved, config: ModelConfig, out: str,
+@dataclass
+class _Pass:
+    """One pass over the input listing: the running counts, and a few error examples."""
+
+    listed: int = 0
+    other_shards: int = 0
+    resumed: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str, run_id: str,
+          counts: _Pass) -> Iterator[list[tuple[str, str]]]:
+    """The images to predict on, ``(id, source)`` a listing page at a time, as the listing goes. On the way
+    the ledger admits every object of this shard; the rows of the objects refused or skipped are written
+    as a part per page, and the objects whose earlier rows stand are recorded as done."""
+    shard = _shard(spec.shard) if spec.shard else None
+    for page in storage.iter_listing_parallel(folder):
+        counts.listed += len(page)
+        ours = [(data.sample_id(f.uri), f) for f in page]
+        counts.other_shards += len(ours)
+        ours = [(image_id, f) for image_id, f in ours if in_shard(image_id, shard)]
+        counts.other_shards -= len(ours)
+        verdicts = {f.uri: data.triage(f, spec.max_bytes) for _, f in ours}
+        # Only images to predict on share ids: a mask or a .tif beside ISIC_0000001.jpg is not its duplicate.
+        admitted = ledger.admit([(image_id, f.uri, verdicts[f.uri] is None) for image_id, f in ours])
+        refused, work, standing = [], [], []
+        for image_id, source, first, earlier in admitted:
+            verdict = verdicts[source] or ((manifest.ERROR, f"duplicate id {image_id}: also {first}") if first
+                                           else None)
+            if verdict:
+                refused.append((image_id, source, *verdict))
+            elif earlier is not None:
+                standing.append(((source, manifest.OK), earlier))
+            else:
+                work.append((image_id, source))
+        for (done, earlier) in standing:
+            ledger.record([done], earlier)
+        counts.resumed += len(standing)
+        if refused:
+            part = _part_uri(out, run_id)
+            manifest.write_part(part, manifest.refused_rows(refused, model, datetime.now(timezone.utc)))
+            ledger.record([(source, status) for _, source, status, _ in refused], part)
+            counts.examples += [f"{data.sample_id(s)}: {r}" for _, s, st, r in refused[:3] if st == manifest.ERROR]
+        if work:
+            yield work
+
+
+class _QueueSource(Datasource):
+    """A Ray Data source that ends only when the listing does: ``READERS`` read tasks take listing pages
+    from a queue (``None`` ends one) and hand them on as blocks of ``batch_size`` source rows."""
+
+    def __init__(self, queue: Queue, batch_size: int) -> None:
+        super().__init__()
+        self.queue, self.batch_size = queue, batch_size
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
+        return [ReadTask(functools.partial(_read_pages, self.queue, self.batch_size), metadata)
+                for _ in range(READERS)]
+
+
+def _read_pages(queue: Queue, batch_size: int) -> Iterator[pa.Table]:
+    while (page := queue.get()) is not None:
+        for start in range(0, len(page), batch_size):
+            chunk = page[start : start + batch_size]
+            yield pa.table({"id": [i for i, _ in chunk], "source": [s for _, s in chunk],
+                            "masks": pa.array([[]] * len(chunk), pa.list_(pa.string()))})
+
+
+def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, stop: threading.Event,
+          failures: list[BaseException]) -> None:
+    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then one end mark per reader."""
+    try:
+        for page in pages:
+            while not stop.is_set():
+                with contextlib.suppress(Full):
+                    queue.put(page, timeout=0.5)
+                    break
+            if stop.is_set():
+                return
+    except BaseException as exc:  # the driver raises it once the pipeline has drained
+        failures.append(exc)
+    for _ in range(READERS):
+        while not stop.is_set():
+            with contextlib.suppress(Full):
+                queue.put(None, timeout=0.5)
+                break
+
+
+def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config: ModelConfig, out: str,
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
-    ds = preprocess.image_dataset(todo, size=config.input_size, max_pixels=spec.max_pixels,
-                                  batch_size=spec.batch_size, device="cpu")
+    # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
+    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), ray_remote_args={"num_cpus": 0})
+    ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
+                            device="cpu")
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
     ds = ds.map_batches(
         Predictor,
@@ -401,116 +448,144 @@ def _pipeline(spec: PredictSpec, todo: list[data.Sample], found: registry.Resolv
         "max_pixels": spec.max_pixels, "run_id": run_id})
 
 
-def _not_done_rows(todo: list[data.Sample], reason: str, found: registry.Resolved, threshold: float) -> pa.Table:
-    """Error rows for samples no pipeline pass reached, so the manifest still accounts for them."""
-    now = datetime.now(timezone.utc)
-    return pa.Table.from_pylist([{
-        "id": s.id, "source": s.image, "status": "error", "error": reason, "masks": [], "overlay": "", "height": 0,
-        "width": 0, "area_fraction": [], "head1_prob": [], "head2_prob": [], "model_name": found.name,
-        "model_version": found.version, "threshold": threshold, "infer_ms": 0.0, "write_ms": 0.0,
-        "finished_at": now, "node": ""} for s in todo], schema=MANIFEST_SCHEMA)
+def _collect(ds: ray.data.Dataset, ledger: manifest.Ledger, nodes: set[str], counts: _Pass) -> Iterator[int]:
+    """Run the pipeline, recording its rows in the ledger; yields once per image (progress)."""
+    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for part in set(table["part"].to_pylist()):
+            rows = table.filter(pc.equal(table["part"], part)).to_pylist()
+            ledger.record([(r["source"], r["status"]) for r in rows], part)
+            counts.examples += [f"{data.sample_id(r['source'])}: {r['error']}" for r in rows
+                                if r["error"]][: max(0, 3 - len(counts.examples))]
+        nodes.update(n for n in table["node"].to_pylist() if n)
+        yield from range(len(table))
 
 
 def run(spec: PredictSpec, settings: Settings) -> dict[str, Any]:
     out = storage.normalize(spec.output)
     with output_lock(out, spec.name, spec.take_over_lock) as lock:
-        return _predict(spec, out, lock["run_id"], spec.registry or settings.registry)
+        ledger = manifest.Ledger()
+        try:
+            return _predict(spec, out, lock["run_id"], spec.registry or settings.registry, ledger)
+        finally:
+            ledger.close()
 
 
-def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str) -> dict[str, Any]:
+def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger: manifest.Ledger) -> dict[str, Any]:
     found = registry.resolve(spec.model, registry_uri)
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
+    model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
     if spec.gpus_per_actor > 0 and (gpus := preprocess.cluster_gpus()) < spec.gpus_per_actor:
         raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has "
                          f"{gpus} GPUs: set gpus_per_actor: 0 to predict on CPUs")
-
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
                     "of the cluster and leave none to decode images: lower min_actors or cpus_per_actor unless "
                     "the cluster will grow")
-    discovery = data.discover(spec.input, spec.subset)
-    samples = discovery.samples
-    if discovery.problems:
-        report.info(f"input {spec.input}: {discovery.summary()}")
-    if not spec.resume:
-        storage.delete(storage.join(out, PARTS_DIR))
-    kept, todo = (_plan(out, samples, found.name, found.version, threshold, spec.postprocess) if spec.resume
-                  else (MANIFEST_SCHEMA.empty_table(), samples))
-    overlay_ids = None if spec.overlays == "all" else set()  # None: every image, without shipping a million ids
-    if spec.overlays == "sample":
-        overlay_ids = {s.id for s in sorted(samples, key=lambda s: s.id)[: spec.overlay_sample]}
-    report.info(f"predicting {len(todo)} of {len(samples)} images with {found.name}@{found.version} "
-                f"({len(kept)} already done)")
+    folder = data.input_folder(spec.input, spec.subset)
+    if spec.resume:
+        if standing := ledger.load_earlier(out, model):
+            report.info(f"{standing} images of an earlier run stand (resume)")
+    else:
+        storage.delete(storage.join(out, manifest.PARTS_DIR))
+    report.info(f"predicting on the images under {folder} with {found.name}@{found.version}"
+                + (f", shard {spec.shard}" if spec.shard else ""))
 
     start = time.perf_counter()
-    tables = _run_attempts(lambda remaining: _pipeline(spec, remaining, found, config, out, threshold, overlay_ids,
-                                                       run_id), todo, found, threshold)
+    counts, nodes = _run_attempts(spec, folder, ledger, model, out, run_id, found, config)
     seconds = time.perf_counter() - start
-    manifest = _finish(out, kept, tables)
+    ledger.combine(out)
     record = {"spec": spec.model_dump(mode="json"),
               "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
-              "threshold": threshold, "postprocess": spec.postprocess, "manifest": storage.join(out, MANIFEST_FILE)}
+              "threshold": threshold, "postprocess": spec.postprocess,
+              "manifest": storage.join(out, manifest.MANIFEST_FILE)}
     storage.write_text(storage.join(out, PREDICT_RECORD), json.dumps(record, indent=2))
 
-    status = manifest["status"].to_pylist()
-    ok, errors = status.count("ok"), status.count("error")
-    if ok + errors != len(samples) or len(set(manifest["id"].to_pylist())) != len(samples):
-        raise RuntimeError(f"the manifest has {len(manifest)} rows for {len(samples)} inputs: please report this bug")
+    status = ledger.counts()
+    ok, errors, skipped = (status.get(s, 0) for s in (manifest.OK, manifest.ERROR, manifest.SKIPPED))
+    if ok + errors + skipped + counts.other_shards != counts.listed or ledger.to_do():
+        raise RuntimeError(f"{counts.listed} objects listed but {ok} ok, {errors} error, {skipped} skipped and "
+                           f"{counts.other_shards} in other shards: please report this bug")
+    if not ok + errors:
+        raise ValueError(f"no images ({', '.join(data.IMAGE_SUFFIXES)}) found under {folder}"
+                         + (f" in shard {spec.shard}" if spec.shard else ""))
     if errors:
-        examples = manifest.filter(pc.equal(manifest["status"], "error")).slice(0, 3).to_pylist()
-        report.info(f"{errors} inputs failed, e.g. " + "; ".join(f"{r['id']}: {r['error']}" for r in examples))
-    return {
-        "inputs": len(samples),
+        report.info(f"{errors} inputs failed, e.g. " + "; ".join(counts.examples[:3]))
+    done = ok + errors - counts.resumed
+    summary = {
+        "listed": counts.listed,
+        "inputs": ok + errors,
         "ok": ok,
         "error": errors,
-        "resumed": len(kept),
-        "inference_nodes": len({node for table in tables for node in table["node"].to_pylist() if node}),
-        "images_per_s": round(len(todo) / seconds, 2) if todo else 0.0,
+        "skipped": skipped,
+        "resumed": counts.resumed,
+        "inference_nodes": len(nodes),
+        "images_per_s": round(done / seconds, 2) if done else 0.0,
         "model": f"{found.name}@{found.version}",
         "threshold": threshold,
         "postprocess": spec.postprocess,
         "masks": storage.join(out, MASKS_DIR),
         "overlays": storage.join(out, OVERLAYS_DIR) if spec.overlays != "none" else "none",
-        "manifest": storage.join(out, MANIFEST_FILE),
+        "manifest": storage.join(out, manifest.MANIFEST_FILE),
+        "skipped_list": storage.join(out, manifest.SKIPPED_FILE),
     }
+    if spec.shard:
+        summary["shard"], summary["other_shards"] = spec.shard, counts.other_shards
+    return summary
 
 
-def _run_attempts(pipeline: Callable[[list[data.Sample]], ray.data.Dataset], todo: list[data.Sample],
-                  found: registry.Resolved, threshold: float) -> list[pa.Table]:
-    """Run ``pipeline`` over ``todo``; when an actor or node is lost for good, again over what is left.
-
-    Returns this run's manifest rows: one per sample (after the last attempt, the samples still left
-    become error rows, so the manifest accounts for them and a later run retries them).
-    """
-    tables: list[pa.Table] = []
-    remaining = todo
+def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,
+                  run_id: str, found: registry.Resolved, config: ModelConfig) -> tuple[_Pass, set[str]]:
+    """Stream the listing through the pipeline; when an actor or node is lost for good, list again and run
+    what is not done. After the last attempt the images still left become error rows, so the manifest
+    accounts for them and a later run retries them. Returns the counts (of the last, complete listing)."""
+    counts, nodes = _Pass(), set()
     for attempt in range(1, ATTEMPTS + 1):
-        if not remaining:
-            break
+        counts.listed = counts.other_shards = 0
+        pages = _work(spec, folder, ledger, model, out, run_id, counts)
+        overlay_ids: set[str] | None = None if spec.overlays == "all" else set()
+        if spec.overlays == "sample":  # the first images by id among the first pages listed
+            head = _first_pages(pages, spec.overlay_sample)
+            overlay_ids = set(sorted(i for page in head for i, _ in page)[: spec.overlay_sample])
+            pages = itertools.chain(head, pages)
+        queue = Queue(maxsize=READERS * QUEUED_PAGES)
+        stop, failures = threading.Event(), []
+        feeder = threading.Thread(target=_feed, args=(pages, queue, stop, failures), name="listing", daemon=True)
+        feeder.start()
         try:
-            for _ in report.progress(_collect(pipeline(remaining), tables), len(remaining), "predicted"):
+            ds = _pipeline(spec, queue, found, config, out, model.threshold, overlay_ids, run_id)
+            for _ in report.progress(_collect(ds, ledger, nodes, counts), None, "predicted"):
                 pass
-            break
+            feeder.join()
+            if failures:
+                raise failures[0]
+            return counts, nodes
         except LOST as exc:
-            seen = {image_id for table in tables for image_id in table["id"].to_pylist()}
-            remaining = [s for s in remaining if s.id not in seen]
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            stop.set()
+            feeder.join()
             if attempt < ATTEMPTS:
-                report.info(f"warning: the pipeline failed ({reason}); running the {len(remaining)} images not done "
-                            f"yet again (attempt {attempt + 1} of {ATTEMPTS})")
+                report.info(f"warning: the pipeline failed ({reason}); running the images not done yet again "
+                            f"(attempt {attempt + 1} of {ATTEMPTS})")
                 continue
-            report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); {len(remaining)} images are recorded as "
-                        "not processed: run again to retry them")
-            tables.append(_not_done_rows(remaining, f"not processed: the pipeline failed: {reason}", found,
-                                         threshold))
-    return tables
+        finally:
+            stop.set()
+            ray.kill(queue.actor)
+    report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); the images not done are recorded as not "
+                "processed: run again to retry them")
+    counts.listed = counts.other_shards = 0
+    for page in _work(spec, folder, ledger, model, out, run_id, counts):
+        part = _part_uri(out, run_id)
+        rows = [(i, s, manifest.ERROR, f"not processed: the pipeline failed: {reason}") for i, s in page]
+        manifest.write_part(part, manifest.refused_rows(rows, model, datetime.now(timezone.utc)))
+        ledger.record([(s, manifest.ERROR) for s in (source for _, source in page)], part)
+    return counts, nodes
 
 
-def _finish(out: str, kept: pa.Table, tables: list[pa.Table]) -> pa.Table:
-    """Write the kept rows + this run's rows (the newest per id) as the manifest, then drop the parts."""
-    manifest = _newest_per_id(pa.concat_tables([kept, *tables])).sort_by("id")
-    _write_parquet(storage.join(out, MANIFEST_FILE), manifest)
-    storage.delete(storage.join(out, PARTS_DIR))
-    return manifest
+def _first_pages(pages: Iterator[list[tuple[str, str]]], images: int) -> list[list[tuple[str, str]]]:
+    """Pages from ``pages`` until they hold ``images`` images (or the listing ends)."""
+    head: list[list[tuple[str, str]]] = []
+    while sum(map(len, head)) < images and (page := next(pages, None)) is not None:
+        head.append(page)
+    return head

@@ -306,7 +306,20 @@ def image_dataset(
         raise ValueError("image_dataset needs at least one source")
     rows = _source_rows(sources, task)
     blocks = min(math.ceil(len(rows) / batch_size), _MAX_BLOCKS)
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    return decoded(ray.data.from_items(rows, override_num_blocks=blocks), size=size, task=task,
+                   max_pixels=max_pixels, batch_size=batch_size, device=device)
+
+
+def decoded(
+    ds: ray.data.Dataset,
+    *,
+    size: int,
+    task: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_size: int = 16,
+    device: str | None = None,
+) -> ray.data.Dataset:
+    """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
     gpus = cluster_gpus()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":

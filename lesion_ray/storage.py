@@ -21,12 +21,17 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import os
+import queue
 import secrets
 import shutil
+import string
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -38,6 +43,8 @@ _MULTIPART_CHUNK = 16 * 1024 * 1024
 DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS or the settings say otherwise
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 _CONFLICT_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+LISTING_RANGES = 16  # S3 key ranges listed side by side (real S3 answers each list request in tens of ms)
+_SPLIT_LEVELS = 6  # characters probed to find them
 
 
 class StorageError(Exception):
@@ -277,34 +284,148 @@ def file_size(uri: str) -> int | None:
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
-    """Every file under ``uri`` (recursive), sorted by URI; S3 listings follow every page."""
-    uri = normalize(uri)
-    out: list[FileInfo] = []
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        prefix = key.rstrip("/") + "/" if key else ""
-        paginator = _s3_client().get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    out.append(FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"])))
-        except Exception as exc:  # botocore errors surface from the paginator
-            raise _s3_error(exc, uri, "list") from None
-    else:
-        if not os.path.isdir(uri):
-            raise StorageError(f"cannot list {uri}: no such directory")
-        for root, dirs, files in os.walk(uri):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                if name.startswith(".") or name.endswith(".partial"):
-                    continue
-                path = os.path.join(root, name)
-                out.append(FileInfo(path, os.path.getsize(path)))
-    if suffixes:
-        lowered = tuple(s.lower() for s in suffixes)
-        out = [f for f in out if f.uri.lower().endswith(lowered)]
+    """Every file under ``uri`` (recursive), sorted by URI: for small folders; archives stream
+    :func:`iter_listing` instead."""
+    lowered = tuple(s.lower() for s in suffixes or ())
+    out = [f for page in iter_listing(uri) for f in page if not lowered or f.uri.lower().endswith(lowered)]
     out.sort(key=lambda f: f.uri)
     return out
+
+
+def iter_listing(uri: str, after: str | None = None, through: str | None = None) -> Iterator[list[FileInfo]]:
+    """The files under ``uri`` (recursive) a page at a time, as the listing goes: pages of up to 1,000
+    keys in key order on S3; with ``after``/``through`` (full URIs) only the keys in (after, through]."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        yield from _local_pages(uri)
+        return
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    start = {"StartAfter": split_s3(after)[1]} if after else {}
+    last = split_s3(through)[1] if through else None
+    try:
+        for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, **start):
+            objects = page.get("Contents", [])
+            files = [FileInfo(f"s3://{bucket}/{o['Key']}", int(o["Size"])) for o in objects
+                     if last is None or o["Key"] <= last]
+            if files:
+                yield files
+            if len(files) < len(objects):
+                return
+    except Exception as exc:  # botocore errors surface from the paginator
+        raise _s3_error(exc, uri, "list") from None
+
+
+def _local_pages(folder: str, size: int = 1000) -> Iterator[list[FileInfo]]:
+    if not os.path.isdir(folder):
+        raise StorageError(f"cannot list {folder}: no such directory")
+    page: list[FileInfo] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and not name.endswith(".partial"):
+                path = os.path.join(root, name)
+                with contextlib.suppress(FileNotFoundError):  # removed while we walk
+                    page.append(FileInfo(path, os.path.getsize(path)))
+            if len(page) == size:
+                yield page
+                page = []
+    if page:
+        yield page
+
+
+def list_folders(uri: str) -> list[str]:
+    """The names of the folders (S3: common prefixes) directly under ``uri``."""
+    uri = normalize(uri)
+    if not is_s3(uri):
+        if not os.path.isdir(uri):
+            raise StorageError(f"cannot list {uri}: no such directory")
+        return sorted(e.name for e in os.scandir(uri) if e.is_dir() and not e.name.startswith("."))
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    names = []
+    try:
+        for page in _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                             Delimiter="/"):
+            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    except Exception as exc:  # botocore errors surface from the paginator
+        raise _s3_error(exc, uri, "list") from None
+    return sorted(names)
+
+
+def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[list[FileInfo]]:
+    """:func:`iter_listing` with, on S3, up to ``ranges`` key ranges listed side by side (pages come in
+    no particular order across ranges; every key exactly once). The ranges start at the key prefixes
+    that hold objects, found with one-key probes (``ISIC_00000``, ``ISIC_00001``, ...)."""
+    uri = normalize(uri)
+    points = _split_points(uri, ranges) if is_s3(uri) else []
+    if not points:
+        yield from iter_listing(uri)
+        return
+    bounds = [None, *points, None]
+    pages: queue.Queue = queue.Queue(maxsize=2 * len(bounds))
+    stop = threading.Event()
+
+    def list_range(after: str | None, through: str | None) -> None:
+        try:
+            for page in iter_listing(uri, after, through):
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        pages.put(page, timeout=0.1)
+                        break
+        except BaseException as exc:  # handed to the consumer, which raises it
+            pages.put(exc)
+        pages.put(None)
+
+    with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="listing") as pool:
+        for after, through in itertools.pairwise(bounds):
+            pool.submit(list_range, after, through)
+        try:
+            running = len(bounds) - 1
+            while running:
+                item = pages.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            stop.set()
+            while not pages.empty():  # unblock producers waiting on a full queue
+                pages.get_nowait()
+
+
+def _split_points(uri: str, wanted: int) -> list[str]:
+    """Up to a few times ``wanted`` key prefixes under ``uri`` that hold objects, sorted (full URIs): the
+    names' leading characters, one level at a time (digits only where the first key has a digit there)."""
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    client = _s3_client()
+
+    def first_key(start: str) -> str | None:
+        resp = _s3_call(uri, "list", client.list_objects_v2, Bucket=bucket, Prefix=start, MaxKeys=1)
+        return resp["Contents"][0]["Key"] if resp.get("KeyCount") else None
+
+    first = first_key(prefix)
+    if first is None:
+        return []
+    name = first[len(prefix):]
+    stem = prefix + name[: next((i for i, c in enumerate(name) if c.isdigit()), 0)]
+    found = [stem]
+    with ThreadPoolExecutor(32, thread_name_prefix="listing-probe") as pool:
+        for _ in range(_SPLIT_LEVELS):
+            depth = len(found[0])
+            digit = len(first) > depth and first[depth].isdigit()
+            alphabet = string.digits if digit else string.digits + string.ascii_letters
+            candidates = [p + c for p in found for c in alphabet]
+            held = [c for c, k in zip(candidates, pool.map(first_key, candidates), strict=True) if k is not None]
+            if not held:
+                break
+            found = held
+            if len(found) >= wanted:
+                break
+    return [f"s3://{bucket}/{p}" for p in found] if len(found) > 1 else []
 
 
 def read_bytes(uri: str) -> bytes:
@@ -531,9 +652,8 @@ def delete(uri: str) -> None:
     if key and is_file(uri):
         _s3_call(uri, "delete", client.delete_object, Bucket=bucket, Key=key)
         return
-    keys = [split_s3(f.uri)[1] for f in list_files(uri)] if exists(uri) else []
-    for start in range(0, len(keys), 1000):
-        batch = [{"Key": k} for k in keys[start : start + 1000]]
+    for page in iter_listing(uri):  # pages of at most 1,000 keys: one request each
+        batch = [{"Key": split_s3(f.uri)[1]} for f in page]
         _s3_call(uri, "delete", client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
 
 

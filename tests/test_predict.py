@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import data, inference, predict, registry, storage
+from lesion_ray import data, inference, manifest, predict, registry, storage
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -161,7 +161,7 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, settings, s3_bucket, tm
     assert read_png(f"{out}/overlays/ISIC_0000001_overlay.png").size == (3 * 57, 33)
     assert not storage.exists(f"{out}/overlays/ISIC_0000002_overlay.png")
 
-    first = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}"))).to_pylist()
+    first = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}"))).to_pylist()
     rows = {r["id"]: r for r in first}
     assert len(first) == 9
     assert {k for k, r in rows.items() if r["status"] == "error"} == {"ISIC_0000097", "ISIC_0000098", "ISIC_0000099"}
@@ -177,22 +177,22 @@ def test_s3_to_s3_with_bad_inputs_then_resume(ray_local, settings, s3_bucket, tm
     # An interruption: only the rows of four images reached a manifest part, no final manifest,
     # and one of those four lost its mask.
     done = ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002", "ISIC_0000003"]
-    part = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
-    with storage.open_write(f"{out}/{predict.PARTS_DIR}/part-0.parquet") as f:
+    part = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}")))
+    with storage.open_write(f"{out}/{manifest.PARTS_DIR}/part-0.parquet") as f:
         pq.write_table(part.filter(np.isin(part["id"].to_numpy(zero_copy_only=False), done)), f)
-    storage.delete(f"{out}/{predict.MANIFEST_FILE}")
+    storage.delete(f"{out}/{manifest.MANIFEST_FILE}")
     storage.delete(f"{out}/masks/ISIC_0000002_segmentation.png")
 
     again = predict.run(spec, settings)
     assert (again["inputs"], again["ok"], again["error"], again["resumed"]) == (9, 6, 3, 3)
-    second = {r["id"]: r for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}")))
+    second = {r["id"]: r for r in pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}")))
               .to_pylist()}
     for image_id in ("ISIC_0000000", "ISIC_0000001", "ISIC_0000003"):  # kept, not written again
         assert second[image_id]["finished_at"] == rows[image_id]["finished_at"]
     for image_id in ("ISIC_0000002", "ISIC_0000004", "ISIC_0000097"):  # done again
         assert second[image_id]["finished_at"] > rows[image_id]["finished_at"]
     assert storage.exists(f"{out}/masks/ISIC_0000002_segmentation.png")
-    assert not storage.exists(f"{out}/{predict.PARTS_DIR}")
+    assert not storage.exists(f"{out}/{manifest.PARTS_DIR}")
 
 
 def test_task2_local_with_flips_and_all_overlays(ray_local, settings, tmp_path) -> None:
@@ -210,7 +210,7 @@ def test_task2_local_with_flips_and_all_overlays(ray_local, settings, tmp_path) 
             with Image.open(out / "masks" / f"ISIC_000000{i}_attribute_{name}.png") as mask:
                 assert mask.mode == "L" and mask.size == (w, h)
         assert (out / "overlays" / f"ISIC_000000{i}_overlay.png").exists()
-    row = pq.read_table(out / predict.MANIFEST_FILE).to_pylist()[0]
+    row = pq.read_table(out / manifest.MANIFEST_FILE).to_pylist()[0]
     assert len(row["masks"]) == len(row["head1_prob"]) == len(row["head2_prob"]) == 5
     assert all(0.0 <= p <= 1.0 for p in row["head1_prob"] + row["head2_prob"])
 

@@ -18,7 +18,7 @@ import ray
 import yaml
 from test_predict import jpeg, make_spec, publish_tiny_model
 
-from lesion_ray import cli, predict, storage
+from lesion_ray import cli, manifest, predict, storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def test_output_beside_the_input_is_fine(tmp_path) -> None:
 
 
 def _manifest(out: str) -> list[dict]:
-    return pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{predict.MANIFEST_FILE}"))).to_pylist()
+    return pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}"))).to_pylist()
 
 
 def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
@@ -93,7 +93,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     ids = [row["id"] for row in _manifest(out)]
     assert sorted(ids) == [f"ISIC_{i:07d}" for i in range(120)]  # every input exactly once
     assert len(os.listdir(masks)) == 120
-    assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{predict.PARTS_DIR}")
+    assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{manifest.PARTS_DIR}")
     assert predict.run(spec, settings)["resumed"] == 120  # the lock is gone with the run that held it
 
 
@@ -123,14 +123,13 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
                                        "object_store_memory": "256MB"}))
 
     first = _lesion_ray(str(job), str(cluster))
-    parts = f"{out}/{predict.PARTS_DIR}"
+    parts = f"{out}/{manifest.PARTS_DIR}"
     _wait_for(lambda: storage.exists(parts) and len(storage.list_files(parts)) >= 3, "manifest parts", 180)
     assert first.poll() is None, "the run ended before it could be killed"
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate(timeout=30)
 
-    listing = {f.uri for f in storage.list_files(out)}
-    finished = {row["id"] for row in predict.read_manifest(out, listing).to_pylist() if row["status"] == "ok"}
+    finished = {row["id"] for row in manifest.read(out).to_pylist() if row["status"] == "ok"}
     assert finished and len(finished) < len(ids) - 1
     assert storage.exists(f"{out}/{predict.LOCK_FILE}")  # left behind by the killed run
 

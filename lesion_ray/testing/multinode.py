@@ -31,8 +31,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lesion_ray import cli, cluster, report, storage
-from lesion_ray.predict import read_manifest
+from lesion_ray import cli, cluster, manifest, report, storage
 from lesion_ray.testing.loopback import LoopbackCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose jobs/ and cluster/ the scenarios submit
@@ -118,15 +117,15 @@ def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path]
     storage.write_bytes(f"{archive}/ISIC_0099999.jpg", b"not a JPEG")  # must become an error row
     status = cli.main(["run", str(ROOT / "jobs" / "predict.yaml"), "--cluster", remote, f"input={archive}",
                        f"output={output}", "min_actors=2", "max_actors=2", "batch_size=1", "overlays=none"])
-    manifest = read_manifest(output, {f.uri for f in storage.list_files(output)}).to_pylist()
+    rows = manifest.read(output).to_pylist()
     names = {node_id: name for name, node_id in nodes.alive_nodes().items()}
     return {
         "status": status,
         "inputs": sorted([*ids, "ISIC_0099999"]),
-        "rows": sorted(r["id"] for r in manifest),
-        "ok": sorted(r["id"] for r in manifest if r["status"] == "ok"),
-        "errors": sorted(r["id"] for r in manifest if r["status"] == "error"),
-        "nodes": sorted({names.get(r["node"], r["node"]) for r in manifest}),
+        "rows": sorted(r["id"] for r in rows),
+        "ok": sorted(r["id"] for r in rows if r["status"] == "ok"),
+        "errors": sorted(r["id"] for r in rows if r["status"] == "error"),
+        "nodes": sorted({names.get(r["node"], r["node"]) for r in rows}),
         "masks": len(storage.list_files(f"{output}/masks")),
     }
 

@@ -1,0 +1,277 @@
+"""The predict manifest: one row per listed object, kept on disk while the work goes on.
+
+Rows go to Parquet parts in ``manifest_parts/`` as they are made: the workers write the rows of the
+images they finish, the driver those of the objects discovery refuses (duplicates, unsupported types,
+oversize objects) or skips (objects that are not images). The driver's bookkeeping lives in a
+:class:`Ledger`, an SQLite file on its local disk, so its memory does not grow with the archive: the
+objects listed, the first object of each id, the earlier rows that stand (resume) and the part holding
+each object's row. At the end :func:`combine` streams the parts into ``manifest.parquet`` (the ok and
+error rows) and ``skipped.csv`` (what is not an image, with the reason), one part at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lesion_ray import storage
+
+MANIFEST_FILE = "manifest.parquet"
+PARTS_DIR = "manifest_parts"
+SKIPPED_FILE = "skipped.csv"
+# Statuses of the rows in the parts; "skipped" rows end in SKIPPED_FILE, the others in MANIFEST_FILE.
+OK, ERROR, SKIPPED = "ok", "error", "skipped"
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("status", pa.string()),  # ok, error (or skipped, in the parts only)
+    ("error", pa.string()),  # "" when ok; the reason otherwise
+    ("masks", pa.list_(pa.string())),  # output URIs: one (Task 1) or five in data.ATTRIBUTES order (Task 2)
+    ("overlay", pa.string()),  # "" when none was written
+    ("height", pa.int32()),  # original image size (0 when the image could not be decoded)
+    ("width", pa.int32()),
+    ("area_fraction", pa.list_(pa.float32())),  # share of mask pixels, per channel
+    ("head1_prob", pa.list_(pa.float32())),  # attribute/lesion presence, head 1 (pooled centre block)
+    ("head2_prob", pa.list_(pa.float32())),  # head 2 (max of the mask logits)
+    ("model_name", pa.string()),
+    ("model_version", pa.string()),
+    ("threshold", pa.float64()),
+    ("postprocess", pa.string()),  # null in manifests from before the key existed: those rows are redone
+    ("infer_ms", pa.float32()),  # this image's share of its batch's forward pass
+    ("write_ms", pa.float32()),  # resize + threshold + encode + write
+    ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ("node", pa.string()),  # the Ray node id of the inference actor that handled the row
+])
+_BATCH = 10_000  # rows read at a time from an earlier manifest
+
+
+@dataclass(frozen=True)
+class Model:
+    """What made a row: an earlier ok row is kept only when all of it matches."""
+
+    name: str
+    version: str
+    threshold: float
+    postprocess: str
+
+
+def refused_rows(entries: Iterable[tuple[str, str, str, str]], model: Model, now: Any) -> pa.Table:
+    """Manifest rows for objects that never reach the pipeline: ``(id, source, status, reason)`` each."""
+    return pa.Table.from_pylist([{
+        "id": image_id, "source": source, "status": status, "error": reason, "masks": [], "overlay": "",
+        "height": 0, "width": 0, "area_fraction": [], "head1_prob": [], "head2_prob": [],
+        "model_name": model.name, "model_version": model.version, "threshold": model.threshold,
+        "postprocess": model.postprocess, "infer_ms": 0.0, "write_ms": 0.0, "finished_at": now, "node": ""}
+        for image_id, source, status, reason in entries], schema=SCHEMA)
+
+
+def write_part(uri: str, table: pa.Table) -> None:
+    with storage.open_write(uri) as f:
+        pq.write_table(table, f)
+
+
+def part_uris(out: str) -> list[str]:
+    """The parts under ``out``, oldest first (their names start with the run's sortable id)."""
+    folder = storage.join(out, PARTS_DIR)
+    if not storage.exists(folder):
+        return []
+    return [f.uri for f in storage.list_files(folder, (".parquet",))]
+
+
+def iter_batches(uri: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """A manifest or part ``_BATCH`` rows at a time, without reading it whole into memory."""
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=columns)
+
+
+class Ledger:
+    """The driver's bookkeeping for one predict run, in an SQLite file on its local disk.
+
+    Thread-safe: the listing thread admits objects while the main thread records finished rows.
+    """
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="lesion-ray-ledger-")
+        self._db = sqlite3.connect(os.path.join(self.folder, "ledger.sqlite"), check_same_thread=False,
+                                   isolation_level=None)
+        self._lock = threading.Lock()
+        self._db.executescript("""
+            PRAGMA journal_mode = OFF;
+            PRAGMA synchronous = OFF;
+            CREATE TABLE parts (part INTEGER PRIMARY KEY, uri TEXT UNIQUE);
+            -- Every object listed this run; part: where its row is (NULL while it is still to do).
+            CREATE TABLE objects (source TEXT PRIMARY KEY, part INTEGER, status TEXT);
+            CREATE TABLE ids (id TEXT PRIMARY KEY, source TEXT);  -- the first object of each id
+            -- Earlier ok rows that may stand, with the outputs they name, and what the output holds now.
+            CREATE TABLE earlier (source TEXT PRIMARY KEY, part INTEGER);
+            CREATE TABLE earlier_outputs (source TEXT, uri TEXT);
+            CREATE TABLE outputs (uri TEXT PRIMARY KEY);
+        """)
+
+    def close(self) -> None:
+        self._db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _part(self, uri: str) -> int:
+        self._db.execute("INSERT OR IGNORE INTO parts (uri) VALUES (?)", (uri,))
+        return self._db.execute("SELECT part FROM parts WHERE uri = ?", (uri,)).fetchone()[0]
+
+    # --- Resume ---
+
+    def load_earlier(self, out: str, model: Model) -> int:
+        """Read the rows earlier runs left under ``out`` (the manifest, then the parts: the newest row of an
+        object wins) and the outputs there now; an ok row of ``model`` whose outputs all exist stands.
+        Returns the number of standing rows."""
+        uris = ([storage.join(out, MANIFEST_FILE)] if storage.is_file(storage.join(out, MANIFEST_FILE)) else [])
+        uris += part_uris(out)
+        columns = ["source", "status", "masks", "overlay", "model_name", "model_version", "threshold", "postprocess"]
+        with self._lock, self._transaction():
+            for uri in uris:
+                part = self._part(uri)
+                for batch in iter_batches(uri, columns):
+                    records = batch.to_pylist()
+                    sources = [(r["source"],) for r in records]
+                    self._db.executemany("DELETE FROM earlier WHERE source = ?", sources)
+                    self._db.executemany("DELETE FROM earlier_outputs WHERE source = ?", sources)
+                    good = [r for r in records if r["status"] == OK and Model(
+                        r["model_name"], r["model_version"], r["threshold"], r["postprocess"]) == model]
+                    self._db.executemany("INSERT INTO earlier VALUES (?, ?)", [(r["source"], part) for r in good])
+                    self._db.executemany("INSERT INTO earlier_outputs VALUES (?, ?)", [
+                        (r["source"], u) for r in good for u in r["masks"] + ([r["overlay"]] if r["overlay"] else [])])
+            if uris:
+                for page in storage.iter_listing_parallel(out):
+                    self._db.executemany("INSERT OR IGNORE INTO outputs VALUES (?)", [(f.uri,) for f in page])
+            self._db.execute("CREATE INDEX earlier_outputs_source ON earlier_outputs (source)")
+            self._db.execute("""DELETE FROM earlier WHERE source IN (SELECT e.source FROM earlier_outputs e
+                                WHERE e.uri NOT IN (SELECT uri FROM outputs))""")
+            return self._db.execute("SELECT count(*) FROM earlier").fetchone()[0]
+
+    # --- Discovery ---
+
+    def admit(self, objects: list[tuple[str, str, bool]]) -> list[tuple[str, str, str | None, int | None]]:
+        """Record listed ``(id, source, is_image)`` objects; for each not recorded before: ``(id, source,
+        first, earlier)``, where ``first`` is the image listed earlier with the same id (this one is a
+        duplicate), else None, and ``earlier`` the part of a standing earlier row, else None. Objects seen
+        before (the listing again, after a failed pass) come back while they are still to do."""
+        out = []
+        with self._lock, self._transaction():
+            for image_id, source, is_image in objects:
+                known = self._db.execute("SELECT part FROM objects WHERE source = ?", (source,)).fetchone()
+                if known and known[0] is not None:
+                    continue
+                first = None
+                if is_image:
+                    self._db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (image_id, source))
+                    first = self._db.execute("SELECT source FROM ids WHERE id = ?", (image_id,)).fetchone()[0]
+                earlier = self._db.execute("SELECT part FROM earlier WHERE source = ?", (source,)).fetchone()
+                if not known:
+                    self._db.execute("INSERT INTO objects (source) VALUES (?)", (source,))
+                out.append((image_id, source, None if first in (None, source) else first,
+                            earlier[0] if earlier else None))
+        return out
+
+    def record(self, done: Iterable[tuple[str, str]], part: str | int) -> None:
+        """``(source, status)`` pairs whose rows lie in ``part`` (a URI, or an earlier part's number)."""
+        with self._lock, self._transaction():
+            number = part if isinstance(part, int) else self._part(part)
+            self._db.executemany("UPDATE objects SET part = ?, status = ? WHERE source = ?",
+                                 [(number, status, source) for source, status in done])
+
+    def to_do(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM objects WHERE part IS NULL").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        """Objects per status of their row (``None``: still to do)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT status, count(*) FROM objects GROUP BY status").fetchall())
+
+    @property
+    def listed(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM objects").fetchone()[0]
+
+    # --- The end ---
+
+    def combine(self, out: str) -> None:
+        """Stream every object's row from the part the ledger names into ``manifest.parquet`` (ok and error
+        rows) and ``skipped.csv``, then drop the parts."""
+        with self._lock:
+            parts = self._db.execute("SELECT part, uri FROM parts ORDER BY part").fetchall()
+        # The new manifest is published when its block ends, after the old one (a part here) was read.
+        with storage.open_write(storage.join(out, MANIFEST_FILE)) as manifest_file, \
+                storage.open_write(storage.join(out, SKIPPED_FILE)) as skipped_file:
+            writer = pq.ParquetWriter(manifest_file, SCHEMA)
+            skipped = io.TextIOWrapper(skipped_file, encoding="utf-8", newline="")
+            table = csv.writer(skipped)
+            table.writerow(["source", "reason"])
+            for part, uri in parts:
+                for batch in iter_batches(uri):
+                    batch = self._rows_of(batch, part)
+                    is_skipped = pc.equal(batch["status"], SKIPPED)
+                    writer.write_batch(batch.filter(pc.invert(is_skipped)))
+                    kept = batch.filter(is_skipped)
+                    table.writerows(zip(kept["source"].to_pylist(), kept["error"].to_pylist(), strict=True))
+            writer.close()
+            skipped.flush()
+            skipped.detach()
+        storage.delete(storage.join(out, PARTS_DIR))
+
+    def _rows_of(self, batch: pa.RecordBatch, part: int) -> pa.RecordBatch:
+        """The rows of ``batch`` that are their object's row of record, each once."""
+        sources = batch["source"].to_pylist()
+        with self._lock:
+            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (source TEXT PRIMARY KEY)")
+            self._db.execute("DELETE FROM wanted")
+            self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(s,) for s in sources])
+            mine = {s for (s,) in self._db.execute(
+                "SELECT o.source FROM objects o JOIN wanted w ON o.source = w.source WHERE o.part = ?", (part,))}
+        keep, seen = [], set()
+        for i, source in enumerate(sources):
+            if source in mine and source not in seen:
+                seen.add(source)
+                keep.append(i)
+        return batch.take(pa.array(keep, pa.int64()))
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN ... COMMIT around a block (ROLLBACK on error): thousands of statements in one write."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN")
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def read(out: str) -> pa.Table:
+    """The rows under ``out`` as one table, for a finished run's manifest or a small one's parts: the
+    newest row of each object (the manifest first, then the parts in order)."""
+    tables = [pa.Table.from_batches(list(iter_batches(uri)), SCHEMA)
+              for uri in ([storage.join(out, MANIFEST_FILE)] if storage.is_file(storage.join(out, MANIFEST_FILE))
+                          else []) + part_uris(out)]
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables)
+    newest = {source: i for i, source in enumerate(table["source"].to_pylist())}
+    return table.take(sorted(newest.values()))
