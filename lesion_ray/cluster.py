@@ -1,10 +1,7 @@
-"""Where jobs run: cluster configs (``cluster/*.yaml``), the embedded local Ray, remote submission.
+"""Where jobs run: cluster configs (``cluster/*.yaml``).
 
-``kind: local`` starts Ray in this process (capped CPUs, GPUs and object-store memory) or,
-with ``address``, attaches to a Ray cluster this machine is part of. ``kind: remote`` sends
-the job to an existing cluster through the Ray Jobs API, with a runtime_env that carries
-this package and its pinned dependencies, streams the logs and returns the job's status.
-``kind: kuberay`` describes a KubeRay cluster; ``lesion_ray.kuberay`` renders its manifests.
+``kind: local`` starts Ray in this process, or attaches to a cluster this machine is part of; ``kind: remote``
+submits the job through the Ray Jobs API; ``kind: kuberay`` is rendered as manifests by :mod:`lesion_ray.kuberay`.
 """
 
 from __future__ import annotations
@@ -31,8 +28,7 @@ from lesion_ray.spec import SpecError, StorageSettings
 
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
 MIN_LOCAL_CPUS = 8
-# Variable names that carry secrets. A cluster config's env_vars travel in plain text: in a job's
-# runtime_env (shown to everyone with dashboard access) and in rendered KubeRay manifests.
+# Secrets' names: env_vars travel in plain text (a job's runtime_env on the dashboard, KubeRay manifests).
 SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|CREDENTIAL|API_?KEY|PRIVATE_?KEY", re.IGNORECASE)
 REGION_ENV_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -65,12 +61,10 @@ class _Cluster(BaseModel):  # the keys every kind has
 class LocalCluster(_Cluster):
     kind: Literal["local"] = "local"
     address: str | None = Field(None, description="attach to a running Ray ('auto' or host:port)")
-    num_cpus: int | None = Field(None, ge=1, description="logical CPUs for Ray (default: all cores, at least "
-                                                         f"{MIN_LOCAL_CPUS})")
+    num_cpus: int | None = Field(None, ge=1, description=f"logical CPUs (default: all, at least {MIN_LOCAL_CPUS})")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for Ray (default: all detected)")
-    # Written 4GB, 512MiB or in bytes; held in bytes.
     object_store_memory: Annotated[str | int | None, AfterValidator(parse_size)] = Field(
-        "4GB", validate_default=True, description="object store size, e.g. 4GB")
+        "4GB", validate_default=True, description="object store size: 4GB, 512MiB or bytes (held in bytes)")
 
 
 class RemoteCluster(_Cluster):
@@ -78,9 +72,8 @@ class RemoteCluster(_Cluster):
     address: str | None = Field(None, description="the Ray Jobs API URL, e.g. http://head:8265")
     auth_token_env: str = Field("RAY_AUTH_TOKEN", description="env var holding the cluster's token")
     auth_token_file: str | None = Field("~/.ray/auth_token", description="file holding the token")
-    dependencies: Literal["pinned", "installed"] = Field(
-        "pinned", description="'pinned' installs this client's dependency versions in the job's runtime_env; "
-                              "'installed' uses what the cluster has")
+    dependencies: Literal["pinned", "installed"] = Field("pinned", description="'pinned' installs this client's "
+                                                         "dependency versions; 'installed' uses the cluster's")
 
 
 class KubeRayCluster(_Cluster):
@@ -88,10 +81,8 @@ class KubeRayCluster(_Cluster):
     raycluster: str | None = Field(None, description="RayCluster manifest, relative to this file")
     image: str | None = Field(None, description="container image with lesion-ray installed")
     namespace: str = Field("default", description="Kubernetes namespace")
-    auth_secret: str = Field("lesion-ray-auth", description="Secret holding the cluster's Ray token "
-                                                            "under the key auth_token")
-    serve_token_secret: str = Field("lesion-ray-serve-token", description="Secret holding the serve API's "
-                                                                          "bearer token under the key token")
+    auth_secret: str = Field("lesion-ray-auth", description="Secret with the cluster's Ray token (key auth_token)")
+    serve_token_secret: str = Field("lesion-ray-serve-token", description="Secret with serve's API token (key token)")
 
 
 ClusterConfig = Annotated[LocalCluster | RemoteCluster | KubeRayCluster, Field(discriminator="kind")]
@@ -105,17 +96,16 @@ def load_cluster(source: str | None) -> ClusterConfig:
         source = DEFAULT_CLUSTER_FILE
     data = spec.read_yaml(source)
     # Before the types are checked: an error about a secret's value must not print it.
-    names = [str(name) for name in data.get("env_vars") or {}] if isinstance(data.get("env_vars"), dict) else []
+    env_vars = data.get("env_vars")
+    names = [str(name) for name in env_vars] if isinstance(env_vars, dict) else []
     if secret := next(filter(SECRET_ENV_NAME.search, names), None):
-        raise SpecError(source, f"env_vars.{secret}", (
-            "looks like a secret, and env_vars are readable by everyone with access to the Ray dashboard "
-            "(the job's runtime_env) or the rendered manifests. Put it in a file on the cluster (serve's "
-            "auth_token_file), a Kubernetes Secret or the nodes' instance role; for the embedded Ray, "
-            "export it in your shell."))
+        raise SpecError(source, f"env_vars.{secret}", "looks like a secret, and env_vars are readable by everyone "
+                        "with access to the Ray dashboard (the job's runtime_env) or the rendered manifests. Put it in "
+                        "a file on the cluster (serve's auth_token_file), a Kubernetes Secret or the nodes' instance "
+                        "role; for the embedded Ray, export it in your shell.")
     if setting := next((name for name in names if name in storage.ENDPOINT_ENV_VARS + REGION_ENV_VARS), None):
         raise SpecError(source, f"env_vars.{setting}", "is a storage setting: write it as storage.endpoint_url or "
-                                                       "storage.region, so that this client, the job and its "
-                                                       "workers all use it")
+                        "storage.region, so that this client, the job and its workers all use it")
     config = spec.from_dict(ClusterConfig, data, source)
     if isinstance(config, RemoteCluster) and not re.match(r"^https?://", config.address or ""):
         raise SpecError(source, "address", f"expected an http(s):// URL of the Ray dashboard, got {config.address!r}"
@@ -123,7 +113,7 @@ def load_cluster(source: str | None) -> ClusterConfig:
     if isinstance(config, KubeRayCluster):
         if not config.raycluster:
             raise SpecError(source, "raycluster", "a kuberay config names its RayCluster manifest, "
-                                                  "e.g. kuberay/raycluster.yaml")
+                            "e.g. kuberay/raycluster.yaml")
         if not storage.is_s3(config.raycluster) and not os.path.isabs(config.raycluster):
             config.raycluster = os.path.join(os.path.dirname(storage.normalize(source)), config.raycluster)
     return config
@@ -133,20 +123,15 @@ def load_cluster(source: str | None) -> ClusterConfig:
 
 
 def runtime_env(settings: Settings) -> dict[str, Any]:
-    """The runtime_env of a job whose driver is this process: the cluster config's env_vars, and a setup hook
-    that installs this process's storage settings in each of the job's workers (Ray Data tasks, Train workers,
-    Serve replicas) when it starts."""
+    """The runtime_env of a job whose driver is this process: env_vars, and this process's storage settings
+    installed in each worker as it starts."""
     return {"env_vars": dict(settings.env_vars), "worker_process_setup_hook": storage.installer(settings.storage)}
 
 
 def start_local(config: LocalCluster, settings: Settings, log_file: str | None = None,
                 verbose: bool = False) -> bool:
-    """Start (or attach to) Ray for a job that runs in this process, its workers set up with ``settings``.
-
-    With ``log_file``, Ray's logs and the output of its workers and actors go to that file, and the
-    console shows only lesion-ray's lines and the warnings in ``MUST_SEE`` (``verbose``: everything,
-    as Ray prints it). Returns whether ``log_file`` is in use (not when Ray was already started).
-    """
+    """Start (or attach to) Ray for a job that runs in this process. With ``log_file``, Ray's logs go there and,
+    unless ``verbose``, the console shows only lesion-ray's lines and ``MUST_SEE``; returns whether it is in use."""
     import ray
     import ray.data
 
@@ -156,66 +141,52 @@ def start_local(config: LocalCluster, settings: Settings, log_file: str | None =
         _route_logs(log_file, verbose)  # before ray.init, which logs too
     job_env = runtime_env(settings)
     if config.address:
-        # Inside a submitted job the job's runtime_env already carries the env_vars; Ray merges this one
-        # into it and refuses one that names the same variables.
+        # In a submitted job, the job's runtime_env has the env_vars already: Ray refuses to merge in the same names.
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
             del job_env["env_vars"]
         ray.init(address=config.address, runtime_env=job_env)
     else:
-        # Ray's CPUs are scheduling slots: on a small machine Train workers, Data tasks and
-        # inference actors each hold one, and with too few slots one stage starves the others.
+        # Ray's CPUs are scheduling slots: with too few, one stage (Train workers, Data tasks, actors) starves others.
         num_cpus = config.num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
         ray.init(
             address="local",  # embedded: never attach to a `ray start` cluster on this machine
-            num_cpus=num_cpus,
-            num_gpus=config.num_gpus,
-            object_store_memory=config.object_store_memory,
-            # Ray Train polls its controller through the State API, which the dashboard process serves:
-            # without it, Train's placement-group cleaner fails (and warns) every second of a training.
-            include_dashboard=True,
+            num_cpus=num_cpus, num_gpus=config.num_gpus, object_store_memory=config.object_store_memory,
             runtime_env=job_env,
-            # Ray starts at most one worker process per physical core at a time, and warns when more than 4x
-            # that many are started: with more slots than cores, that many are expected.
+            # The dashboard serves the State API: without it, Train's placement-group cleaner warns every second.
+            include_dashboard=True,
+            # As many workers may start at once as there are slots (Ray's default: one per core, warning past 4x).
             _system_config={"worker_maximum_startup_concurrency": num_cpus},
         )
     if log_file:
         _forward_worker_output(verbose)
     if (log_file and not verbose) or not sys.stderr.isatty():
-        # lesion-ray's own progress lines stand in for Ray Data's bars: in a terminal they would
-        # interleave with them, and without one they become blocks of log lines every few seconds.
+        # lesion-ray's progress lines stand in for Ray Data's bars, which mix with them or flood a log file.
         ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
-    report.info(
-        f"Ray ready: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
-        + (f" (attached to {config.address})" if config.address else " (embedded)")
-    )
+    where = f" (attached to {config.address})" if config.address else " (embedded)"
+    report.info(f"Ray ready: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs{where}")
     return bool(log_file)
 
 
-# Ray's messages a user must see even when Ray's logs go to a file: object store spilling, a node
-# lost, a Train worker group failed or resized. Each shows as one line.
+# Ray's messages a user must see when Ray's logs go to a file: spilling, a node lost, Train workers failed/resized.
 MUST_SEE = re.compile(
     r"Spilled \d+ MiB|[Nn]ode \S+ .*(dead|died|lost)|marked (as )?dead|\[FailurePolicy\]"
     r"|Deciding to resize the worker group|out of memory|OutOfMemory"
 )
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "py.warnings")
-
-
-class _MustSee(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return bool(MUST_SEE.search(record.getMessage()))
+_worker_output = logging.getLogger("lesion_ray.ray_output")
 
 
 def _route_logs(log_file: str, verbose: bool) -> None:
-    """Ray's Python loggers in this process (and Python warnings) write to ``log_file``; on the
-    console, unless ``verbose``, only what ``MUST_SEE`` matches."""
+    """Ray's Python loggers and Python warnings write to ``log_file``; the console, unless ``verbose``, gets
+    only what ``MUST_SEE`` matches."""
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
     to_file.setLevel(logging.INFO)  # Ray Data's loggers pass DEBUG too (to its own ray-data.log)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
     to_console = logging.StreamHandler(sys.stderr)
     to_console.setFormatter(logging.Formatter("[lesion-ray] ray: %(message)s"))
-    to_console.addFilter(_MustSee())
+    to_console.addFilter(lambda record: bool(MUST_SEE.search(record.getMessage())))
     logging.captureWarnings(True)
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
@@ -232,16 +203,10 @@ def _route_logs(log_file: str, verbose: bool) -> None:
     _worker_output.propagate = False
 
 
-_worker_output = logging.getLogger("lesion_ray.ray_output")
-
-
 def _forward_worker_output(verbose: bool) -> None:
-    """Workers' and actors' output reaches the driver line by line (``log_to_driver``): all of it goes to
-    the log file. Unless ``verbose`` (Ray prints it all then), the console gets lesion-ray's lines (e.g. the
-    epoch lines of Train workers) and ``MUST_SEE`` lines, without Ray's ``(Actor pid=...)`` prefix.
-    """
-    # Ray's driver hands each batch of forwarded lines to the handlers of this dispatcher; its own
-    # ("ray_print_logs") prints them all. There is no public hook for this.
+    """Workers' output (``log_to_driver``) goes to the log file; unless ``verbose``, the console gets only
+    lesion-ray's lines and ``MUST_SEE`` lines, without Ray's ``(Actor pid=...)`` prefix."""
+    # No public hook: Ray's driver hands forwarded lines to this dispatcher, whose "ray_print_logs" prints them.
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
     def handle(data: dict[str, Any]) -> None:
@@ -278,7 +243,6 @@ def _token(config: RemoteCluster) -> str | None:
 
 
 def job_client(config: RemoteCluster):
-    """A Ray Jobs API client for a remote cluster, authenticated with the cluster's token."""
     from ray.job_submission import JobSubmissionClient
 
     token = _token(config)
@@ -287,24 +251,26 @@ def job_client(config: RemoteCluster):
 
 
 def _request(config: RemoteCluster, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # the SDK raises bare ConnectionError/RuntimeError
-        raise RemoteError(_explain(exc, config)) from None
+    # A cluster that just started takes submissions before its job agent is up: wait for it, briefly.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # the SDK raises bare ConnectionError/RuntimeError
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise RemoteError(_explain(exc, config)) from None
+        time.sleep(2)
 
 
 def _explain(exc: Exception, config: RemoteCluster) -> str:
     text = str(exc)
+    where = f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
     if "401" in text or "Missing authentication token" in text or "Authentication required" in text:
-        where = f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
-        return (
-            f"the cluster at {config.address} requires a token and none was sent. Put the cluster's token "
-            f"(`ray get-auth-token` on the head node) in {where}, or set auth_token_env/auth_token_file in the "
-            "cluster config."
-        )
+        return (f"the cluster at {config.address} requires a token and none was sent. Put the cluster's token "
+                f"(`ray get-auth-token` on the head node) in {where}, or set auth_token_env/auth_token_file in the "
+                "cluster config.")
     if "403" in text or "Invalid authentication token" in text:
-        source = (f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
-                  if _token(config) else "Ray's own defaults ($RAY_AUTH_TOKEN, ~/.ray/auth_token)")
+        source = where if _token(config) else "Ray's own defaults ($RAY_AUTH_TOKEN, ~/.ray/auth_token)"
         return (f"the cluster at {config.address} rejected the token from {source}: it is not this cluster's. "
                 "Get the right one with `ray get-auth-token` on the head node.")
     if "Failed to connect" in text or "Connection refused" in text or "ConnectionError" in type(exc).__name__:
@@ -313,22 +279,20 @@ def _explain(exc: Exception, config: RemoteCluster) -> str:
 
 
 def pinned_requirements() -> list[str]:
-    """This client's dependency versions, so the job runs on what was tested here (Ray excluded:
-    the cluster's own Ray must not be replaced inside a job)."""
+    """This client's dependency versions, so the job runs on what was tested here; not Ray: the cluster's stays."""
     pins = []
     for requirement in importlib.metadata.requires("lesion-ray") or []:
-        if "extra ==" in requirement:
-            continue
         name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0]
-        if name.lower() == "ray":
-            continue
-        version = importlib.metadata.version(name).split("+")[0]
-        pins.append(f"{name}=={version}")
+        if "extra ==" not in requirement and name.lower() != "ray":
+            pins.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
     return pins
 
 
-def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+def driver_files(job: spec.JobSpec, config: RemoteCluster | KubeRayCluster) -> dict[str, str]:
+    """``job.yaml`` and ``cluster.yaml`` for the job's driver, ``lesion-ray run`` on the cluster itself."""
+    inside = {"kind": "local", "name": config.name, "address": "auto", "registry": config.registry}
+    return {"job.yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
+            "cluster.yaml": yaml.safe_dump(inside, sort_keys=False)}
 
 
 def submit(job: spec.JobSpec, config: RemoteCluster, settings: Settings, wait: bool = True,
@@ -336,54 +300,33 @@ def submit(job: spec.JobSpec, config: RemoteCluster, settings: Settings, wait: b
     """Submit ``job`` to a remote cluster; stream its logs; return a process exit status."""
     client, job_id = start_job(job, config, settings, verbose=verbose)
     report.info(f"submitted {job.kind} '{job.name}' to {config.address} as {job_id}")
-    if not wait:
-        return 0
-    return follow(client, job_id)
+    return follow(client, job_id) if wait else 0
 
 
 def start_job(job: spec.JobSpec, config: RemoteCluster, settings: Settings,
               verbose: bool = False) -> tuple[Any, str]:
-    """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting.
-
-    The job's driver is ``lesion-ray run`` on the cluster: its console, the job's log, is as quiet as a local
-    run's (``verbose``: Ray's lines too), and Ray's logs go to ``runs/<job name>/lesion-ray.log`` in the job's
-    working directory there. It builds its own settings from the cluster config written for it and from the
-    job's runtime_env (``settings``' env_vars and storage, see :meth:`Settings.job_environment`)."""
+    """Submit ``job`` to a remote cluster and return (Jobs API client, job id) without waiting. Its driver,
+    ``lesion-ray run`` there, gets ``settings``' env_vars and storage through the job's runtime_env."""
     client = job_client(config)
-    workdir = Path(tempfile.mkdtemp(prefix="lesion-ray-job-"))
-    try:
-        shutil.copytree(_package_dir(), workdir / "lesion_ray", ignore=shutil.ignore_patterns("__pycache__"))
-        (workdir / "job.yaml").write_text(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
-        inside = LocalCluster(name=config.name, address="auto", registry=config.registry)  # the driver, there
-        (workdir / "cluster.yaml").write_text(yaml.safe_dump(inside.model_dump(mode="json"), sort_keys=False))
+    with tempfile.TemporaryDirectory(prefix="lesion-ray-job-", ignore_cleanup_errors=True) as folder:
+        workdir, package = Path(folder), Path(__file__).resolve().parent
+        shutil.copytree(package, workdir / "lesion_ray", ignore=shutil.ignore_patterns("__pycache__"))
+        for filename, text in driver_files(job, config).items():
+            (workdir / filename).write_text(text)
         runtime_env: dict[str, Any] = {"working_dir": str(workdir), "env_vars": settings.job_environment()}
         if config.dependencies == "pinned":
             runtime_env["pip"] = {"packages": pinned_requirements(), "pip_check": False}
         name = re.sub(r"[^a-zA-Z0-9-]", "-", job.name)
         submission_id = f"lesion-ray-{name}-{int(time.time())}-{uuid.uuid4().hex[:6]}"  # unique within a second too
-        job_id = _submit_when_ready(
+        job_id = _request(
             config,
-            client,
+            client.submit_job,
             entrypoint="python -m lesion_ray.cli run job.yaml --cluster cluster.yaml" + " --verbose" * verbose,
             runtime_env=runtime_env,
             submission_id=submission_id,
             metadata={"lesion_ray_kind": job.kind, "lesion_ray_name": job.name},
         )
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
     return client, job_id
-
-
-def _submit_when_ready(config: RemoteCluster, client, timeout_s: float = 120, **job: Any) -> str:
-    # A cluster that just started answers before its job agent is up: wait for it, briefly.
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return client.submit_job(**job)
-        except Exception as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise RemoteError(_explain(exc, config)) from None
-            time.sleep(2)
 
 
 def follow(client, job_id: str) -> int:
@@ -406,16 +349,13 @@ def follow(client, job_id: str) -> int:
 
 def list_jobs(config: RemoteCluster) -> list[dict[str, Any]]:
     jobs = _request(config, job_client(config).list_jobs)
-    rows = []
-    for job in sorted(jobs, key=lambda j: j.start_time or 0):
-        rows.append({
-            "id": job.submission_id or job.job_id,
-            "status": str(job.status).rsplit(".", 1)[-1],
-            "kind": (job.metadata or {}).get("lesion_ray_kind", "-"),
-            "name": (job.metadata or {}).get("lesion_ray_name", "-"),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000)),
-        })
-    return rows
+    return [{
+        "id": job.submission_id or job.job_id,
+        "status": str(job.status).rsplit(".", 1)[-1],
+        "kind": (job.metadata or {}).get("lesion_ray_kind", "-"),
+        "name": (job.metadata or {}).get("lesion_ray_name", "-"),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((job.start_time or 0) / 1000)),
+    } for job in sorted(jobs, key=lambda j: j.start_time or 0)]
 
 
 def job_logs(config: RemoteCluster, job_id: str) -> str:

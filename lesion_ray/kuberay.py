@@ -1,12 +1,6 @@
-"""KubeRay manifests for a job spec: a RayJob for batch work, a RayService for ``kind: serve``.
-
-Both embed the RayCluster named by the ``kind: kuberay`` cluster config, so the cluster shape
-lives in one file (``cluster/kuberay/raycluster.yaml``). A RayJob carries the spec unchanged in
-a ConfigMap mounted into the head pod; a RayService carries it as its Serve config's args.
-
-Both start authenticated: the cluster's Ray token comes from the Secret ``auth_secret`` and a
-RayService's bearer token from the Secret ``serve_token_secret``, mounted as a file. Manifests
-name the Secrets; no token value is ever in them.
+"""KubeRay manifests for a job spec: a RayJob for batch work (the spec in a ConfigMap mounted into the head pod),
+a RayService for ``kind: serve`` (the spec as its Serve config's args). Both embed the RayCluster the cluster
+config names and start authenticated, with tokens from Secrets: no token value is ever in the manifests.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ from typing import Any
 import yaml
 
 from lesion_ray import spec
-from lesion_ray.cluster import KubeRayCluster
+from lesion_ray.cluster import KubeRayCluster, driver_files
 from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, SpecError
 
@@ -27,11 +21,6 @@ SERVE_TOKEN_MOUNT = "/etc/lesion-ray/serve-token"
 SERVE_TOKEN_KEY = "token"
 RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName requires
 AUTH_ENV_NAMES = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
-
-
-def _dns_name(text: str) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return name[:50] or "lesion-ray"
 
 
 def _cluster_spec(config: KubeRayCluster, settings: Settings) -> dict[str, Any]:
@@ -72,9 +61,8 @@ def _mount(templates: list[dict[str, Any]], name: str, source: dict[str, Any], p
 
 
 def render(job: JobSpec, config: KubeRayCluster, settings: Settings) -> list[dict[str, Any]]:
-    """The manifests to ``kubectl apply`` for ``job`` on the KubeRay cluster ``config``; the pods get
-    ``settings``' env_vars and storage settings (:meth:`Settings.job_environment`)."""
-    name = _dns_name(job.name)
+    """The manifests to ``kubectl apply`` for ``job``; the pods get ``settings``' env_vars and storage."""
+    name = re.sub(r"[^a-z0-9-]+", "-", job.name.lower()).strip("-")[:50] or "lesion-ray"  # a DNS label
     labels = {"app.kubernetes.io/name": "lesion-ray", "lesion-ray/kind": job.kind}
     metadata = {"name": name, "namespace": config.namespace, "labels": labels}
     cluster_spec = _cluster_spec(config, settings)
@@ -89,37 +77,15 @@ def render(job: JobSpec, config: KubeRayCluster, settings: Settings) -> list[dic
         job = job.model_copy(update={"auth_token_env": None, "host": "0.0.0.0",
                                      "auth_token_file": f"{SERVE_TOKEN_MOUNT}/{SERVE_TOKEN_KEY}",
                                      "registry": job.registry or config.registry})
-        return [{
-            "apiVersion": "ray.io/v1",
-            "kind": "RayService",
-            "metadata": metadata,
-            "spec": {
-                "serveConfigV2": yaml.safe_dump(serve.serve_config(job), sort_keys=False),
-                "rayClusterConfig": cluster_spec,
-            },
-        }]
-    inside = {"kind": "local", "name": config.name, "address": "auto", "registry": config.registry}
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {**metadata, "name": f"{name}-spec"},
-        "data": {
-            "job.yaml": yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False),
-            "cluster.yaml": yaml.safe_dump(inside, sort_keys=False),
-        },
-    }
+        serve_config = yaml.safe_dump(serve.serve_config(job), sort_keys=False)
+        return [{"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": metadata,
+                 "spec": {"serveConfigV2": serve_config, "rayClusterConfig": cluster_spec}}]
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {**metadata, "name": f"{name}-spec"},
+                  "data": driver_files(job, config)}
     _mount([cluster_spec["headGroupSpec"]["template"]], "lesion-ray-job", {"configMap": {"name": f"{name}-spec"}},
            SPEC_MOUNT)
-    ray_job = {
-        "apiVersion": "ray.io/v1",
-        "kind": "RayJob",
-        "metadata": metadata,
-        "spec": {
-            "entrypoint": f"python -m lesion_ray.cli run {SPEC_MOUNT}/job.yaml --cluster {SPEC_MOUNT}/cluster.yaml",
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 600,
-            "backoffLimit": 2,
-            "rayClusterSpec": cluster_spec,
-        },
-    }
+    entrypoint = f"python -m lesion_ray.cli run {SPEC_MOUNT}/job.yaml --cluster {SPEC_MOUNT}/cluster.yaml"
+    ray_job = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata,
+               "spec": {"entrypoint": entrypoint, "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 600,
+                        "backoffLimit": 2, "rayClusterSpec": cluster_spec}}
     return [config_map, ray_job]

@@ -1,10 +1,8 @@
 """Job specs: pydantic models loaded from YAML and checked before any Ray work starts.
 
-Each job kind's module declares ``SPEC`` (a :class:`JobSpec` model) and ``run(spec, settings)``
-(:class:`lesion_ray.settings.Settings`: where the job's storage and registry are). The models are the schema;
-rules a type cannot express are ``model_validator`` methods raising ``PydanticCustomError(..., {"key": k})``.
-:func:`from_dict` turns pydantic's first error into one :class:`SpecError` naming the file, the key path and
-what is expected. Parsing never touches storage: :func:`check_uris` checks the URIs a spec names afterwards.
+Each job kind's module declares ``SPEC`` (a :class:`JobSpec` model) and ``run(spec, settings)``. Rules a type
+cannot express are ``model_validator`` methods raising ``PydanticCustomError(..., {"key": k})``; :func:`from_dict`
+turns pydantic's first error into one :class:`SpecError`. Parsing never touches storage: :func:`check_uris` does.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import difflib
 import importlib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -23,21 +22,12 @@ from pydantic_core import core_schema
 
 from lesion_ray import storage
 
-# Job kind -> module that runs it (one module per kind).
-KINDS: dict[str, str] = {
-    "synth": "lesion_ray.synth",
-    "train": "lesion_ray.train",
-    "predict": "lesion_ray.predict",
-    "evaluate": "lesion_ray.evaluate",
-    "serve": "lesion_ray.serve",
-    "pipeline": "lesion_ray.pipeline",
-}
+# Job kind -> module that runs it.
+KINDS = {kind: f"lesion_ray.{kind}" for kind in ("synth", "train", "predict", "evaluate", "serve", "pipeline")}
 DEFAULT_REGISTRY = "runs/registry"  # under the working directory, where neither spec nor cluster config names one
 
 
 def default_registry() -> str:
-    """``runs/registry`` under the working directory, absolute: where neither the spec nor the cluster config
-    names a registry (jobs pass theirs, see :class:`lesion_ray.settings.Settings`)."""
     return storage.normalize(DEFAULT_REGISTRY)
 
 
@@ -61,13 +51,11 @@ class CheckContext:
     # Where a bare name@version is looked up: the job's registry (Settings.registry).
     registry: str = field(default_factory=default_registry)
 
-    def will_exist(self, uri: str) -> bool:
-        if uri in self.produced:
+    def skip(self, uri: str) -> bool:
+        """Whether ``uri`` is not checked now: an earlier step creates it, or it is on a remote cluster's disks."""
+        if not self.check_local_paths and not storage.is_s3(uri):
             return True
         return any(storage.is_within(uri, p) for p in self.produced if not p.startswith("model:"))
-
-    def skip(self, uri: str) -> bool:
-        return self.will_exist(uri) or (not self.check_local_paths and not storage.is_s3(uri))
 
 
 class CheckedStr(str):
@@ -82,7 +70,6 @@ class CheckedStr(str):
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
-        # Validated as a non-empty string and stored canonical; dumped as a plain string.
         return core_schema.no_info_after_validator_function(cls._parse, core_schema.str_schema(min_length=1))
 
     @classmethod
@@ -97,8 +84,6 @@ class CheckedStr(str):
 
 
 class _Uri(CheckedStr):
-    """A storage URI, stored absolute; ``probe`` says whether the job can use it."""
-
     probe = staticmethod(storage.check_readable)
     canonical = classmethod(lambda cls, value: storage.normalize(value))
 
@@ -108,21 +93,16 @@ class _Uri(CheckedStr):
 
 
 class InputUri(_Uri):
-    """A path or URI the job reads: it must exist and be readable."""
-
     expected = "a path or URI (local, file:// or s3://) that exists"
 
 
 class OutputUri(_Uri):
-    """A path or URI the job writes: its bucket, or its nearest existing folder, must be writable."""
-
     expected = "a path or URI (local, file:// or s3://) to write to"
     probe = staticmethod(storage.check_writable)
 
 
 class RegistryUri(_Uri):
-    """A model registry, the ``registry`` key of specs and cluster configs. Not probed on its own: a job
-    that reads it checks the model it names there, and train checks that it can publish there."""
+    """Not probed: a job that reads it checks the model it names there, and train checks it can publish."""
 
     expected = "a path or URI (local, file:// or s3://) of a model registry"
 
@@ -143,8 +123,6 @@ class StorageSettings(BaseModel):
 
 
 class JobSpec(BaseModel):
-    """Keys every job spec has."""
-
     model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: str
@@ -152,14 +130,12 @@ class JobSpec(BaseModel):
     storage: StorageSettings | None = None
 
     def check(self, ctx: CheckContext) -> None:
-        """Check the world this spec names (URIs, models) without running anything; a bare name@version
-        is looked up in the spec's own registry when it names one."""
+        """Check the URIs and models this spec names; a bare name@version is looked up in its own registry."""
         check_uris(self, replace(ctx, registry=getattr(self, "registry", None) or ctx.registry))
 
     def produces(self) -> list[str]:
-        """What this job creates, so later pipeline steps may name it before it exists:
-        normalized URIs (by default every :class:`OutputUri` field) and ``model:<name>``."""
-        return outputs_of(self)
+        """What this job creates, which later pipeline steps may name: URIs and ``model:<name>``."""
+        return [storage.normalize(uri) for _, uri in _checked(self, "") if isinstance(uri, OutputUri)]
 
 
 # --- Parsing -------------------------------------------------------------------------------
@@ -277,8 +253,7 @@ def _spec_error(exc: ValidationError, tp: Any, data: Any, source: str, path: str
     if kind in _BOUNDS:
         bound_name, words = _BOUNDS[kind]
         metadata = place.field.metadata if place.field else []
-        declared = [getattr(m, bound_name) for m in metadata if hasattr(m, bound_name)]
-        bound = declared[0] if declared else ctx[bound_name]
+        bound = next((getattr(m, bound_name) for m in metadata if hasattr(m, bound_name)), ctx[bound_name])
         got = float(error["input"]) if isinstance(ctx[bound_name], float) else error["input"]
         return SpecError(source, place.field_path, f"must be {words} {bound}, got {got!r}")
     if "key" in ctx:  # a model's rule, about one of its keys
@@ -309,31 +284,24 @@ def from_dict(tp: type[T] | Any, data: Any, source: str, path: str = "") -> T:
         raise _spec_error(exc, tp, data, source, path) from None
 
 
-def _fields(obj: Any) -> list[tuple[str | int, Any]]:
-    """The (key, value) pairs a spec walk descends into."""
-    if isinstance(obj, BaseModel):
-        return [(name, getattr(obj, name)) for name in type(obj).model_fields]
-    if isinstance(obj, (list, tuple)):
-        return list(enumerate(obj))
-    return list(obj.items()) if isinstance(obj, dict) else []
+def _checked(obj: Any, path: str) -> Iterator[tuple[str, CheckedStr]]:
+    if isinstance(obj, CheckedStr):
+        yield path, obj
+    elif isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            yield from _checked(getattr(obj, name), key_path(path, name))
+    elif isinstance(obj, (list, tuple, dict)):
+        for key, value in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            yield from _checked(value, key_path(path, key))
 
 
 def check_uris(obj: Any, ctx: CheckContext, path: str = "") -> None:
     """Run every :class:`CheckedStr`'s check, turning storage errors into :class:`SpecError`."""
-    if isinstance(obj, CheckedStr):
+    for where, value in _checked(obj, path):
         try:
-            obj.check(ctx)
+            value.check(ctx)
         except (storage.StorageError, ValueError) as exc:
-            raise SpecError(ctx.source, path, str(exc)) from None
-    for key, value in _fields(obj):
-        check_uris(value, ctx, key_path(path, key))
-
-
-def outputs_of(obj: Any) -> list[str]:
-    """Every :class:`OutputUri` in a spec: what a later pipeline step may read."""
-    if isinstance(obj, OutputUri):
-        return [storage.normalize(obj)]
-    return [uri for _, value in _fields(obj) for uri in outputs_of(value)]
+            raise SpecError(ctx.source, where, str(exc)) from None
 
 
 # --- Files and overrides --------------------------------------------------------------------
@@ -341,11 +309,9 @@ def outputs_of(obj: Any) -> list[str]:
 
 def read_yaml(source: str) -> dict[str, Any]:
     try:
-        text = storage.read_text(source)
+        data = yaml.safe_load(storage.read_text(source))
     except storage.StorageError as exc:
         raise SpecError(source, "", str(exc)) from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -366,14 +332,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError:
             value = raw
-        keys = dotted.split(".")
+        *parents, last = dotted.split(".")
         node: Any = data
-        for depth, key in enumerate(keys[:-1]):
-            node = _child(node, key, ".".join(keys[: depth + 1]), source)
-        if isinstance(node, list):
-            node[_list_index(node, keys[-1], dotted, source)] = value
-        else:
-            node[keys[-1]] = value
+        for depth, key in enumerate(parents):
+            node = _child(node, key, ".".join(parents[: depth + 1]), source)
+        node[_list_index(node, last, dotted, source) if isinstance(node, list) else last] = value
     return data
 
 

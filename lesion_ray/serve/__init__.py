@@ -1,8 +1,6 @@
-"""Online prediction on Ray Serve (``kind: serve``): a registered model behind an HTTP API, in two
-deployments so that bad input never reaches the model and each side scales on its own work:
-``SegmentationApi`` (:mod:`.ingress`) and ``SegmentationModel`` (:mod:`.deployment`); the spec is in
-:mod:`.config`. Here: the application, its Serve config file (``lesion_ray.serve:app_builder``), the run loop.
-"""
+"""Online prediction on Ray Serve (``kind: serve``): ``SegmentationApi`` (:mod:`.ingress`) in front of
+``SegmentationModel`` (:mod:`.deployment`), so that bad input never reaches the model and each side scales on
+its own work. Here: the application, its Serve config file and the run loop."""
 
 import signal
 import threading
@@ -23,8 +21,7 @@ __all__ = ["SPEC", "ServeSpec", "app_builder", "build_app", "run", "serve_config
 
 
 def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
-    """The bound application: ingress -> model, both autoscaled, their replicas on ``settings``' storage
-    and registry."""
+    """Ingress -> model, both autoscaled, their replicas on ``settings``' storage and registry."""
     spec = spec.model_copy(update={"registry": spec.registry or RegistryUri(settings.registry)})
     options = {
         "autoscaling_config": {"min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
@@ -32,14 +29,14 @@ def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
     model = SegmentationModel.options(**options).bind(spec, settings.storage)
-    # Only the proxies' queue needs a bound: the ingress calls the model for at most
-    # max_ongoing_requests x max_rows images, and a model queue limit would turn a burst of rows into 503s.
+    # Only the proxies' queue is bounded: the ingress sends the model up to max_ongoing_requests x max_rows
+    # images, and a model queue limit would turn a burst of rows into 503s.
     return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(
         spec, model, settings.storage)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Import path for Serve config files: ``lesion_ray.serve:app_builder`` with the spec as ``args``."""
+    """Import path for Serve config files (``lesion_ray.serve:app_builder``), the spec as ``args``."""
     spec = from_dict(ServeSpec, args, "serve config args")
     # No cluster config here: the spec's storage and registry, else the AWS variables and runs/registry.
     return build_app(spec, Settings.build(job=spec))
@@ -47,39 +44,27 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 def serve_config(spec: ServeSpec) -> dict[str, Any]:
     """A Serve config file (``serve deploy``; KubeRay RayService ``serveConfigV2``) for this spec."""
-    return {
-        "proxy_location": spec.proxy_location,
-        "http_options": _http_options(spec),
-        "applications": [{
-            "name": spec.name,
-            "route_prefix": spec.route_prefix,
-            "import_path": "lesion_ray.serve:app_builder",
-            "args": spec.model_dump(mode="json"),
-        }],
-    }
-
-
-def _http_options(spec: ServeSpec) -> dict[str, Any]:
-    return {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
+    http_options = {"host": spec.host, "port": spec.port, "request_timeout_s": spec.request_timeout_s}
+    app = {"name": spec.name, "route_prefix": spec.route_prefix, "import_path": "lesion_ray.serve:app_builder",
+           "args": spec.model_dump(mode="json")}
+    return {"proxy_location": spec.proxy_location, "http_options": http_options, "applications": [app]}
 
 
 def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Serve until Ctrl-C, SIGTERM, ``stop`` is set or the application is deleted (``serve delete``);
-    then delete the application and shut Serve down."""
+    """Serve until Ctrl-C, SIGTERM, ``stop`` or ``serve delete``; then delete the application, shut Serve down."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
-    serve.start(proxy_location=spec.proxy_location, http_options=_http_options(spec))
+    serve.start(proxy_location=spec.proxy_location, http_options=serve_config(spec)["http_options"])
     serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
     url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
-    report.info(f"serving {info['name']}@{info['version']} at {url} (web page), {url}v1/segment, {url}v1/predict; "
-                "Ctrl-C to stop")
+    model = f"{info['name']}@{info['version']}"
+    report.info(f"serving {model} at {url} (web page), {url}v1/segment, {url}v1/predict; Ctrl-C to stop")
     started = time.monotonic()
     stopped_by = _wait(spec.name, stop or threading.Event())
     if stopped_by != "application deleted":
         serve.delete(spec.name)
     serve.shutdown()
-    return {"url": url, "model": f"{info['name']}@{info['version']}", "stopped_by": stopped_by,
-            "served_s": round(time.monotonic() - started, 1)}
+    return {"url": url, "model": model, "stopped_by": stopped_by, "served_s": round(time.monotonic() - started, 1)}
 
 
 def _wait(app_name: str, stop: threading.Event) -> str:

@@ -39,12 +39,10 @@ class ServeSpec(JobSpec):
         32_000_000, ge=1, description="pixels of all images of one request, read from their headers; more gets 413 "
                                       "before anything is decoded")
     max_rows: int = Field(16, ge=1, description="rows of one /v1/predict request; more get 413")
-    max_concurrent_decodes: int = Field(
-        4, ge=1, description="threads per ingress replica that parse, decode and encode "
-                             "request content; other requests wait for one")
-    max_queued_requests: int = Field(
-        64, ge=1, description="requests each HTTP proxy holds waiting for an ingress replica; "
-                              "more get 503 at once")
+    max_concurrent_decodes: int = Field(4, ge=1, description="threads per ingress replica that parse, decode and "
+                                                             "encode request content; other requests wait for one")
+    max_queued_requests: int = Field(64, ge=1, description="requests each HTTP proxy holds waiting for an ingress "
+                                                          "replica; more get 503 at once")
     request_timeout_s: float = Field(60.0, ge=0.1, description="a request not answered within this time gets 408")
     auth_token_env: str | None = Field(None, description="NAME of the environment variable holding the bearer token")
     auth_token_file: str | None = Field(None, description="file holding the bearer token (e.g. a mounted secret)")
@@ -86,10 +84,8 @@ class ServeSpec(JobSpec):
 
 def is_loopback(host: str) -> bool:
     """Whether listening on ``host`` admits this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve to any interface
         return False
 

@@ -51,10 +51,9 @@ def forward(loaded: registry.LoadedModel, inputs: list[np.ndarray], threshold: f
     if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     probs, head1, _ = inference.forward(loaded.model, x)
-    probs, scores = probs.to(torch.float16).numpy(), head1.tolist()
     cut = loaded.threshold if threshold is None else threshold
-    return [Prediction(probs[i], scores[i], cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
-            for i in range(len(inputs))]
+    return [Prediction(p, s, cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
+            for p, s in zip(probs.to(torch.float16).numpy(), head1.tolist(), strict=True)]
 
 
 def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
@@ -64,8 +63,6 @@ def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class SegmentationModel:
-    """Holds the model; batches the images of all clients into one forward pass."""
-
     async def __init__(self, spec: ServeSpec, storage_config: storage.S3Config) -> None:
         storage.configure(storage_config)  # also where no driver's setup hook reaches (serve deploy, RayService)
         self.spec = spec

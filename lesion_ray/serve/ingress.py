@@ -4,7 +4,6 @@ page are public), request budgets, decoding and validation in a few threads, and
 # No `from __future__ import annotations`: FastAPI reads the routes' parameter types.
 import asyncio
 import base64
-import binascii
 import contextlib
 import hashlib
 import hmac
@@ -51,9 +50,8 @@ T = TypeVar("T")
 
 
 class DecodePool:
-    """``size`` threads for the work whose memory grows with a request's content (JSON, decoding, masks at
-    the original size). Unlike a semaphore around ``asyncio.to_thread``, a request cancelled mid-decode
-    (client gone, timeout) keeps its thread until the decode ends, so the cap holds under cancellations too."""
+    """``size`` threads for the work whose memory grows with a request's content (JSON, decoding, masks).
+    Unlike a semaphore around ``asyncio.to_thread``, a cancelled request keeps its thread: the cap holds."""
 
     def __init__(self, size: int) -> None:
         self._executor = ThreadPoolExecutor(size, thread_name_prefix="decode")
@@ -79,19 +77,18 @@ def client_errors(what: str) -> Iterator[None]:
     """Turn a failure to read or decode the image ``what`` into the client error it is (413, 415, 422)."""
     try:
         yield
-    except BadImage as exc:
-        if exc.reason.startswith("decompression bomb"):
-            raise HTTPException(413, f"{what} is too large to decode ({exc.reason}); send a smaller image") from None
-        if exc.reason == "not an image":
+    except (BadImage, OSError) as exc:  # OSError: damaged data that a PIL step met outside BadImage's checks
+        reason = str(exc)  # a BadImage's reason
+        if reason.startswith("decompression bomb"):
+            raise HTTPException(413, f"{what} is too large to decode ({reason}); send a smaller image") from None
+        if reason == "not an image":
             raise HTTPException(415, f"{what} is not an image: send PNG or JPEG bytes") from None
-        raise HTTPException(422, f"{what} cannot be decoded ({exc.reason}): send a complete PNG or JPEG") from None
-    except OSError as exc:  # PIL's error for damaged data that a decoder step met outside BadImage's checks
-        raise HTTPException(422, f"{what} cannot be decoded ({exc}): send a complete PNG or JPEG") from None
+        raise HTTPException(422, f"{what} cannot be decoded ({reason}): send a complete PNG or JPEG") from None
 
 
 def check_pixels(images: list[tuple[bytes, str]], max_pixels: int, max_request_pixels: int) -> None:
-    """413 when one image is over ``max_pixels`` or all of them are over ``max_request_pixels``
-    together, from their headers alone: nothing is decoded. ``images``: (bytes, what it is)."""
+    """413 when one of the (bytes, what it is) ``images`` is over ``max_pixels`` or all of them are over
+    ``max_request_pixels``, from their headers alone."""
     total = 0
     for data, what in images:
         with client_errors(what):
@@ -103,8 +100,7 @@ def check_pixels(images: list[tuple[bytes, str]], max_pixels: int, max_request_p
 
 
 def prepare(data: bytes, max_pixels: int, size: int, what: str = "the upload") -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width)); a decoding
-    failure becomes an :class:`HTTPException` (a JSON error) naming ``what`` was wrong."""
+    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width)); errors name ``what``."""
     with client_errors(what):
         image, orig = decode_image(data, max_pixels=max_pixels, target=size)
     return to_model_input([image], size)[0].numpy(), orig
@@ -116,8 +112,7 @@ def union_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
 
 
 def overlay_image(data: bytes, pred: Prediction, orig: tuple[int, int], max_pixels: int) -> bytes:
-    """The image with each mask channel tinted in its colour, as a JPEG (it is a photograph); decoded
-    again here rather than kept at full size while the model works."""
+    """The image with its masks tinted, as JPEG; decoded again, not kept at full size while the model works."""
     with client_errors("the upload"):
         image, _ = decode_image(data, max_pixels=max_pixels)
     buf = io.BytesIO()
@@ -130,8 +125,7 @@ def segment_json(pred: Prediction, orig: tuple[int, int]) -> dict[str, Any]:
     union = masks.any(0)
     body: dict[str, Any] = {
         "model": {"name": pred.name, "version": pred.version},
-        "height": int(union.shape[0]),
-        "width": int(union.shape[1]),
+        "height": orig[0], "width": orig[1],
         "threshold": pred.threshold,
         "mask": base64.b64encode(mask_png(union)).decode(),
         "lesion_area_fraction": float(union.mean()),
@@ -147,8 +141,7 @@ async def read_body(request: Request, spec: ServeSpec, form: bool = False) -> by
     """The body (``form``: the file of its multipart form) within max_upload_bytes and request_timeout_s."""
     limit = spec.max_upload_bytes
     work = _form_file(request, limit) if form else _join(_chunks(request, limit))
-    # Serve's proxy lets each request lift its timeout (header x-request-timeout-seconds), so a
-    # body trickling in would hold a slot for good: it gets request_timeout_s here as well.
+    # Serve's proxy lets each request lift its timeout (x-request-timeout-seconds): a trickling body gets it here.
     timeout = spec.request_timeout_s
     try:
         return await asyncio.wait_for(work, timeout)
@@ -186,13 +179,11 @@ async def _join(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 async def _form_file(request: Request, limit: int) -> bytes:
-    """The file part named ``file`` (or the first part with a file name) of a multipart/form-data body, as
-    Starlette's parser (python-multipart) reads it while it arrives."""
+    """The part named ``file`` (or the first with a file name) of a multipart/form-data body, parsed as it comes."""
     boundary = parse_options_header(request.headers["content-type"])[1].get(b"boundary", b"")
     chunks = _chunks(request, limit, b"--" + boundary)
     try:
-        # Any part may be as large as the body, as before: fields are kept in memory, files spooled to disk
-        # past 1 MiB, until the form is closed.
+        # Any part may be as large as the body: fields stay in memory, files spool to disk past 1 MiB.
         form = await MultiPartParser(request.headers, chunks, max_part_size=limit).parse()
     except MultiPartException as exc:
         limits = (f"; a part may have {DEFAULT_MAX_HEADER_COUNT} header lines of up to {DEFAULT_MAX_HEADER_SIZE:,} "
@@ -220,9 +211,9 @@ class PredictRequest(BaseModel):
     rows: list[Row] = Field(min_length=1)
 
 
-def predict_images(body: bytes, max_rows: int, max_pixels: int, max_request_pixels: int) -> list[tuple[bytes, str]]:
-    """The images of a /v1/predict body with what each is (``rows[i].image``), checked against the budgets.
-    :mod:`json` parses it (pydantic's parser would accept integers of more than 4,300 digits), pydantic validates."""
+def predict_images(body: bytes, max_rows: int) -> list[tuple[bytes, str]]:
+    """The images of a /v1/predict body with what each is (``rows[i].image``). :mod:`json` parses it
+    (pydantic's parser would accept integers of more than 4,300 digits), pydantic validates."""
     try:
         payload = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4,300 digits
@@ -237,9 +228,7 @@ def predict_images(body: bytes, max_rows: int, max_pixels: int, max_request_pixe
     except ValidationError as exc:  # answered as FastAPI's own validation errors are
         raise RequestValidationError(exc.errors()) from None
     wheres = [f"rows[{i}].image" for i in range(len(request.rows))]
-    images = [(data_uri_bytes(row.image, where), where) for row, where in zip(request.rows, wheres, strict=True)]
-    check_pixels(images, max_pixels, max_request_pixels)
-    return images
+    return [(data_uri_bytes(row.image, where), where) for row, where in zip(request.rows, wheres, strict=True)]
 
 
 def data_uri_bytes(uri: str, where: str) -> bytes:
@@ -250,7 +239,7 @@ def data_uri_bytes(uri: str, where: str) -> bytes:
         raise HTTPException(415, f"{where} has type {match['mime']}: send image/png or image/jpeg")
     try:
         return base64.b64decode(match["data"], validate=True)
-    except (binascii.Error, ValueError):
+    except ValueError:  # binascii.Error
         raise HTTPException(422, f"{where} holds invalid base64 data") from None
 
 
@@ -299,8 +288,6 @@ async def _no_tracebacks(request: Request, call_next: Any) -> Response:
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class SegmentationApi:
-    """HTTP in and out: auth (from the router), limits, decoding and validation, encoding the masks."""
-
     def __init__(self, spec: ServeSpec, model: DeploymentHandle, storage_config: storage.S3Config) -> None:
         storage.configure(storage_config)  # auth_token_file may lie on S3
         token = read_token(spec)
@@ -311,16 +298,18 @@ class SegmentationApi:
         # Made on the replica: StaticFiles keeps the folder's path, which may differ from the driver's.
         self.files = StaticFiles(packages=[("lesion_ray", "web")], html=True)
 
-    async def _prepare(self, images: list[tuple[bytes, str]]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    async def _segment(self, images: list[tuple[bytes, str]]) -> list[tuple[Prediction, tuple[int, int]]]:
+        """(prediction, original size) of each (bytes, what it is); every image is checked and decoded before
+        any reaches the model, which batches them with the images of other requests."""
+        spec, pool = self.spec, self.pool
+        await pool.run(check_pixels, images, spec.max_pixels, spec.max_request_pixels)
         if self.input_size is None:
             self.input_size = (await self.model.info.remote())["input_size"]
-        return await asyncio.gather(*(self.pool.run(prepare, data, self.spec.max_pixels, self.input_size, what)
-                                      for data, what in images))
-
-    async def _predict(self, x: np.ndarray) -> Prediction:
-        pred = await self.model.predict.remote(x)  # batched with the images of other requests
-        self.input_size = pred.input_size
-        return pred
+        prepared = await asyncio.gather(*(pool.run(prepare, data, spec.max_pixels, self.input_size, what)
+                                          for data, what in images))
+        preds = await asyncio.gather(*(self.model.predict.remote(x) for x, _ in prepared))
+        self.input_size = preds[-1].input_size
+        return [(pred, orig) for pred, (_, orig) in zip(preds, prepared, strict=True)]
 
     @v1.post("/segment")
     async def segment(self, request: Request, format: Literal["png", "json"] = "png",
@@ -331,9 +320,7 @@ class SegmentationApi:
             raise HTTPException(415, f"Content-Type {media} is not supported here: send image bytes (image/jpeg, "
                                      "image/png) or a multipart form with a 'file' field; JSON goes to /v1/predict")
         data = await read_body(request, spec, form=media == "multipart/form-data")
-        await pool.run(check_pixels, [(data, "the upload")], spec.max_pixels, spec.max_request_pixels)
-        ((x, orig),) = await self._prepare([(data, "the upload")])
-        pred = await self._predict(x)
+        ((pred, orig),) = await self._segment([(data, "the upload")])
         headers = {"X-Model": f"{pred.name}@{pred.version}"}
         if format == "json":
             return JSONResponse(await pool.run(segment_json, pred, orig), headers=headers)
@@ -344,16 +331,13 @@ class SegmentationApi:
 
     @v1.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
-        """The tutorial's deployment API: rows of image data URIs in, rows of mask data URIs out."""
-        spec, pool = self.spec, self.pool
-        body = await read_body(request, spec)
-        images = await pool.run(predict_images, body, spec.max_rows, spec.max_pixels, spec.max_request_pixels)
-        # Every row is decoded before any reaches the model; the rows are then batched together.
-        prepared = await self._prepare(images)
-        preds = await asyncio.gather(*(self._predict(x) for x, _ in prepared))
-        masks = await asyncio.gather(*(pool.run(union_png, p, o) for p, (_, o) in zip(preds, prepared, strict=True)))
-        out = [{"mask": "data:image/png;base64," + base64.b64encode(m).decode()} for m in masks]
-        return JSONResponse({"rows": out, "model": {"name": preds[0].name, "version": preds[0].version}})
+        body = await read_body(request, self.spec)
+        images = await self.pool.run(predict_images, body, self.spec.max_rows)
+        results = await self._segment(images)
+        masks = await asyncio.gather(*(self.pool.run(union_png, pred, orig) for pred, orig in results))
+        rows = [{"mask": "data:image/png;base64," + base64.b64encode(m).decode()} for m in masks]
+        pred = results[0][0]
+        return JSONResponse({"rows": rows, "model": {"name": pred.name, "version": pred.version}})
 
     @v1.get("/model")
     async def model_info(self) -> JSONResponse:
