@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lesion_ray import cluster, kuberay, report, spec, storage
+from lesion_ray import cluster, kuberay, manifest, report, spec, storage
 from lesion_ray.cluster import ClusterConfig, RemoteError
 from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext, JobSpec, SpecError
@@ -115,6 +115,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    print(report.format_summary("manifest", manifest.merge(args.outputs, args.to)), flush=True)
+    return EXIT_OK
+
+
 def _job_id(args: argparse.Namespace) -> str:
     if not args.job_id:
         raise SpecError("command line", "job_id", f"`lesion-ray jobs {args.action}` needs a job id (see `jobs list`)")
@@ -145,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("job", help="serve job spec YAML")
     export.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     export.set_defaults(func=_cmd_serve_config)
+    merge = commands.add_parser("manifest", help="combine the manifests of several predict outputs (the shards "
+                                                 "of one archive) into one")
+    merge.add_argument("outputs", nargs="+", help="predict output folders or URIs")
+    merge.add_argument("--to", required=True, help="where manifest.parquet and skipped.csv go")
+    merge.set_defaults(func=_cmd_manifest)
     jobs = commands.add_parser("jobs", help="list, show logs of, or stop jobs on a remote cluster")
     jobs.add_argument("action", choices=["list", "logs", "stop"])
     jobs.add_argument("job_id", nargs="?")

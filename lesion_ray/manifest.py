@@ -11,6 +11,7 @@ error rows) and ``skipped.csv`` (what is not an image, with the reason), one par
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -24,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from lesion_ray import storage
@@ -213,22 +215,14 @@ class Ledger:
         with self._lock:
             parts = self._db.execute("SELECT part, uri FROM parts ORDER BY part").fetchall()
         # The new manifest is published when its block ends, after the old one (a part here) was read.
-        with storage.open_write(storage.join(out, MANIFEST_FILE)) as manifest_file, \
-                storage.open_write(storage.join(out, SKIPPED_FILE)) as skipped_file:
-            writer = pq.ParquetWriter(manifest_file, SCHEMA)
-            skipped = io.TextIOWrapper(skipped_file, encoding="utf-8", newline="")
-            table = csv.writer(skipped)
-            table.writerow(["source", "reason"])
+        with _writers(out) as (writer, skipped):
             for part, uri in parts:
                 for batch in iter_batches(uri):
                     batch = self._rows_of(batch, part)
                     is_skipped = pc.equal(batch["status"], SKIPPED)
                     writer.write_batch(batch.filter(pc.invert(is_skipped)))
                     kept = batch.filter(is_skipped)
-                    table.writerows(zip(kept["source"].to_pylist(), kept["error"].to_pylist(), strict=True))
-            writer.close()
-            skipped.flush()
-            skipped.detach()
+                    skipped.writerows(zip(kept["source"].to_pylist(), kept["error"].to_pylist(), strict=True))
         storage.delete(storage.join(out, PARTS_DIR))
 
     def _rows_of(self, batch: pa.RecordBatch, part: int) -> pa.RecordBatch:
@@ -275,3 +269,66 @@ def read(out: str) -> pa.Table:
     table = pa.concat_tables(tables)
     newest = {source: i for i, source in enumerate(table["source"].to_pylist())}
     return table.take(sorted(newest.values()))
+
+
+
+def merge(outputs: list[str], to: str) -> dict[str, Any]:
+    """Combine the manifests and skipped lists of several predict outputs (the shards of one archive) into
+    ``to``, streamed. An object in two of them is an error: two jobs ran the same shard. Returns the counts."""
+    counts = {OK: 0, ERROR: 0, SKIPPED: 0}
+    with tempfile.TemporaryDirectory(prefix="lesion-ray-merge-") as folder, \
+            contextlib.closing(sqlite3.connect(os.path.join(folder, "sources.sqlite"))) as seen:
+        seen.execute("CREATE TABLE sources (source TEXT PRIMARY KEY, output TEXT)")
+        with _writers(to) as (writer, skipped):
+            for output in outputs:
+                uri = storage.join(output, MANIFEST_FILE)
+                if not storage.is_file(uri):
+                    raise ValueError(f"no {MANIFEST_FILE} in {output}: give the outputs of finished predict runs")
+                for batch in iter_batches(uri):
+                    _claim(seen, batch["source"].to_pylist(), output)
+                    writer.write_batch(batch)
+                    statuses = batch["status"].to_pylist()
+                    counts[OK] += statuses.count(OK)
+                    counts[ERROR] += statuses.count(ERROR)
+                for batch in _csv_batches(storage.join(output, SKIPPED_FILE)):
+                    rows = list(zip(batch["source"].to_pylist(), batch["reason"].to_pylist(), strict=True))
+                    _claim(seen, [source for source, _ in rows], output)
+                    skipped.writerows(rows)
+                    counts[SKIPPED] += len(rows)
+    return {"outputs": len(outputs), "listed": sum(counts.values()), "inputs": counts[OK] + counts[ERROR], **counts,
+            "manifest": storage.join(to, MANIFEST_FILE), "skipped_list": storage.join(to, SKIPPED_FILE)}
+
+
+@contextlib.contextmanager
+def _writers(out: str) -> Iterator[tuple[pq.ParquetWriter, Any]]:
+    """A Parquet writer for ``out``'s manifest and a CSV writer (header written) for its skipped list; both
+    are published, atomically, only when the block succeeds."""
+    with storage.open_write(storage.join(out, MANIFEST_FILE)) as manifest_file, \
+            storage.open_write(storage.join(out, SKIPPED_FILE)) as skipped_file, \
+            pq.ParquetWriter(manifest_file, SCHEMA) as writer:
+        text = io.TextIOWrapper(skipped_file, encoding="utf-8", newline="")
+        try:
+            lines = csv.writer(text)
+            lines.writerow(["source", "reason"])
+            yield writer, lines
+        finally:
+            text.flush()
+            text.detach()  # the stream stays open for open_write to publish
+
+
+def _claim(seen: sqlite3.Connection, sources: list[str], output: str) -> None:
+    with seen:
+        for source in sources:
+            if not seen.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", (source, output)).rowcount:
+                other = seen.execute("SELECT output FROM sources WHERE source = ?", (source,)).fetchone()[0]
+                raise ValueError(f"{source} is in both {other} and {output}: two jobs ran the same shard, or an "
+                                 "output was given twice")
+
+
+def _csv_batches(uri: str) -> Iterator[pa.RecordBatch]:
+    if not storage.is_file(uri):
+        return
+    fs, path = storage.pyarrow_filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        yield from pa_csv.open_csv(f, convert_options=pa_csv.ConvertOptions(
+            column_types={"source": pa.string(), "reason": pa.string()}))

@@ -26,7 +26,6 @@ import os
 import queue
 import secrets
 import shutil
-import string
 import tempfile
 import threading
 import time
@@ -44,7 +43,8 @@ DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS or the settings 
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 _CONFLICT_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 LISTING_RANGES = 16  # S3 key ranges listed side by side (real S3 answers each list request in tens of ms)
-_SPLIT_LEVELS = 6  # characters probed to find them
+_SPLIT_LEVELS = 12  # characters of the key names looked at to find them
+_HIGHEST_CHARACTER = "\U0010ffff"  # S3 orders keys by UTF-8 bytes: this sorts after every character
 
 
 class StorageError(Exception):
@@ -358,7 +358,7 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
     no particular order across ranges; every key exactly once). The ranges start at the key prefixes
     that hold objects, found with one-key probes (``ISIC_00000``, ``ISIC_00001``, ...)."""
     uri = normalize(uri)
-    points = _split_points(uri, ranges) if is_s3(uri) else []
+    points = split_points(uri, ranges) if is_s3(uri) else []
     if not points:
         yield from iter_listing(uri)
         return
@@ -396,36 +396,40 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
                 pages.get_nowait()
 
 
-def _split_points(uri: str, wanted: int) -> list[str]:
-    """Up to a few times ``wanted`` key prefixes under ``uri`` that hold objects, sorted (full URIs): the
-    names' leading characters, one level at a time (digits only where the first key has a digit there)."""
+def split_points(uri: str, wanted: int) -> list[str]:
+    """Key prefixes under ``uri`` (full URIs, sorted) to start listing ranges at: the distinct prefixes one
+    character longer at a time (``I``, ``IS``, ... ``ISIC_000``, ``ISIC_001``, ...) until there are
+    ``wanted`` of them, each level found by skipping from one prefix to the next with one-key requests."""
     bucket, key = split_s3(uri)
-    prefix = key.rstrip("/") + "/" if key else ""
+    root = key.rstrip("/") + "/" if key else ""
     client = _s3_client()
 
-    def first_key(start: str) -> str | None:
-        resp = _s3_call(uri, "list", client.list_objects_v2, Bucket=bucket, Prefix=start, MaxKeys=1)
-        return resp["Contents"][0]["Key"] if resp.get("KeyCount") else None
+    def children(prefix: str) -> list[str]:
+        found: list[str] = []
+        start = prefix
+        while len(found) < wanted:
+            resp = _s3_call(uri, "list", client.list_objects_v2, Bucket=bucket, Prefix=prefix, StartAfter=start,
+                            MaxKeys=1)
+            if not resp.get("KeyCount"):
+                break
+            child = resp["Contents"][0]["Key"][: len(prefix) + 1]
+            if found and child == found[-1]:  # a key beyond the highest character: nothing more to skip to
+                break
+            if len(child) > len(prefix):
+                found.append(child)
+            start = child + _HIGHEST_CHARACTER
+        return found
 
-    first = first_key(prefix)
-    if first is None:
-        return []
-    name = first[len(prefix):]
-    stem = prefix + name[: next((i for i, c in enumerate(name) if c.isdigit()), 0)]
-    found = [stem]
+    level = [root]
     with ThreadPoolExecutor(32, thread_name_prefix="listing-probe") as pool:
         for _ in range(_SPLIT_LEVELS):
-            depth = len(found[0])
-            digit = len(first) > depth and first[depth].isdigit()
-            alphabet = string.digits if digit else string.digits + string.ascii_letters
-            candidates = [p + c for p in found for c in alphabet]
-            held = [c for c, k in zip(candidates, pool.map(first_key, candidates), strict=True) if k is not None]
-            if not held:
+            deeper = [child for found in pool.map(children, level) for child in found]
+            if not deeper:
                 break
-            found = held
-            if len(found) >= wanted:
+            level = deeper
+            if len(level) >= wanted:
                 break
-    return [f"s3://{bucket}/{p}" for p in found] if len(found) > 1 else []
+    return [f"s3://{bucket}/{p}" for p in level] if len(level) > 1 else []
 
 
 def read_bytes(uri: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import data, inference, manifest, predict, registry, storage
+from lesion_ray import cli, data, inference, manifest, predict, registry, storage
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -230,3 +231,65 @@ def test_task1_masks_are_one_region_without_holes(ray_local, settings, tmp_path)
         assert len(regions(raw, diagonal=True)) > 5 and holes(raw) > 0
         mask = np.asarray(Image.open(tmp_path / "out" / name)) > 0
         assert len(regions(mask, diagonal=True)) == 1 and holes(mask) == 0
+
+
+def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tmp_path) -> None:
+    ref = publish_tiny_model(tmp_path, f"{s3_bucket}/registry", task=1)
+    inputs, out = f"{s3_bucket}/in", f"{s3_bucket}/out"
+    for i in range(4):
+        storage.write_bytes(f"{inputs}/ISIC_000000{i}.jpg", jpeg(40, 30, i))
+    objects = {
+        "ISIC_0000001.png": jpeg(40, 30, 11),  # a second file with the id of ISIC_0000001.jpg
+        "sub/ISIC_0000002.jpg": jpeg(40, 30, 12),  # the same id in a sub-folder
+        "ISIC_0000004.tif": b"II*\x00", "scan.bmp": b"BM",  # images of types lesion-ray does not read
+        "ISIC_0000005.jpg": jpeg(300, 300, 5),  # over max_bytes
+        "LICENSE.txt": b"CC-BY-NC", "metadata.csv": b"id,age\n",  # not images
+        "ISIC_0000000_segmentation.png": jpeg(40, 30, 0),  # a mask, not an input
+    }
+    for name, body in objects.items():
+        storage.write_bytes(f"{inputs}/{name}", body)
+    assert len(objects["ISIC_0000005.jpg"]) > 20_000 > len(jpeg(40, 30, 0))
+
+    summary = predict.run(make_spec(input=inputs, model=ref, registry=f"{s3_bucket}/registry", output=out,
+                                    batch_size=2, overlays="none", max_bytes=20_000), settings)
+    assert (summary["listed"], summary["ok"], summary["error"], summary["skipped"]) == (12, 4, 5, 3)
+    rows = {r["source"].removeprefix(f"{inputs}/"): r for r in manifest.read(out).to_pylist()}
+    assert sorted(r for r, row in rows.items() if row["status"] == "ok") == [f"ISIC_000000{i}.jpg" for i in range(4)]
+    assert rows["ISIC_0000001.png"]["error"] == f"duplicate id ISIC_0000001: also {inputs}/ISIC_0000001.jpg"
+    assert rows["sub/ISIC_0000002.jpg"]["error"] == f"duplicate id ISIC_0000002: also {inputs}/ISIC_0000002.jpg"
+    assert rows["ISIC_0000004.tif"]["error"] == "unsupported image type .tif: convert it to JPEG or PNG"
+    assert rows["scan.bmp"]["error"].startswith("unsupported image type .bmp")
+    assert "over max_bytes (20,000): not read" in rows["ISIC_0000005.jpg"]["error"]
+    skipped = storage.read_text(f"{out}/{manifest.SKIPPED_FILE}").splitlines()
+    assert skipped[0] == "source,reason" and sorted(skipped[1:]) == [
+        f'{inputs}/ISIC_0000000_segmentation.png,"a mask, not an input image"',
+        f"{inputs}/LICENSE.txt,not an image file", f"{inputs}/metadata.csv,not an image file"]
+    assert not storage.exists(f"{out}/masks/ISIC_0000005_segmentation.png")
+
+
+def test_shards_split_an_archive_and_the_manifests_merge(ray_local, settings, tmp_path, capsys) -> None:
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
+    inputs = tmp_path / "in"
+    ids = [f"ISIC_{i:07d}" for i in range(16)]
+    for i, image_id in enumerate(ids):
+        storage.write_bytes(str(inputs / f"{image_id}.jpg"), jpeg(32, 24, i))
+    storage.write_text(str(inputs / "README.txt"), "not an image")
+    outputs = [str(tmp_path / f"out{k}") for k in (1, 2)]
+    shards = [predict.run(make_spec(input=str(inputs), model=ref, registry=str(tmp_path / "registry"), output=out,
+                                    overlays="none", shard=f"{k}/2"), settings) for k, out in zip((1, 2), outputs,
+                                                                                                  strict=True)]
+    mine = [{r["id"] for r in manifest.read(out).to_pylist()} for out in outputs]
+    assert mine[0] and mine[1] and not mine[0] & mine[1] and mine[0] | mine[1] == set(ids)
+    for summary, rows in zip(shards, mine, strict=True):
+        assert summary["listed"] == 17 and summary["other_shards"] == 17 - summary["inputs"] - summary["skipped"]
+        assert summary["inputs"] == len(rows)
+    assert shards[0]["skipped"] + shards[1]["skipped"] == 1  # README.txt, in the shard its name hashes to
+
+    merged = str(tmp_path / "all")
+    assert cli.main(["manifest", *outputs, "--to", merged]) == 0
+    assert re.search(r"listed +: 17\n", capsys.readouterr().out)
+    assert sorted(r["id"] for r in manifest.read(merged).to_pylist()) == ids
+    assert cli.main(["manifest", outputs[0], outputs[0], "--to", merged]) == 1
+    assert "two jobs ran the same shard" in capsys.readouterr().err
+    with pytest.raises(SpecError, match=r"shard: K must be at most N in K/N, got 3/2"):
+        make_spec(input=str(inputs), model=ref, output=outputs[0], shard="3/2")

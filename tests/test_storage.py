@@ -52,6 +52,18 @@ def test_listing_is_complete_past_one_page(root: str) -> None:
     assert all(f.size == 1 for f in files)
 
 
+def test_parallel_listing_returns_every_key_once(root: str) -> None:
+    folder = storage.join(root, "archive")
+    names = [f"ISIC_{290 * i:07d}.jpg" for i in range(300)]  # ids up to 0086710: nine ISIC_00<d> prefixes
+    names += ["ISIC_", "ISIC_0000083", "LICENSE.txt", "a-b.csv", "été.jpg", "zz/ISIC_0000083.jpg", "~x"]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda name: storage.write_bytes(storage.join(folder, name), b"x"), names))
+    listed = [f.uri for page in storage.iter_listing_parallel(folder) for f in page]
+    assert sorted(listed) == sorted(storage.join(folder, name) for name in names)
+    if storage.is_s3(folder):  # the key space was split into ranges listed side by side
+        assert len(storage.split_points(folder, storage.LISTING_RANGES)) >= storage.LISTING_RANGES
+
+
 def test_failed_write_leaves_nothing_visible(root: str) -> None:
     uri = storage.join(root, "partial.bin")
     with pytest.raises(RuntimeError), storage.open_write(uri) as f:
