@@ -18,15 +18,9 @@ AGREE, PREDICTED_ONLY, MISSED = (40, 200, 60), (235, 40, 40), (40, 120, 255)
 TILE_HEIGHT = 180
 
 
-def png_bytes(image: Image.Image) -> bytes:
+def _encoded(image: Image.Image, image_format: str = "PNG", **options: Any) -> bytes:
     out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def jpeg_bytes(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=88)
+    image.save(out, format=image_format, **options)
     return out.getvalue()
 
 
@@ -40,8 +34,9 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_history(history: list[dict[str, Any]], task: int, width: int = 720, height: int = 380) -> bytes:
+def plot_history(history: list[dict[str, Any]], task: int) -> bytes:
     """A PNG line chart: train and validation loss (left axis), validation score in [0, 1] (right)."""
+    width, height = 720, 380
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=14)
@@ -81,7 +76,7 @@ def plot_history(history: list[dict[str, Any]], task: int, width: int = 720, hei
     for epoch in epochs[::step] + ([epochs[-1]] if (len(epochs) - 1) % step else []):
         draw.text((x_of(epoch), bottom + 6), str(epoch), fill="black", font=font, anchor="mt")
     draw.text(((left + right) / 2, bottom + 26), "epoch", fill="black", font=font, anchor="mt")
-    return png_bytes(img)
+    return _encoded(img)
 
 
 def confusion_figure(cm: dict[str, Any], title: str) -> bytes:
@@ -104,7 +99,7 @@ def confusion_figure(cm: dict[str, Any], title: str) -> bytes:
             draw.rectangle((x, y, x + cell_w, y + cell_h), fill=(shade, shade, 255), outline="black")
             ink = "white" if percent > 55 else "black"
             draw.text((x + 12, y + 20), f"{cm['counts'][i][j]:,} px\n{percent:.2f} %", fill=ink, font=font)
-    return png_bytes(image)
+    return _encoded(image)
 
 
 def comparison_tile(image: np.ndarray | None, truth: np.ndarray, prediction: np.ndarray) -> bytes:
@@ -128,4 +123,5 @@ def comparison_tile(image: np.ndarray | None, truth: np.ndarray, prediction: np.
                           (truth & ~prediction, MISSED)):
         blended[where] = 0.6 * picture[where] + 0.4 * np.array(colour, np.float32)
     gap = np.full((height, 4, 3), 255, np.float32)
-    return jpeg_bytes(Image.fromarray(np.concatenate([picture, gap, blended], axis=1).astype(np.uint8), "RGB"))
+    tile = Image.fromarray(np.concatenate([picture, gap, blended], axis=1).astype(np.uint8), "RGB")
+    return _encoded(tile, "JPEG", quality=88)

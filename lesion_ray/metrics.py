@@ -1,27 +1,20 @@
 """The official ISIC 2018 segmentation scores, in pure numpy.
 
-Scoring is split so that it parallelises: :func:`pixel_counts` (one pair) and :func:`mask_counts` (a
-batch) turn (ground truth, prediction) masks into four integers (TP, FP, FN, TN) anywhere (a Ray Data
-batch, a training worker), and the reductions (:func:`task1_scores`, :func:`task2_scores`,
-:func:`confusion_matrix`) take the stacked counts of all pairs: on evaluate's driver, or in every
-training worker after the counts are summed across workers. Counts arrays have shape ``[..., 4]`` in the order
-of :data:`COUNTS`.
+Scoring parallelises: :func:`pixel_counts` and :func:`mask_counts` turn mask pairs into TP, FP, FN, TN anywhere (a
+Ray Data batch, a training worker); the reductions take the stacked counts (``[..., 4]``, :data:`COUNTS` order).
 
 Definitions follow the ISIC challenge scoring code (ImageMarkup/isic-challenge-scoring):
 - both masks are binarised at value > 128;
-- Task 1: every score is computed per image and averaged over images; the headline
-  "threshold Jaccard" sets any per-image Jaccard below 0.65 to 0;
-- Task 2 (2018): TP, FP and FN of every (image, attribute) pair are divided by the image's
-  pixel count, summed over all images and attributes, and one Jaccard is taken from the
-  sums (pooled, not a mean). Per-attribute Jaccard and Dice pool over images the same way;
-- a ratio whose denominator is 0 scores 1.0, as in the official code: an empty ground truth
-  with an empty prediction is a perfect answer (Jaccard, Dice), and sensitivity
-  (specificity) is 1.0 when the ground truth has no positive (negative) pixels.
+- Task 1: every score is computed per image and averaged over images; the headline "threshold Jaccard" sets any
+  per-image Jaccard below 0.65 to 0;
+- Task 2 (2018): TP, FP and FN of every (image, attribute) pair are divided by the image's pixel count, summed over
+  all images and attributes, and one Jaccard is taken from the sums (pooled, not a mean). Per-attribute Jaccard and
+  Dice pool over images the same way;
+- a ratio whose denominator is 0 scores 1.0: an empty ground truth with an empty prediction is a perfect answer,
+  and sensitivity (specificity) is 1.0 without positive (negative) pixels.
 
-Missing, unreadable or wrongly sized predictions: the official code refuses to score a
-submission with any of them. A batch job over an archive must not stop on one file, so the
-evaluate job reports each of them by id and scores it as an all-zero prediction
-(``prediction=None`` here) -- the penalty an empty mask gets.
+The official code refuses a submission with a missing, unreadable or wrongly sized prediction; a batch job must
+not stop on one file, so evaluate reports each and scores it as an all-zero prediction (``prediction=None``).
 """
 
 from __future__ import annotations
@@ -40,9 +33,7 @@ def binarize(mask: np.ndarray) -> np.ndarray:
 
 def pixel_counts(truth: np.ndarray, prediction: np.ndarray | None) -> np.ndarray:
     """TP, FP, FN, TN of one mask pair (int64 ``[4]``); ``prediction=None`` scores an all-zero mask.
-
-    Raises ValueError when the two masks differ in size: the caller decides how to report it.
-    """
+    Raises ValueError when the two masks differ in size: the caller decides how to report it."""
     t = binarize(truth)
     if prediction is None:
         p = np.zeros_like(t)
@@ -79,9 +70,9 @@ def jaccard(counts: np.ndarray) -> np.ndarray:
     return _ratio(tp, tp + fp + fn)
 
 
-def threshold_jaccard(counts: np.ndarray, floor: float = JACCARD_FLOOR) -> np.ndarray:
+def threshold_jaccard(counts: np.ndarray) -> np.ndarray:
     j = jaccard(counts)
-    return np.where(j >= floor, j, 0.0)
+    return np.where(j >= JACCARD_FLOOR, j, 0.0)
 
 
 def dice(counts: np.ndarray) -> np.ndarray:
@@ -104,14 +95,8 @@ def accuracy(counts: np.ndarray) -> np.ndarray:
     return _ratio(tp + tn, tp + fp + fn + tn)
 
 
-TASK1_SCORES = {
-    "threshold_jaccard": threshold_jaccard,
-    "jaccard": jaccard,
-    "dice": dice,
-    "sensitivity": sensitivity,
-    "specificity": specificity,
-    "accuracy": accuracy,
-}
+TASK1_SCORES = {"threshold_jaccard": threshold_jaccard, "jaccard": jaccard, "dice": dice,
+                "sensitivity": sensitivity, "specificity": specificity, "accuracy": accuracy}
 
 
 def image_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
@@ -128,37 +113,29 @@ def task1_scores(counts: np.ndarray) -> dict[str, float]:
 
 
 def task2_scores(counts: np.ndarray, pixels: np.ndarray, attributes: list[str] | np.ndarray) -> dict:
-    """Task 2 (2018): the pooled Jaccard and Dice, overall and per attribute.
-
-    ``counts[i]`` are the pixel counts of pair i, ``pixels[i]`` its image's pixel count and
-    ``attributes[i]`` its attribute name.
-    """
+    """Task 2 (2018): the pooled Jaccard and Dice, overall and per attribute. ``counts[i]`` are the pixel counts
+    of pair i, ``pixels[i]`` its image's pixel count and ``attributes[i]`` its attribute name."""
     counts = np.asarray(counts, dtype=np.float64).reshape(-1, 4)
     if len(counts) == 0:
         raise ValueError("no attribute masks to score")
     normalised = counts / np.asarray(pixels, dtype=np.float64)[:, None]
     attributes = np.asarray(attributes)
-    per_attribute = {}
-    for name in sorted(set(attributes.tolist())):
-        pooled = normalised[attributes == name].sum(axis=0)
-        per_attribute[name] = {"jaccard": float(jaccard(pooled)), "dice": float(dice(pooled))}
+    per_attribute = {name: _pooled(normalised[attributes == name]) for name in sorted(set(attributes.tolist()))}
+    return {**_pooled(normalised), "per_attribute": per_attribute}
+
+
+def _pooled(normalised: np.ndarray) -> dict[str, float]:
     pooled = normalised.sum(axis=0)
-    return {"jaccard": float(jaccard(pooled)), "dice": float(dice(pooled)), "per_attribute": per_attribute}
+    return {"jaccard": float(jaccard(pooled)), "dice": float(dice(pooled))}
 
 
 def confusion_matrix(counts: np.ndarray, labels: tuple[str, str] = ("not lesion", "lesion")) -> dict:
-    """The pixel confusion matrix summed over ``counts`` (``[..., 4]``).
-
-    Rows are the ground truth, columns the prediction, both in ``labels`` order (negative
-    first). ``percent`` divides each row by its total, so the diagonal is each class's
-    recall, as the tutorial's percentage view shows it.
-    """
+    """The pixel confusion matrix summed over ``counts`` (``[..., 4]``): rows are the ground truth, columns the
+    prediction, both in ``labels`` order (negative first). ``percent`` divides each row by its total, so the
+    diagonal is each class's recall, as the tutorial's percentage view shows it."""
     tp, fp, fn, tn = (int(v) for v in np.asarray(counts, dtype=np.int64).reshape(-1, 4).sum(axis=0))
-    matrix = np.array([[tn, fp], [fn, tp]], dtype=np.float64)
+    cells = [[tn, fp], [fn, tp]]
+    matrix = np.array(cells, dtype=np.float64)
     rows = matrix.sum(axis=1, keepdims=True)
     percent = np.divide(100 * matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
-    return {
-        "labels": list(labels),
-        "counts": [[tn, fp], [fn, tp]],
-        "percent": [[round(float(v), 4) for v in row] for row in percent],
-    }
+    return {"labels": list(labels), "counts": cells, "percent": [[round(float(v), 4) for v in row] for row in percent]}

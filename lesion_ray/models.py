@@ -1,17 +1,12 @@
-"""Segmentation models.
+"""Segmentation models: two architectures behind one interface, so training, inference and serving never branch.
 
-Two architectures share one interface, so training, batch inference and serving never
-branch on the model: ``forward(x)`` takes float32 images ``[B, 3, S, S]`` in ``[0, 1]`` and
-returns ``(mask_logits [B, C, S, S], head1 [B, C], head2 [B, C])`` without a sigmoid, where
-C is 1 (Task 1, lesion) or 5 (Task 2, one channel per attribute in ``data.ATTRIBUTES`` order).
+``forward(x)`` takes float32 images ``[B, 3, S, S]`` in ``[0, 1]`` and returns ``(mask_logits [B, C, S, S],
+head1 [B, C], head2 [B, C])`` without a sigmoid; C is 1 (Task 1, lesion) or 5 (Task 2, ``data.ATTRIBUTES`` order).
 
-- ``multitask_unet``: the seed model of chvlyl/ISIC2018 (REFERENCE §3): a VGG16 encoder,
-  decoder blocks of 3x3 conv + ReLU then ConvTranspose2d(4, 2, 1) + ReLU with skip
-  connections, head 1 = 1x1 conv + global average pooling on the centre block, head 2 =
-  global max pooling of the mask logits.
-- ``unet``: the Peltarion tutorial's plain U-Net with configurable ``depth`` and width
-  (``num_filters``, doubled per level), small enough to train in a minute on a CPU at 64x64.
-  It carries the same two heads so the seed loss (:mod:`lesion_ray.losses`) works with it too.
+- ``multitask_unet``: the seed model of chvlyl/ISIC2018 (REFERENCE §3): a VGG16 encoder, decoder blocks with skip
+  connections; head 1 = 1x1 conv + global average pooling on the centre block, head 2 = global max of the logits.
+- ``unet``: the Peltarion tutorial's plain U-Net, small enough to train in a minute on a CPU at 64x64; it carries
+  the same two heads so the seed loss (:mod:`lesion_ray.losses`) works with it too.
 """
 
 from __future__ import annotations
@@ -86,6 +81,11 @@ class DecoderBlock(nn.Module):
         return self.block(x)
 
 
+def _outputs(logits: torch.Tensor, center_head: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared interface: mask logits, head 1 (averaged over the centre), head 2 (the logits' maximum)."""
+    return logits, F.adaptive_avg_pool2d(center_head, 1).flatten(1), F.adaptive_max_pool2d(logits, 1).flatten(1)
+
+
 def vgg16_features() -> nn.Sequential:
     """VGG16's convolutional part with torchvision's exact module indices (0, 2, 5, ... 28),
     so a torchvision ``features.N.*`` state_dict maps onto ``N.*`` one to one."""
@@ -126,14 +126,10 @@ class MultiTaskUNet(nn.Module):
         for i, (start, stop) in enumerate(VGG16_BLOCKS):
             x = self.encoder[start:stop](self.pool(x) if i else x)
             skips.append(x)
-        center = self.center(self.pool(x))
-        x = center
+        x = center = self.center(self.pool(x))
         for decoder, skip in zip((self.dec5, self.dec4, self.dec3, self.dec2, self.dec1), reversed(skips), strict=True):
             x = decoder(torch.cat([x, skip], 1))
-        logits = self.final(x)
-        head1 = F.adaptive_avg_pool2d(self.head1(center), 1).flatten(1)
-        head2 = F.adaptive_max_pool2d(logits, 1).flatten(1)
-        return logits, head1, head2
+        return _outputs(self.final(x), self.head1(center))
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -153,14 +149,11 @@ class UNet(nn.Module):
     def __init__(self, num_classes: int = 1, num_filters: int = 32, depth: int = 4) -> None:
         super().__init__()
         widths = [num_filters * 2**level for level in range(depth + 1)]
-        self.down = nn.ModuleList(
-            double_conv(3 if level == 0 else widths[level - 1], widths[level]) for level in range(depth)
-        )
+        self.down = nn.ModuleList(double_conv(widths[lv - 1] if lv else 3, widths[lv]) for lv in range(depth))
         self.bottleneck = double_conv(widths[depth - 1], widths[depth])
-        self.up = nn.ModuleList(
-            nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2) for level in reversed(range(depth))
-        )
-        self.up_conv = nn.ModuleList(double_conv(2 * widths[level], widths[level]) for level in reversed(range(depth)))
+        decoding = list(reversed(range(depth)))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[lv + 1], widths[lv], 2, stride=2) for lv in decoding)
+        self.up_conv = nn.ModuleList(double_conv(2 * widths[lv], widths[lv]) for lv in decoding)
         self.final = nn.Conv2d(widths[0], num_classes, kernel_size=1)
         self.head1 = nn.Conv2d(widths[depth], num_classes, kernel_size=1)
 
@@ -170,14 +163,10 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        center = self.bottleneck(x)
-        x = center
+        x = center = self.bottleneck(x)
         for up, conv, skip in zip(self.up, self.up_conv, reversed(skips), strict=True):
             x = conv(torch.cat([up(x), skip], 1))
-        logits = self.final(x)
-        head1 = F.adaptive_avg_pool2d(self.head1(center), 1).flatten(1)
-        head2 = F.adaptive_max_pool2d(logits, 1).flatten(1)
-        return logits, head1, head2
+        return _outputs(self.final(x), self.head1(center))
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -191,27 +180,19 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 
 def load_vgg16_encoder(model: MultiTaskUNet, uri: str) -> None:
-    """Copy VGG16 convolution weights from a state_dict file into ``model.encoder``.
-
-    Accepts torchvision's full ``vgg16().state_dict()`` (``features.N.weight``), a bare
-    ``features`` state_dict (``N.weight``), and either wrapped in ``module.`` (DataParallel).
-    Nothing is downloaded: the user provides the file.
-    """
+    """Copy VGG16 convolution weights from a state_dict file (torchvision's ``features.N.*`` or a bare ``N.*``,
+    either may be ``module.``-prefixed) into ``model.encoder``. Nothing is downloaded: the user provides the file."""
     state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"pretrained_encoder {uri} is not a state_dict (got {type(state).__name__})")
-    encoder = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("module.").removeprefix("features.").removeprefix("encoder.")
-        if key.split(".")[0].isdigit():
-            encoder[key] = tensor
+    stripped = ((key.removeprefix("module.").removeprefix("features.").removeprefix("encoder."), tensor)
+                for key, tensor in state.items())
+    encoder = {key: tensor for key, tensor in stripped if key.split(".")[0].isdigit()}
     expected = model.encoder.state_dict()
     missing = sorted(set(expected) - set(encoder))
     if missing:
-        raise ValueError(
-            f"pretrained_encoder {uri} holds no VGG16 convolution weights for {', '.join(missing[:4])}: "
-            "give a torchvision vgg16 state_dict (keys features.0.weight ... features.28.bias)"
-        )
+        raise ValueError(f"pretrained_encoder {uri} holds no VGG16 convolution weights for {', '.join(missing[:4])}: "
+                         "give a torchvision vgg16 state_dict (keys features.0.weight ... features.28.bias)")
     for key, tensor in expected.items():
         if encoder[key].shape != tensor.shape:
             raise ValueError(f"pretrained_encoder {uri}: {key} has shape {tuple(encoder[key].shape)}, "

@@ -1,20 +1,16 @@
 """Checkpoints and the model registry: how a trained model is stored, named and loaded.
 
-A *model folder* holds ``model.pt`` (a plain ``state_dict``: tensors only, no ``module.``
-prefix, loadable with ``torch.load`` + ``load_state_dict`` anywhere) and ``config.json``
-(architecture, task, input size, threshold). Training checkpoints, a run's ``best_model/``
-and registry versions are all model folders. The registry layout::
+A *model folder* holds ``model.pt`` (a plain ``state_dict``: tensors only, no ``module.`` prefix, loadable with
+``torch.load`` + ``load_state_dict`` anywhere) and ``config.json`` (architecture, task, input size, threshold).
+Training checkpoints, a run's ``best_model/`` and registry versions are all model folders. The registry layout::
 
     <registry>/<name>/<version>/claim.json   {"host", "pid", "time"} of the publisher
     <registry>/<name>/<version>/{model.pt, metrics.json, training.json, config.json}
     <registry>/<name>/latest.json            {"name", "version", "uri"}
 
-A version exists once its config.json does (see :func:`publish`); versions are never
-overwritten, and latest.json only moves forward.
-
-A model reference (:class:`ModelRef`) is ``name@latest``, ``name@3``,
-``<registry uri>/name@latest``, a ``model.pt`` URI, a model folder, or a train run's output
-folder (its ``best_model/``).
+A version exists once its config.json does (see :func:`publish`); versions are never overwritten, and latest.json
+only moves forward. A model reference (:class:`ModelRef`) is ``name@latest``, ``name@3``, ``<registry>/name@latest``,
+a ``model.pt`` URI, a model folder, or a train run's output folder (its ``best_model/``).
 """
 
 from __future__ import annotations
@@ -64,25 +60,16 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def config_to_json(config: ModelConfig, threshold: float, **extra: Any) -> dict[str, Any]:
+def config_to_json(config: ModelConfig, threshold: float) -> dict[str, Any]:
     # The encoder weights are inside model.pt now: loading must not ask for the VGG16 file again.
-    return {**config.model_dump(), "pretrained_encoder": None, "threshold": threshold, **extra}
+    return {**config.model_dump(), "pretrained_encoder": None, "threshold": threshold}
 
 
-def config_from_json(data: dict[str, Any]) -> tuple[ModelConfig, float]:
-    fields = {k: v for k, v in data.items() if k in ModelConfig.model_fields}
-    return ModelConfig(**fields), float(data.get("threshold", 0.5))
-
-
-def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
-                   metrics: dict[str, Any] | None = None) -> None:
-    """Write a model folder: model.pt (plain state_dict), config.json and optionally metrics.json."""
+def save_model_dir(uri: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     storage.write_bytes(storage.join(uri, MODEL_FILE), buf.getvalue())
     storage.write_text(storage.join(uri, CONFIG_FILE), json.dumps(config, indent=2))
-    if metrics is not None:
-        storage.write_text(storage.join(uri, METRICS_FILE), json.dumps(metrics, indent=2))
 
 
 # --- The registry ------------------------------------------------------------------------------
@@ -98,27 +85,20 @@ def _numbered(root: str, filename: str | None = None) -> set[int]:
     if not storage.exists(root):
         return set()
     suffixes = (f"/{filename}",) if filename else None
-    found = set()
-    for info in storage.list_files(root, suffixes=suffixes):
-        version = storage.basename(storage.parent(info.uri))
-        if version.isdigit():
-            found.add(int(version))
-    return found
+    folders = (storage.basename(storage.parent(info.uri)) for info in storage.list_files(root, suffixes=suffixes))
+    return {int(folder) for folder in folders if folder.isdigit()}
 
 
 def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None,
             training: dict[str, Any] | None = None) -> str:
-    """Copy a model folder into the registry as the next version of ``name``; returns ``name@N``.
-    ``training`` (the train spec and metrics history) goes into ``training.json``.
+    """Copy a model folder (and ``training``: the train spec and metrics history) into the registry as the next
+    version of ``name``; returns ``name@N``.
 
-    Safe when several trainings publish one name at once: each claims its own number N by
-    creating ``N/claim.json`` exclusively (local: a hard link that fails when the name is taken;
-    S3: a PUT with ``If-None-Match: *``), then creates model.pt, metrics.json, training.json and,
-    last, config.json the same way, so nothing is ever overwritten and a version is visible
-    (:func:`versions`, :func:`resolve`) only once complete. latest.json then moves to N by
-    compare-and-swap unless it already points at a higher version. A publisher that dies after
-    its claim leaves that number claimed but never visible; later versions take higher numbers.
-    """
+    Safe when several trainings publish one name at once: each claims its own N by creating ``N/claim.json``
+    exclusively (local: a hard link that fails when the name is taken; S3: a PUT with ``If-None-Match: *``), then
+    creates the files the same way, config.json last, so nothing is overwritten and a version is visible only once
+    complete. latest.json then moves to N by compare-and-swap unless it points higher already. A publisher that
+    dies after its claim leaves that number claimed but never visible; later versions take higher numbers."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(f"model name {name!r} may hold only letters, digits, '.', '_' and '-'")
     registry = storage.normalize(registry or default_registry())
@@ -128,16 +108,14 @@ def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | 
     config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
     version = _claim_version(root)
     target = storage.join(root, str(version))
-    files = [(MODEL_FILE, weights), (METRICS_FILE, _json_bytes(metrics))]
-    if training is not None:
-        files.append((TRAINING_FILE, _json_bytes(training)))
-    files.append((CONFIG_FILE, _json_bytes({**config, "name": name, "version": version})))
+    files = [(MODEL_FILE, weights), (METRICS_FILE, _json_bytes(metrics)),
+             *([(TRAINING_FILE, _json_bytes(training))] if training is not None else []),
+             (CONFIG_FILE, _json_bytes({**config, "name": name, "version": version}))]
     for filename, data in files:
-        if not storage.create_exclusive(storage.join(target, filename), data):
-            raise storage.StorageError(
-                f"{storage.join(target, filename)} already exists although this process claimed {name}@{version}: "
-                "something other than lesion-ray writes into the registry"
-            )
+        uri = storage.join(target, filename)
+        if not storage.create_exclusive(uri, data):
+            raise storage.StorageError(f"{uri} already exists although this process claimed {name}@{version}: "
+                                       "something other than lesion-ray writes into the registry")
     _advance_latest(root, {"name": name, "version": version, "uri": target})
     return f"{name}@{version}"
 
@@ -186,10 +164,9 @@ def resolve(ref: str, registry: str | None = None) -> Resolved:
         if version == "latest":
             latest_uri = storage.join(registry, name, LATEST_FILE)
             if not storage.exists(latest_uri):
-                raise storage.StorageError(
-                    f"model '{name}' is not in the registry {registry} (no {LATEST_FILE}): train it first "
-                    f"(kind: train, model_name: {name}) or give the registry URI as <registry>/{name}@latest"
-                )
+                raise storage.StorageError(f"model '{name}' is not in the registry {registry} (no {LATEST_FILE}): "
+                                           f"train it first (kind: train, model_name: {name}) or give the registry "
+                                           f"URI as <registry>/{name}@latest")
             version = str(json.loads(storage.read_text(latest_uri))["version"])
         model_dir = storage.join(registry, name, version)
         # config.json is written last: a version without it is still being published.
@@ -208,10 +185,9 @@ def resolve(ref: str, registry: str | None = None) -> Resolved:
             if storage.exists(model_file):
                 break
         else:
-            raise storage.StorageError(
-                f"no model at {ref}: expected name@latest, name@N, a model.pt, a folder with model.pt and "
-                f"config.json, or a finished train run's output (with {BEST_MODEL_DIR}/)"
-            )
+            raise storage.StorageError(f"no model at {ref}: expected name@latest, name@N, a model.pt, a folder with "
+                                       f"model.pt and config.json, or a finished train run's output "
+                                       f"(with {BEST_MODEL_DIR}/)")
     if not storage.exists(storage.join(model_dir, CONFIG_FILE)):
         raise storage.StorageError(f"{model_file} has no {CONFIG_FILE} beside it: the architecture is unknown")
     config = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
@@ -263,16 +239,20 @@ class LoadedModel:
 def model_card(model_dir: str) -> dict[str, Any]:
     """What a report says about a model folder: its config.json, metrics.json and training.json
     (``{}`` for a file it lacks, e.g. a model trained elsewhere)."""
-    card: dict[str, Any] = {"uri": model_dir}
-    for key, filename in (("config", CONFIG_FILE), ("metrics", METRICS_FILE), ("training", TRAINING_FILE)):
-        uri = storage.join(model_dir, filename)
-        card[key] = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
-    return card
+    return {"uri": model_dir, "config": _json_or_empty(model_dir, CONFIG_FILE),
+            "metrics": _json_or_empty(model_dir, METRICS_FILE), "training": _json_or_empty(model_dir, TRAINING_FILE)}
+
+
+def _json_or_empty(model_dir: str, filename: str) -> dict[str, Any]:
+    uri = storage.join(model_dir, filename)
+    return json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
 
 
 def read_config(model_dir: str) -> tuple[ModelConfig, float]:
     """A model folder's config.json: (model config, mask threshold)."""
-    return config_from_json(json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE))))
+    data = json.loads(storage.read_text(storage.join(model_dir, CONFIG_FILE)))
+    fields = {k: v for k, v in data.items() if k in ModelConfig.model_fields}
+    return ModelConfig(**fields), float(data.get("threshold", 0.5))
 
 
 def load_model(ref: str, registry: str | None = None, device: str = "cpu") -> LoadedModel:
@@ -285,7 +265,5 @@ def load_model(ref: str, registry: str | None = None, device: str = "cpu") -> Lo
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"{found.model_file} does not fit its {CONFIG_FILE} ({config}): {exc}") from None
-    metrics_uri = storage.join(found.model_dir, METRICS_FILE)
-    metrics = json.loads(storage.read_text(metrics_uri)) if storage.exists(metrics_uri) else {}
-    return LoadedModel(model.to(device).eval(), config, threshold, found.name, found.version, metrics,
-                       found.model_dir)
+    return LoadedModel(model.to(device).eval(), config, threshold, found.name, found.version,
+                       _json_or_empty(found.model_dir, METRICS_FILE), found.model_dir)

@@ -1,8 +1,6 @@
 """``report.html``: one self-contained page per run (inline CSS, images as data URIs, no network).
 
-Evaluate writes one with the official scores, the confusion matrix, the worst, median and best
-images, the problems list, the model and the specs that made it; train writes one with the
-training curves, the epoch table and its spec. The sections are shared, so both read alike.
+Evaluate and train pages share their sections (model, curves, specs), so both read alike.
 """
 
 from __future__ import annotations
@@ -135,9 +133,7 @@ def specs_section(specs: list[tuple[str, dict[str, Any] | None]]) -> str:
     """The job specs (as YAML) that made what the page shows."""
     blocks = [f"<details><summary>{esc(title)}</summary><pre>{esc(yaml.safe_dump(data, sort_keys=False))}</pre>"
               "</details>" for title, data in specs if data]
-    if not blocks:
-        return ""
-    return section("Specs", "".join(blocks), "specs")
+    return section("Specs", "".join(blocks), "specs") if blocks else ""
 
 
 # --- Evaluate's page -------------------------------------------------------------------------------
@@ -147,8 +143,7 @@ def scores_section(result: dict[str, Any]) -> str:
     scores = result["scores"]
     if result["task"] == 1:
         headline, label = scores["threshold_jaccard"], "thresholded Jaccard (per-image J < 0.65 counts 0)"
-        rows = [(name.replace("_", " "), value) for name, value in scores.items()]
-        table = key_values(rows)
+        table = key_values((name.replace("_", " "), value) for name, value in scores.items())
     else:
         headline, label = scores["jaccard"], "pooled Jaccard over images and attributes (ISIC 2018 Task 2)"
         table = key_values([("jaccard", scores["jaccard"]), ("dice", scores["dice"])]) + grid(

@@ -1,15 +1,10 @@
 """Where a training's epochs are recorded as they happen: the console, TensorBoard and MLflow.
 
-:class:`EpochLog` is a Ray Train callback. It runs in the Train controller, which Ray places on
-the driver's node, so every epoch is recorded once (not once per worker) and survives the loss
-of a worker's node. It prints one console line per epoch, appends the epoch's scalars to a
-TensorBoard event file (``<output>/tensorboard/``, any storage: the file is written locally and
-copied up after each epoch) and, when ``mlflow`` is installed and the spec leaves it on, logs
-them to an MLflow run (:class:`MlflowTarget`). The controller opens that run at the first epoch
-(params: the whole spec; MLflow's start-up costs seconds, off the driver's path) and records its
-id in ``<output>/mlflow.json``; the driver closes it after training with the report, the curves
-and the metrics table as artifacts. A resumed training (the same ``output``) continues the same
-MLflow run.
+:class:`EpochLog` is a Ray Train callback. It runs in the Train controller, on the driver's node, so every epoch
+is recorded once (not once per worker) and survives the loss of a worker's node. TensorBoard events are written
+locally and copied to ``<output>/tensorboard/`` (any storage) after each epoch. The controller opens the MLflow
+run at the first epoch (MLflow's start-up costs seconds, off the driver's path) and records its id in
+``<output>/mlflow.json``, so a resumed training continues it; the driver closes it with the report as artifacts.
 """
 
 from __future__ import annotations
@@ -45,7 +40,7 @@ class MlflowConfig(BaseModel):
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """An epoch row's numbers by TensorBoard/MLflow name (losses and scores grouped)."""
+    """An epoch row's numbers by TensorBoard/MLflow name."""
     return {_TAGS.get(key, key): float(value) for key, value in row.items()
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
@@ -94,8 +89,7 @@ class MlflowTarget:
         return MlflowClient(self.tracking_uri)
 
     def open_run(self, output: str, run_name: str, params: dict[str, Any]) -> str:
-        """The id of this ``output``'s run: the one ``<output>/mlflow.json`` names (a resumed training), else
-        a new one with ``params`` (the spec) logged."""
+        """The run ``<output>/mlflow.json`` names (a resumed training), else a new one with ``params`` logged."""
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
@@ -148,13 +142,12 @@ class MlflowTarget:
 
 
 class EpochLog(ray.train.UserCallback):
-    """One console line, one TensorBoard step and one MLflow step per epoch (see the module's doc)."""
+    """One console line, one TensorBoard step and one MLflow step per epoch."""
 
     def __init__(self, epochs: int, output: str, tensorboard: bool, mlflow: MlflowTarget | None, run_name: str,
                  params: dict[str, Any]) -> None:
-        self.epochs, self.output, self.run_name, self.params = epochs, output, run_name, params
+        self.epochs, self.output, self.mlflow, self.run_name, self.params = epochs, output, mlflow, run_name, params
         self.tensorboard_uri = storage.join(output, TENSORBOARD_DIR) if tensorboard else None
-        self.mlflow = mlflow
         self._writer: Any = None  # made in the controller: an open event file does not travel
         self._events_dir = ""
         self._run_id: str | None = None

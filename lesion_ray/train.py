@@ -1,16 +1,11 @@
 """``kind: train``: data-parallel U-Net training on Ray Train, elastic and fault tolerant.
 
-The driver discovers and splits the data set, preprocesses it once on Ray Data (kept as
-uint8 in the object store, which spills to disk when it is large) and starts a
-``TorchTrainer``. Each worker runs a :class:`TrainRecipe`: it reads its shard, augments on the
-fly (the same geometry for an image and its masks), trains with Adam + ReduceLROnPlateau as
-the seed, scores the validation set (each worker a share, summed across workers) and reports a
-checkpoint per epoch. Ray Train keeps the N best checkpoints by validation score, restarts the
-worker group from the latest one after a failure or a resize, and restores it when the same
-spec runs again (the run's ``output`` is Ray Train's run folder). At the end the best
-checkpoint is published to the model registry (with the spec and the metrics history) and the
-history, its plot, a report page and the split are written next to the run. Every epoch is also
-recorded in TensorBoard and, when mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
+The driver splits the data set, preprocesses it once on Ray Data (uint8 in the object store, which spills to disk)
+and starts a ``TorchTrainer`` whose workers each run a :class:`TrainRecipe`. Ray Train keeps the N best checkpoints
+by validation score, restarts the worker group from the latest one after a failure or a resize, and restores it
+when the same spec runs again (``output`` is Ray Train's run folder). At the end the best checkpoint is published
+to the model registry with the spec and the metrics history; every epoch is also recorded in TensorBoard and, when
+mlflow is installed, MLflow (:mod:`lesion_ray.tracking`)::
 
     <output>/split.csv, metrics.json, metrics.csv, training.png, report.html, tensorboard/,
              mlflow.json, best_model/, checkpoint_*/ (Ray Train)
@@ -72,8 +67,7 @@ class TrainSpec(JobSpec):
     max_failures: int = Field(3, ge=0, description="worker group restarts from the latest checkpoint on failure")
     elastic_resize_interval_s: float = Field(60.0, ge=0, description="elastic: how often to look for new resources")
     registry: RegistryUri | None = Field(
-        None, description="model registry URI (default: the cluster config's registry, "
-                          "else runs/registry)")
+        None, description="model registry URI (default: the cluster config's registry, else runs/registry)")
     model_name: str = Field("lesion-unet", description="name under which the best model is published")
     tensorboard: bool = Field(
         True, description="write each epoch's scalars as TensorBoard events to <output>/tensorboard")
@@ -170,47 +164,28 @@ def prepare(splits: dict[str, list[data.Sample]], spec: TrainSpec) -> tuple[dict
 
 
 def _compact(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "id": batch["id"],
-        "error": batch["error"],
-        "image": np.round(batch["image"] * 255).astype(np.uint8),
-        "mask": (batch["mask"] > 0.5).astype(np.uint8),
-        "present": batch["present"].astype(np.float32),
-    }
+    return {"id": batch["id"], "error": batch["error"], "image": np.round(batch["image"] * 255).astype(np.uint8),
+            "mask": (batch["mask"] > 0.5).astype(np.uint8), "present": batch["present"].astype(np.float32)}
 
 
 def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str,
              epoch_log: EpochLog) -> ray.train.torch.TorchTrainer:
     fs, path = storage.pyarrow_filesystem(storage.parent(output))
+    resources = {"CPU": spec.cpus_per_worker, **spec.resources_per_worker, **({"GPU": 1} if spec.use_gpu else {})}
     scaling = ray.train.ScalingConfig(
-        num_workers=spec.num_workers,
-        use_gpu=spec.use_gpu,
-        resources_per_worker={"CPU": spec.cpus_per_worker, **spec.resources_per_worker,
-                              **({"GPU": 1} if spec.use_gpu else {})},
-        elastic_resize_monitor_interval_s=spec.elastic_resize_interval_s,
-    )
+        num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=spec.elastic_resize_interval_s)
+    checkpoints = ray.train.CheckpointConfig(
+        num_to_keep=spec.checkpoints_to_keep, checkpoint_score_attribute="val_score", checkpoint_score_order="max")
     run_config = ray.train.RunConfig(
-        name=storage.basename(output),
-        storage_path=path,
-        storage_filesystem=fs,
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=spec.checkpoints_to_keep,
-            checkpoint_score_attribute="val_score",
-            checkpoint_score_order="max",
-        ),
-        failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
-        callbacks=[epoch_log],
-    )
-    # Ordered ingest: the streaming split then hands each worker the same blocks in the same order
-    # every run (it ignores locality hints), so a run's history is reproducible.
+        name=storage.basename(output), storage_path=path, storage_filesystem=fs, checkpoint_config=checkpoints,
+        failure_config=ray.train.FailureConfig(max_failures=spec.max_failures), callbacks=[epoch_log])
+    # Ordered ingest: the streaming split then hands each worker the same blocks in the same order every run (it
+    # ignores locality hints), so a run's history is reproducible.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return ray.train.torch.TorchTrainer(
-        train_loop,
-        train_loop_config={"spec": spec},
-        scaling_config=scaling,
-        run_config=run_config,
-        datasets=datasets,
+        train_loop, train_loop_config={"spec": spec}, scaling_config=scaling, run_config=run_config, datasets=datasets,
         # Validation is not split: every worker reads it all and scores every world_size-th batch,
         # so no image is dropped to make equal shards.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
@@ -230,19 +205,10 @@ def _finish(spec: TrainSpec, result: ray.train.Result, output: str, counts: dict
     report.info(f"best epoch {best['epoch']}: val_score {best['val_score']:.4f}; published {ref}")
     page_uri = storage.join(output, report_page.PAGE_FILE)
     _write_page(page_uri, spec, history, curves, _published_card(ref, spec.registry, best_dir), counts, unreadable)
-    return {
-        "model": ref,
-        "best_val_score": best["val_score"],
-        "best_epoch": best["epoch"],
-        "epochs": len(history),
-        "train_images": counts["train"],
-        "validation_images": counts["validation"],
-        "unreadable_images": unreadable,
-        "output": output,
-        "registry": spec.registry,
-        "report": page_uri,
-        **({"tensorboard": storage.join(output, TENSORBOARD_DIR)} if spec.tensorboard else {}),
-    }
+    return {"model": ref, "best_val_score": best["val_score"], "best_epoch": best["epoch"], "epochs": len(history),
+            "train_images": counts["train"], "validation_images": counts["validation"], "unreadable_images": unreadable,
+            "output": output, "registry": spec.registry, "report": page_uri,
+            **({"tensorboard": storage.join(output, TENSORBOARD_DIR)} if spec.tensorboard else {})}
 
 
 def _published_card(ref: str, registry_uri: str | None, best_dir: str) -> dict[str, Any]:
@@ -259,7 +225,6 @@ def _published_card(ref: str, registry_uri: str | None, best_dir: str) -> dict[s
 
 def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], curves: bytes, card: dict[str, Any],
                 counts: dict[str, int], unreadable: int) -> None:
-    """report.html: what was trained on, the curves and every epoch, the published model, the spec."""
     data_rows = [("data", spec.data), ("training images", counts["train"]),
                  ("validation images", counts["validation"]), ("unreadable images", unreadable)]
     sections = [report_page.curves_section(history, spec.model.task, curves),
@@ -274,9 +239,8 @@ def _write_page(uri: str, spec: TrainSpec, history: list[dict[str, Any]], curves
 
 
 class TrainRecipe:
-    """The training workflow, torchtune's style: each Ray Train worker runs :meth:`setup`, then :meth:`train`
-    (per epoch :meth:`train_epoch`, :meth:`validate`, :meth:`save_checkpoint`); after the fit, the driver calls
-    :meth:`publish` once."""
+    """The training workflow, torchtune's style: each Ray Train worker runs :meth:`setup`, then :meth:`train`;
+    after the fit, the driver calls :meth:`publish` once."""
 
     def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec
@@ -312,7 +276,6 @@ class TrainRecipe:
         self.val_data = ray.train.get_dataset_shard("validation")
 
     def train(self) -> None:
-        """Train, validate and checkpoint each epoch up to ``spec.epochs``."""
         for epoch in range(self.state["epoch"] + 1, self.spec.epochs + 1):
             start = time.perf_counter()
             loss_sum, seen = self.train_epoch(epoch)
@@ -397,10 +360,9 @@ class TrainRecipe:
         checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
         marker = storage.join(best_dir, registry.METRICS_FILE)
         checkpoint_name = os.path.basename(checkpoint.path.rstrip("/"))
-        if storage.exists(marker):
-            previous = json.loads(storage.read_text(marker))
-            if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
-                return previous["model"], best
+        previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else {}
+        if previous.get("checkpoint") == checkpoint_name and previous.get("model"):
+            return previous["model"], best
         model_metrics = {k: v for k, v in best.items() if isinstance(v, (int, float))}
         training = {"spec": self.spec.model_dump(mode="json"), "history": history}
         with checkpoint.as_directory() as local:
@@ -418,18 +380,14 @@ class TrainRecipe:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: the recipe's setup, then its epochs."""
     recipe = TrainRecipe(config["spec"])
     recipe.setup()
     recipe.train()
 
 
 def read_train_state(folder: str) -> dict[str, Any]:
-    """A checkpoint's train state (epoch, history, optimizer and scheduler state).
-
-    Only tensors, numbers, strings, lists and dicts are unpickled (``weights_only``): a checkpoint in
-    shared storage that someone tampered with must not run code in every training worker.
-    """
+    """A checkpoint's train state (epoch, history, optimizer and scheduler state), ``weights_only``: a checkpoint
+    in shared storage that someone tampered with must not run code in every training worker."""
     path = os.path.join(folder, TRAIN_STATE_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
