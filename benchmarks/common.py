@@ -101,10 +101,13 @@ class PeakMemory:
     """Peak summed PSS, in bytes, of ``root`` (default: this process) and its descendants, but not
     ``exclude`` (e.g. the moto server) or its descendants; sampled every ``every_s`` in a thread.
 
-    ``with PeakMemory(exclude=server.pid) as memory: ...`` then ``memory.peak``."""
+    ``with PeakMemory(exclude=server.pid) as memory: ...`` then ``memory.peak``; ``children=False``: ``root``
+    alone."""
 
-    def __init__(self, exclude: int | None = None, root: int | None = None, every_s: float = 0.2) -> None:
+    def __init__(self, exclude: int | None = None, root: int | None = None, every_s: float = 0.2,
+                 children: bool = True) -> None:
         self.exclude, self.root, self.every_s = exclude, os.getpid() if root is None else root, every_s
+        self.children = children
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -119,5 +122,6 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(pss_bytes(pid) for pid in process_tree(self.root, self.exclude)))
+            pids = process_tree(self.root, self.exclude) if self.children else [self.root]
+            self.peak = max(self.peak, sum(pss_bytes(pid) for pid in pids))
             self._stop.wait(self.every_s)

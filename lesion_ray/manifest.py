@@ -122,6 +122,7 @@ class Ledger:
             CREATE TABLE earlier (source TEXT PRIMARY KEY, part INTEGER);
             CREATE TABLE earlier_outputs (source TEXT, uri TEXT);
             CREATE TABLE outputs (uri TEXT PRIMARY KEY);
+            CREATE TEMP TABLE page (id TEXT, source TEXT PRIMARY KEY, is_image INTEGER);  -- being admitted
         """)
 
     def close(self) -> None:
@@ -169,22 +170,17 @@ class Ledger:
         first, earlier)``, where ``first`` is the image listed earlier with the same id (this one is a
         duplicate), else None, and ``earlier`` the part of a standing earlier row, else None. Objects seen
         before (the listing again, after a failed pass) come back while they are still to do."""
-        out = []
         with self._lock, self._transaction():
-            for image_id, source, is_image in objects:
-                known = self._db.execute("SELECT part FROM objects WHERE source = ?", (source,)).fetchone()
-                if known and known[0] is not None:
-                    continue
-                first = None
-                if is_image:
-                    self._db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (image_id, source))
-                    first = self._db.execute("SELECT source FROM ids WHERE id = ?", (image_id,)).fetchone()[0]
-                earlier = self._db.execute("SELECT part FROM earlier WHERE source = ?", (source,)).fetchone()
-                if not known:
-                    self._db.execute("INSERT INTO objects (source) VALUES (?)", (source,))
-                out.append((image_id, source, None if first in (None, source) else first,
-                            earlier[0] if earlier else None))
-        return out
+            self._db.execute("DELETE FROM page")
+            self._db.executemany("INSERT OR IGNORE INTO page VALUES (?, ?, ?)", objects)
+            self._db.execute("DELETE FROM page WHERE source IN (SELECT source FROM objects WHERE part IS NOT NULL)")
+            # In listing order: the first of two images with one id in a page is the one that stays.
+            self._db.execute("INSERT OR IGNORE INTO ids SELECT id, source FROM page WHERE is_image ORDER BY rowid")
+            self._db.execute("INSERT OR IGNORE INTO objects (source) SELECT source FROM page")
+            return self._db.execute("""
+                SELECT p.id, p.source, CASE WHEN i.source = p.source THEN NULL ELSE i.source END, e.part
+                FROM page p LEFT JOIN ids i ON p.is_image AND i.id = p.id LEFT JOIN earlier e ON e.source = p.source
+                ORDER BY p.rowid""").fetchall()
 
     def record(self, done: Iterable[tuple[str, str]], part: str | int) -> None:
         """``(source, status)`` pairs whose rows lie in ``part`` (a URI, or an earlier part's number)."""

@@ -36,6 +36,7 @@ if absent, so two runs never write into one folder. A crashed run's lock is take
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import getpass
@@ -333,6 +334,9 @@ class _Pass:
     resumed: int = 0
     examples: list[str] = field(default_factory=list)
 
+    def note(self, errors: Iterable[str]) -> None:
+        self.examples += itertools.islice(errors, max(0, 3 - len(self.examples)))
+
 
 def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str, run_id: str,
           counts: _Pass) -> Iterator[list[tuple[str, str]]]:
@@ -342,31 +346,29 @@ def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manife
     shard = _shard(spec.shard) if spec.shard else None
     for page in storage.iter_listing_parallel(folder):
         counts.listed += len(page)
-        ours = [(data.sample_id(f.uri), f) for f in page]
-        counts.other_shards += len(ours)
-        ours = [(image_id, f) for image_id, f in ours if in_shard(image_id, shard)]
-        counts.other_shards -= len(ours)
+        ours = [(image_id, f) for f in page if in_shard(image_id := data.sample_id(f.uri), shard)]
+        counts.other_shards += len(page) - len(ours)
         verdicts = {f.uri: data.triage(f, spec.max_bytes) for _, f in ours}
         # Only images to predict on share ids: a mask or a .tif beside ISIC_0000001.jpg is not its duplicate.
         admitted = ledger.admit([(image_id, f.uri, verdicts[f.uri] is None) for image_id, f in ours])
-        refused, work, standing = [], [], []
+        refused, work, standing = [], [], collections.defaultdict(list)
         for image_id, source, first, earlier in admitted:
             verdict = verdicts[source] or ((manifest.ERROR, f"duplicate id {image_id}: also {first}") if first
                                            else None)
             if verdict:
                 refused.append((image_id, source, *verdict))
             elif earlier is not None:
-                standing.append(((source, manifest.OK), earlier))
+                standing[earlier].append((source, manifest.OK))
             else:
                 work.append((image_id, source))
-        for (done, earlier) in standing:
-            ledger.record([done], earlier)
-        counts.resumed += len(standing)
+        for earlier, done in standing.items():
+            ledger.record(done, earlier)
+        counts.resumed += sum(map(len, standing.values()))
         if refused:
             part = _part_uri(out, run_id)
             manifest.write_part(part, manifest.refused_rows(refused, model, datetime.now(timezone.utc)))
             ledger.record([(source, status) for _, source, status, _ in refused], part)
-            counts.examples += [f"{data.sample_id(s)}: {r}" for _, s, st, r in refused[:3] if st == manifest.ERROR]
+            counts.note(f"{i}: {reason}" for i, _, status, reason in refused if status == manifest.ERROR)
         if work:
             yield work
 
@@ -454,8 +456,7 @@ def _collect(ds: ray.data.Dataset, ledger: manifest.Ledger, nodes: set[str], cou
         for part in set(table["part"].to_pylist()):
             rows = table.filter(pc.equal(table["part"], part)).to_pylist()
             ledger.record([(r["source"], r["status"]) for r in rows], part)
-            counts.examples += [f"{data.sample_id(r['source'])}: {r['error']}" for r in rows
-                                if r["error"]][: max(0, 3 - len(counts.examples))]
+            counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
         nodes.update(n for n in table["node"].to_pylist() if n)
         yield from range(len(table))
 
@@ -511,7 +512,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
         raise ValueError(f"no images ({', '.join(data.IMAGE_SUFFIXES)}) found under {folder}"
                          + (f" in shard {spec.shard}" if spec.shard else ""))
     if errors:
-        report.info(f"{errors} inputs failed, e.g. " + "; ".join(counts.examples[:3]))
+        report.info(f"{errors} inputs failed, e.g. " + "; ".join(counts.examples))
     done = ok + errors - counts.resumed
     summary = {
         "listed": counts.listed,

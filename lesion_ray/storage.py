@@ -358,7 +358,10 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
     no particular order across ranges; every key exactly once). The ranges start at the key prefixes
     that hold objects, found with one-key probes (``ISIC_00000``, ``ISIC_00001``, ...)."""
     uri = normalize(uri)
-    points = split_points(uri, ranges) if is_s3(uri) else []
+    try:
+        points = split_points(uri, ranges) if is_s3(uri) else []
+    except StorageError:  # only a faster way to list: the listing itself retries, and says what went wrong
+        points = []
     if not points:
         yield from iter_listing(uri)
         return

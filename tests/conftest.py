@@ -130,7 +130,8 @@ def ray_processes(s3_endpoint: str):
 class FaultyS3Proxy:
     """A real HTTP hop between S3 clients and the moto server that answers some requests itself with
     500 InternalError / 503 ServiceUnavailable: a share of all requests at random (seeded), and every
-    request whose path holds one of ``always_fail``. ``forwarded`` records (method, path) of the rest."""
+    request for an object whose key holds one of ``always_fail`` (its path, not a listing's query).
+    ``forwarded`` records (method, path) of the rest."""
 
     def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = (), seed: int = 0) -> None:
         import http.client
@@ -196,7 +197,8 @@ class FaultyS3Proxy:
     def _fault(self, path: str) -> tuple[int, str] | None:
         """The (status, S3 error code) to answer ``path`` with, or None to forward it."""
         with self._lock:
-            if not any(key in path for key in self.always_fail) and self._random.random() >= self.failure_rate:
+            key = path.split("?", 1)[0]
+            if not any(name in key for name in self.always_fail) and self._random.random() >= self.failure_rate:
                 return None
             self.injected += 1
             return self._random.choice([(500, "InternalError"), (503, "ServiceUnavailable")])

@@ -124,8 +124,9 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
 
     first = _lesion_ray(str(job), str(cluster))
     parts = f"{out}/{manifest.PARTS_DIR}"
-    _wait_for(lambda: storage.exists(parts) and len(storage.list_files(parts)) >= 3, "manifest parts", 180)
-    assert first.poll() is None, "the run ended before it could be killed"
+    _wait_for(lambda: first.poll() is not None or (storage.exists(parts) and len(storage.list_files(parts)) >= 3),
+              "manifest parts", 180)
+    assert first.poll() is None, f"the run ended before it could be killed:\n{first.communicate()[0][-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate(timeout=30)
 
