@@ -222,20 +222,14 @@ class Ledger:
         storage.delete(storage.join(out, PARTS_DIR))
 
     def _rows_of(self, batch: pa.RecordBatch, part: int) -> pa.RecordBatch:
-        """The rows of ``batch`` that are their object's row of record, each once."""
-        sources = batch["source"].to_pylist()
-        with self._lock:
-            self._db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (source TEXT PRIMARY KEY)")
-            self._db.execute("DELETE FROM wanted")
-            self._db.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", [(s,) for s in sources])
-            mine = {s for (s,) in self._db.execute(
-                "SELECT o.source FROM objects o JOIN wanted w ON o.source = w.source WHERE o.part = ?", (part,))}
-        keep, seen = [], set()
-        for i, source in enumerate(sources):
-            if source in mine and source not in seen:
-                seen.add(source)
-                keep.append(i)
-        return batch.take(pa.array(keep, pa.int64()))
+        """The rows of ``batch`` (from ``part``) that are their object's row of record."""
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM page")
+            self._db.executemany("INSERT OR IGNORE INTO page (source) VALUES (?)",
+                                 [(s,) for s in batch["source"].to_pylist()])
+            mine = [s for (s,) in self._db.execute(
+                "SELECT p.source FROM page p JOIN objects o ON o.source = p.source WHERE o.part = ?", (part,))]
+        return batch.filter(pc.is_in(batch["source"], value_set=pa.array(mine, pa.string())))
 
     def _transaction(self):
         return _Transaction(self._db)

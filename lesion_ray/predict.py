@@ -423,7 +423,10 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
     # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
-    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), ray_remote_args={"num_cpus": 0})
+    # One block per batch, as the read tasks make them: Ray Data would otherwise split each task's output
+    # into many small blocks, since it cannot know how many rows a queue will hold.
+    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS,
+                                  ray_remote_args={"num_cpus": 0})
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
                             device="cpu")
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"

@@ -42,6 +42,7 @@ _MULTIPART_CHUNK = 16 * 1024 * 1024
 DEFAULT_ATTEMPTS = 8  # per S3 request, unless AWS_MAX_ATTEMPTS or the settings say otherwise
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 _CONFLICT_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+_PAGE = 1000  # keys per listing page (S3's maximum)
 LISTING_RANGES = 16  # S3 key ranges listed side by side (real S3 answers each list request in tens of ms)
 _SPLIT_LEVELS = 12  # characters of the key names looked at to find them
 _HIGHEST_CHARACTER = "\U0010ffff"  # S3 orders keys by UTF-8 bytes: this sorts after every character
@@ -316,7 +317,7 @@ def iter_listing(uri: str, after: str | None = None, through: str | None = None)
         raise _s3_error(exc, uri, "list") from None
 
 
-def _local_pages(folder: str, size: int = 1000) -> Iterator[list[FileInfo]]:
+def _local_pages(folder: str, size: int = _PAGE) -> Iterator[list[FileInfo]]:
     if not os.path.isdir(folder):
         raise StorageError(f"cannot list {folder}: no such directory")
     page: list[FileInfo] = []
@@ -354,31 +355,40 @@ def list_folders(uri: str) -> list[str]:
 
 
 def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[list[FileInfo]]:
-    """:func:`iter_listing` with, on S3, up to ``ranges`` key ranges listed side by side (pages come in
-    no particular order across ranges; every key exactly once). The ranges start at the key prefixes
-    that hold objects, found with one-key probes (``ISIC_00000``, ``ISIC_00001``, ...)."""
+    """:func:`iter_listing`, on S3 with up to ``ranges`` key ranges listed side by side after the first page
+    (which comes at once): pages come in no particular order across ranges, every key exactly once. The
+    ranges start at key prefixes that hold objects (``ISIC_00000``, ``ISIC_00001``, ...), found with
+    one-key requests."""
     uri = normalize(uri)
+    pages = iter_listing(uri)
+    first = next(pages, [])
+    if first:
+        yield first
+    if not is_s3(uri) or len(first) < _PAGE:
+        yield from pages
+        return
+    pages.close()
     try:
-        points = split_points(uri, ranges) if is_s3(uri) else []
+        points = [p for p in split_points(uri, ranges) if p > first[-1].uri]
     except StorageError:  # only a faster way to list: the listing itself retries, and says what went wrong
         points = []
-    if not points:
-        yield from iter_listing(uri)
-        return
-    bounds = [None, *points, None]
-    pages: queue.Queue = queue.Queue(maxsize=2 * len(bounds))
+    bounds = [first[-1].uri, *points, None]
+    queued: queue.Queue = queue.Queue(maxsize=2 * len(bounds))
     stop = threading.Event()
+
+    def offer(item: object) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                queued.put(item, timeout=0.1)
+                return
 
     def list_range(after: str | None, through: str | None) -> None:
         try:
             for page in iter_listing(uri, after, through):
-                while not stop.is_set():
-                    with contextlib.suppress(queue.Full):
-                        pages.put(page, timeout=0.1)
-                        break
+                offer(page)
         except BaseException as exc:  # handed to the consumer, which raises it
-            pages.put(exc)
-        pages.put(None)
+            offer(exc)
+        offer(None)
 
     with ThreadPoolExecutor(len(bounds) - 1, thread_name_prefix="listing") as pool:
         for after, through in itertools.pairwise(bounds):
@@ -386,7 +396,7 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
         try:
             running = len(bounds) - 1
             while running:
-                item = pages.get()
+                item = queued.get()
                 if item is None:
                     running -= 1
                 elif isinstance(item, BaseException):
@@ -395,8 +405,6 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
                     yield item
         finally:
             stop.set()
-            while not pages.empty():  # unblock producers waiting on a full queue
-                pages.get_nowait()
 
 
 def split_points(uri: str, wanted: int) -> list[str]:
