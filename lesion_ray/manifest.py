@@ -173,7 +173,8 @@ class Ledger:
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM page")
             self._db.executemany("INSERT OR IGNORE INTO page VALUES (?, ?, ?)", objects)
-            self._db.execute("DELETE FROM page WHERE source IN (SELECT source FROM objects WHERE part IS NOT NULL)")
+            self._db.execute("DELETE FROM page WHERE EXISTS (SELECT 1 FROM objects o WHERE o.source = page.source "
+                             "AND o.part IS NOT NULL)")  # one index lookup per row, not a scan of every object
             # In listing order: the first of two images with one id in a page is the one that stays.
             self._db.execute("INSERT OR IGNORE INTO ids SELECT id, source FROM page WHERE is_image ORDER BY rowid")
             self._db.execute("INSERT OR IGNORE INTO objects (source) SELECT source FROM page")
@@ -197,11 +198,6 @@ class Ledger:
         """Objects per status of their row (``None``: still to do)."""
         with self._lock:
             return dict(self._db.execute("SELECT status, count(*) FROM objects GROUP BY status").fetchall())
-
-    @property
-    def listed(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM objects").fetchone()[0]
 
     # --- The end ---
 
