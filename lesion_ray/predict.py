@@ -401,22 +401,27 @@ def _read_pages(queue: Queue, batch_size: int) -> Iterator[pa.Table]:
 
 def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, stop: threading.Event,
           failures: list[BaseException]) -> None:
-    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then one end mark per reader."""
+    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then one end mark per reader.
+    A failure (of the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
     try:
-        for page in pages:
-            while not stop.is_set():
-                with contextlib.suppress(Full):
-                    queue.put(page, timeout=0.5)
-                    break
-            if stop.is_set():
-                return
-    except BaseException as exc:  # the driver raises it once the pipeline has drained
+        try:
+            for page in pages:
+                if not _put(queue, page, stop):
+                    return
+        finally:  # the pipeline ends once every reader has its end mark, the listing complete or not
+            for _ in range(READERS):
+                _put(queue, None, stop)
+    except BaseException as exc:
         failures.append(exc)
-    for _ in range(READERS):
-        while not stop.is_set():
-            with contextlib.suppress(Full):
-                queue.put(None, timeout=0.5)
-                break
+
+
+def _put(queue: Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` into ``queue`` as soon as it has room, unless ``stop`` is set first."""
+    while not stop.is_set():
+        with contextlib.suppress(Full):
+            queue.put(item, timeout=0.5)
+            return True
+    return False
 
 
 def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config: ModelConfig, out: str,
