@@ -85,7 +85,14 @@ OVERLAY_HEIGHT = 256
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
 READERS = 2  # tasks taking listing pages from the queue into the pipeline (light: no CPU reserved)
-QUEUED_PAGES = 4  # listing pages waiting per reader: the listing runs this far ahead of the pipeline
+# Images listed but not yet written, at most: the listing runs this far ahead of the pipeline. Without a
+# bound, Ray Data would take the whole listing into its queues at once (a page of names weighs little),
+# and the driver would admit millions of objects before the first image is decoded.
+LEAD = 16_000
+# CPUs reserved per decoding task and per writing task: half a CPU each, so that on the CPUs the inference
+# actors leave, decoding and writing run side by side instead of decoding taking every free CPU until the
+# input is exhausted and every mask waiting for it.
+STAGE_CPUS = 0.5
 
 
 class PredictSpec(JobSpec):
@@ -399,14 +406,34 @@ def _read_pages(queue: Queue, batch_size: int) -> Iterator[pa.Table]:
                             "masks": pa.array([[]] * len(chunk), pa.list_(pa.string()))})
 
 
-def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, stop: threading.Event,
+class _Window:
+    """How many images are between the listing and their finished rows; the listing waits at ``LEAD``."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._changed = threading.Condition()
+
+    def enter(self, images: int, stop: threading.Event) -> bool:
+        with self._changed:
+            while self.open and self.open + images > LEAD and not stop.is_set():
+                self._changed.wait(0.5)
+            self.open += images
+        return not stop.is_set()
+
+    def leave(self, images: int) -> None:
+        with self._changed:
+            self.open -= images
+            self._changed.notify_all()
+
+
+def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, window: _Window, stop: threading.Event,
           failures: list[BaseException]) -> None:
     """Put the listing's pages into ``queue`` until it ends (or ``stop``), then one end mark per reader.
     A failure (of the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
     try:
         try:
             for page in pages:
-                if not _put(queue, page, stop):
+                if not window.enter(len(page), stop) or not _put(queue, page, stop):
                     return
         finally:  # the pipeline ends once every reader has its end mark, the listing complete or not
             for _ in range(READERS):
@@ -433,7 +460,7 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS,
                                   ray_remote_args={"num_cpus": 0})
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                            device="cpu")
+                            device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
     ds = ds.map_batches(
         Predictor,
@@ -452,15 +479,17 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
     )
-    return ds.map_batches(write_batch, batch_size=spec.batch_size, fn_kwargs={
+    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, fn_kwargs={
         "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
         "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
         "max_pixels": spec.max_pixels, "run_id": run_id})
 
 
-def _collect(ds: ray.data.Dataset, ledger: manifest.Ledger, nodes: set[str], counts: _Pass) -> Iterator[int]:
+def _collect(ds: ray.data.Dataset, ledger: manifest.Ledger, window: _Window, nodes: set[str],
+             counts: _Pass) -> Iterator[int]:
     """Run the pipeline, recording its rows in the ledger; yields once per image (progress)."""
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        window.leave(len(table))
         for part in set(table["part"].to_pylist()):
             rows = table.filter(pc.equal(table["part"], part)).to_pylist()
             ledger.record([(r["source"], r["status"]) for r in rows], part)
@@ -558,13 +587,14 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
             head = _first_pages(pages, spec.overlay_sample)
             overlay_ids = set(sorted(i for page in head for i, _ in page)[: spec.overlay_sample])
             pages = itertools.chain(head, pages)
-        queue = Queue(maxsize=READERS * QUEUED_PAGES)
+        queue, window = Queue(maxsize=2 * READERS), _Window()
         stop, failures = threading.Event(), []
-        feeder = threading.Thread(target=_feed, args=(pages, queue, stop, failures), name="listing", daemon=True)
+        feeder = threading.Thread(target=_feed, args=(pages, queue, window, stop, failures), name="listing",
+                                  daemon=True)
         feeder.start()
         try:
             ds = _pipeline(spec, queue, found, config, out, model.threshold, overlay_ids, run_id)
-            for _ in report.progress(_collect(ds, ledger, nodes, counts), None, "predicted"):
+            for _ in report.progress(_collect(ds, ledger, window, nodes, counts), None, "predicted"):
                 pass
             feeder.join()
             if failures:

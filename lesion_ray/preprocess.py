@@ -318,13 +318,15 @@ def decoded(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     batch_size: int = 16,
     device: str | None = None,
+    num_cpus: float = 1,
 ) -> ray.data.Dataset:
-    """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`."""
+    """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`,
+    in tasks of ``num_cpus`` each."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
     gpus = cluster_gpus()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
-        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options)
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options)
+        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
     return ds.map_batches(
         _DeviceResize,
         batch_size=batch_size,
