@@ -141,7 +141,9 @@ def join(uri: str, *parts: str) -> str:
 
 
 def basename(uri: str) -> str:
-    return normalize(uri).rstrip("/").rsplit("/", 1)[-1]
+    if not (uri.startswith("/") or is_s3(uri)):  # listed URIs are normal already: millions of them, at speed
+        uri = normalize(uri)
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 def parent(uri: str) -> str:
