@@ -224,7 +224,8 @@ class Ledger:
             self._db.executemany("INSERT OR IGNORE INTO page (source) VALUES (?)",
                                  [(s,) for s in batch["source"].to_pylist()])
             mine = [s for (s,) in self._db.execute(
-                "SELECT p.source FROM page p JOIN objects o ON o.source = p.source WHERE o.part = ?", (part,))]
+                # CROSS JOIN: the batch's rows looked up by key, never a scan of every object (SQLite's order)
+                "SELECT p.source FROM page p CROSS JOIN objects o ON o.source = p.source WHERE o.part = ?", (part,))]
         return batch.filter(pc.is_in(batch["source"], value_set=pa.array(mine, pa.string())))
 
     def _transaction(self):
