@@ -713,8 +713,11 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         config = current_config()
+        # A request may go a minute without a byte before it counts as failed: the AWS C++ SDK's default,
+        # 3 s, is less than a busy S3-compatible store can take.
         fs = pafs.S3FileSystem(endpoint_override=config.endpoint_url, region=config.region or "us-east-1",
-                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts))
+                               retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=config.max_attempts),
+                               connect_timeout=10, request_timeout=60)
         return fs, f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), uri
 

@@ -153,8 +153,25 @@ class FaultyS3Proxy:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def _body(self) -> bytes:
+                """The request body as it came: a chunked one (the AWS C++ SDK's uploads, under pyarrow) with
+                its chunk lines and trailers, to be forwarded the same way."""
+                if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                raw = b""
+                while True:
+                    line = self.rfile.readline()
+                    raw += line
+                    if int(line.split(b";")[0].strip() or b"0", 16) == 0:
+                        break
+                    raw += self.rfile.read(int(line.split(b";")[0].strip(), 16) + 2)  # the data and its CRLF
+                while line not in (b"\r\n", b"\n", b""):  # trailers, then an empty line
+                    line = self.rfile.readline()
+                    raw += line
+                return raw
+
             def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 fault = proxy._fault(self.path)
                 if fault:
                     status, code = fault
