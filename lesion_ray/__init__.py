@@ -8,12 +8,12 @@ The public surface, which later versions keep compatible:
   config, :meth:`lesion_ray.settings.Settings.build` makes the job's settings from both, and each job kind's
   module (``synth``, ``train``, ``predict``, ``evaluate``, ``serve``, ``pipeline``) runs it with
   ``run(spec, settings)`` on a started Ray (:func:`lesion_ray.cli.run_here` does all of that);
-- the model registry (:func:`lesion_ray.registry.publish`, ``resolve``, ``load_model``) and storage URIs
-  (:mod:`lesion_ray.storage`).
+- the model registry (:func:`lesion_ray.registry.publish`, ``resolve``, ``load_model``), storage URIs
+  (:mod:`lesion_ray.storage`) and predict's manifest (:func:`lesion_ray.manifest.read`, ``merge``, ``SCHEMA``).
 
 Everything else (data layout, preprocessing, models, losses, inference, metrics, report pages, tracking) is
 internal and may change. :mod:`lesion_ray.testing` is the test and demo harness (real Ray nodes on loopback).
 """
 
-__all__ = ["cli", "cluster", "evaluate", "pipeline", "predict", "registry", "serve", "settings", "spec", "storage",
-           "synth", "train"]
+__all__ = ["cli", "cluster", "evaluate", "manifest", "pipeline", "predict", "registry", "serve", "settings", "spec",
+           "storage", "synth", "train"]
