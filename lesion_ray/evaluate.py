@@ -210,9 +210,9 @@ def _image_sources(record: dict[str, Any] | None, truth: dict[str, dict[str, str
     if record and record.get("manifest") and storage.exists(record["manifest"]):
         manifest = pq.read_table(io.BytesIO(storage.read_bytes(record["manifest"])),
                                  columns=["id", "source", "status"])
-        # The ok row of an id: a duplicate's error row names the same id.
-        manifest = manifest.filter(pc.and_(pc.is_in(manifest["id"], pa.array(ids)), pc.equal(manifest["status"], "ok")))
-        return dict(zip(manifest["id"].to_pylist(), manifest["source"].to_pylist(), strict=True))
+        manifest = manifest.filter(pc.is_in(manifest["id"], pa.array(ids))).to_pylist()
+        # An id's ok row where it has one: a duplicate's error row names the same id.
+        return {r["id"]: r["source"] for r in sorted(manifest, key=lambda r: r["status"] == "ok")}
     found = {}
     for image_id in ids:
         truth_folder = storage.parent(next(iter(truth[image_id].values())))

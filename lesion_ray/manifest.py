@@ -21,6 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -70,7 +71,7 @@ class Model:
     postprocess: str
 
 
-def refused_rows(entries: Iterable[tuple[str, str, str, str]], model: Model, now: Any) -> pa.Table:
+def refused_rows(entries: Iterable[tuple[str, str, str, str]], model: Model, now: datetime) -> pa.Table:
     """Manifest rows for objects that never reach the pipeline: ``(id, source, status, reason)`` each."""
     return pa.Table.from_pylist([{
         "id": image_id, "source": source, "status": status, "error": reason, "masks": [], "overlay": "",
@@ -85,19 +86,30 @@ def write_part(uri: str, table: pa.Table) -> None:
         pq.write_table(table, f)
 
 
-def part_uris(out: str) -> list[str]:
-    """The parts under ``out``, oldest first (their names start with the run's sortable id)."""
+def row_files(out: str) -> Iterator[str]:
+    """The files of rows under ``out``, oldest first: the manifest, then the parts (whose names start with
+    their run's sortable id), streamed from the listing."""
+    if storage.is_file(storage.join(out, MANIFEST_FILE)):
+        yield storage.join(out, MANIFEST_FILE)
     folder = storage.join(out, PARTS_DIR)
-    if not storage.exists(folder):
-        return []
-    return [f.uri for f in storage.list_files(folder, (".parquet",))]
+    if storage.exists(folder):
+        for page in storage.iter_listing(folder):  # key order on S3; a local folder's pages come sorted
+            yield from (f.uri for f in page if f.uri.endswith(".parquet"))
 
 
 def iter_batches(uri: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-    """A manifest or part ``_BATCH`` rows at a time, without reading it whole into memory."""
+    """A manifest or part ``_BATCH`` rows at a time, without reading it whole into memory, in :data:`SCHEMA`
+    (a column an older manifest lacks comes as nulls)."""
+    wanted = columns or SCHEMA.names
+    schema = pa.schema([SCHEMA.field(name) for name in wanted])
     fs, path = storage.pyarrow_filesystem(uri)
     with fs.open_input_file(path) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=_BATCH, columns=columns)
+        parquet = pq.ParquetFile(f)
+        present = [name for name in wanted if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=_BATCH, columns=present):
+            yield pa.RecordBatch.from_arrays(
+                [batch[name].cast(schema.field(name).type) if name in present
+                 else pa.nulls(len(batch), schema.field(name).type) for name in wanted], schema=schema)
 
 
 class Ledger:
@@ -112,15 +124,16 @@ class Ledger:
                                    isolation_level=None)
         self._lock = threading.Lock()
         self._db.executescript("""
-            PRAGMA journal_mode = OFF;
+            PRAGMA journal_mode = MEMORY;
             PRAGMA synchronous = OFF;
             CREATE TABLE parts (part INTEGER PRIMARY KEY, uri TEXT UNIQUE);
             -- Every object listed this run; part: where its row is (NULL while it is still to do).
-            CREATE TABLE objects (source TEXT PRIMARY KEY, part INTEGER, status TEXT);
+            CREATE TABLE objects (source TEXT PRIMARY KEY, id TEXT, part INTEGER, status TEXT);
             CREATE TABLE ids (id TEXT PRIMARY KEY, source TEXT);  -- the first object of each id
             -- Earlier ok rows that may stand, with the outputs they name, and what the output holds now.
             CREATE TABLE earlier (source TEXT PRIMARY KEY, part INTEGER);
             CREATE TABLE earlier_outputs (source TEXT, uri TEXT);
+            CREATE INDEX earlier_outputs_source ON earlier_outputs (source);
             CREATE TABLE outputs (uri TEXT PRIMARY KEY);
             CREATE TEMP TABLE page (id TEXT, source TEXT PRIMARY KEY, is_image INTEGER);  -- being admitted
         """)
@@ -139,11 +152,11 @@ class Ledger:
         """Read the rows earlier runs left under ``out`` (the manifest, then the parts: the newest row of an
         object wins) and the outputs there now; an ok row of ``model`` whose outputs all exist stands.
         Returns the number of standing rows."""
-        uris = ([storage.join(out, MANIFEST_FILE)] if storage.is_file(storage.join(out, MANIFEST_FILE)) else [])
-        uris += part_uris(out)
         columns = ["source", "status", "masks", "overlay", "model_name", "model_version", "threshold", "postprocess"]
+        found = False
         with self._lock, self._transaction():
-            for uri in uris:
+            for uri in row_files(out):
+                found = True
                 part = self._part(uri)
                 for batch in iter_batches(uri, columns):
                     records = batch.to_pylist()
@@ -152,13 +165,13 @@ class Ledger:
                     self._db.executemany("DELETE FROM earlier_outputs WHERE source = ?", sources)
                     good = [r for r in records if r["status"] == OK and Model(
                         r["model_name"], r["model_version"], r["threshold"], r["postprocess"]) == model]
-                    self._db.executemany("INSERT INTO earlier VALUES (?, ?)", [(r["source"], part) for r in good])
+                    self._db.executemany("INSERT OR REPLACE INTO earlier VALUES (?, ?)",
+                                         [(r["source"], part) for r in good])
                     self._db.executemany("INSERT INTO earlier_outputs VALUES (?, ?)", [
                         (r["source"], u) for r in good for u in r["masks"] + ([r["overlay"]] if r["overlay"] else [])])
-            if uris:
+            if found:
                 for page in storage.iter_listing_parallel(out):
                     self._db.executemany("INSERT OR IGNORE INTO outputs VALUES (?)", [(f.uri,) for f in page])
-            self._db.execute("CREATE INDEX earlier_outputs_source ON earlier_outputs (source)")
             self._db.execute("""DELETE FROM earlier WHERE source IN (SELECT e.source FROM earlier_outputs e
                                 WHERE e.uri NOT IN (SELECT uri FROM outputs))""")
             return self._db.execute("SELECT count(*) FROM earlier").fetchone()[0]
@@ -166,10 +179,11 @@ class Ledger:
     # --- Discovery ---
 
     def admit(self, objects: list[tuple[str, str, bool]]) -> list[tuple[str, str, str | None, int | None]]:
-        """Record listed ``(id, source, is_image)`` objects; for each not recorded before: ``(id, source,
-        first, earlier)``, where ``first`` is the image listed earlier with the same id (this one is a
-        duplicate), else None, and ``earlier`` the part of a standing earlier row, else None. Objects seen
-        before (the listing again, after a failed pass) come back while they are still to do."""
+        """Record listed ``(id, source, is_image)`` objects; for each one still to do (new, or listed again
+        after a failed pass and not done then): ``(id, source, first, earlier)``, where ``first`` is the image
+        listed earlier with the same id (this one is a duplicate), else None, and ``earlier`` the part of a
+        standing earlier row, else None. Which of two images with one id comes first is the listing's order:
+        key order within a page and a key range, arrival order across ranges."""
         with self._lock, self._transaction():
             self._db.execute("DELETE FROM page")
             self._db.executemany("INSERT OR IGNORE INTO page VALUES (?, ?, ?)", objects)
@@ -177,7 +191,7 @@ class Ledger:
                              "AND o.part IS NOT NULL)")  # one index lookup per row, not a scan of every object
             # In listing order: the first of two images with one id in a page is the one that stays.
             self._db.execute("INSERT OR IGNORE INTO ids SELECT id, source FROM page WHERE is_image ORDER BY rowid")
-            self._db.execute("INSERT OR IGNORE INTO objects (source) SELECT source FROM page")
+            self._db.execute("INSERT OR IGNORE INTO objects (source, id) SELECT source, id FROM page")
             return self._db.execute("""
                 SELECT p.id, p.source, CASE WHEN i.source = p.source THEN NULL ELSE i.source END, e.part
                 FROM page p LEFT JOIN ids i ON p.is_image AND i.id = p.id LEFT JOIN earlier e ON e.source = p.source
@@ -190,6 +204,18 @@ class Ledger:
             self._db.executemany("UPDATE objects SET part = ?, status = ? WHERE source = ?",
                                  [(number, status, source) for source, status in done])
 
+    def pending(self) -> Iterator[list[tuple[str, str]]]:
+        """The objects still to do, ``(id, source)`` a thousand at a time."""
+        after = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute("SELECT rowid, id, source FROM objects WHERE part IS NULL AND rowid > ? "
+                                        "ORDER BY rowid LIMIT 1000", (after,)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield [(image_id, source) for _, image_id, source in rows]
+
     def to_do(self) -> int:
         with self._lock:
             return self._db.execute("SELECT count(*) FROM objects WHERE part IS NULL").fetchone()[0]
@@ -201,21 +227,34 @@ class Ledger:
 
     # --- The end ---
 
-    def combine(self, out: str) -> None:
+    def combine(self, out: str) -> tuple[int, int]:
         """Stream every object's row from the part the ledger names into ``manifest.parquet`` (ok and error
-        rows) and ``skipped.csv``, then drop the parts."""
-        with self._lock:
-            parts = self._db.execute("SELECT part, uri FROM parts ORDER BY part").fetchall()
+        rows) and ``skipped.csv``, then drop the parts. Returns how many rows each got."""
+        counts = [0, 0]
         # The new manifest is published when its block ends, after the old one (a part here) was read.
         with _writers(out) as (writer, skipped):
-            for part, uri in parts:
+            for part, uri in self._parts():
                 for batch in iter_batches(uri):
                     batch = self._rows_of(batch, part)
                     is_skipped = pc.equal(batch["status"], SKIPPED)
                     writer.write_batch(batch.filter(pc.invert(is_skipped)))
                     kept = batch.filter(is_skipped)
                     skipped.writerows(zip(kept["source"].to_pylist(), kept["error"].to_pylist(), strict=True))
+                    counts[0] += len(batch) - len(kept)
+                    counts[1] += len(kept)
         storage.delete(storage.join(out, PARTS_DIR))
+        return counts[0], counts[1]
+
+    def _parts(self) -> Iterator[tuple[int, str]]:
+        after = 0
+        while True:
+            with self._lock:
+                rows = self._db.execute("SELECT part, uri FROM parts WHERE part > ? ORDER BY part LIMIT 1000",
+                                        (after,)).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield from rows
 
     def _rows_of(self, batch: pa.RecordBatch, part: int) -> pa.RecordBatch:
         """The rows of ``batch`` (from ``part``) that are their object's row of record."""
@@ -226,9 +265,13 @@ class Ledger:
             mine = [s for (s,) in self._db.execute(
                 # CROSS JOIN: the batch's rows looked up by key, never a scan of every object (SQLite's order)
                 "SELECT p.source FROM page p CROSS JOIN objects o ON o.source = p.source WHERE o.part = ?", (part,))]
-        return batch.filter(pc.is_in(batch["source"], value_set=pa.array(mine, pa.string())))
+        kept = batch.filter(pc.is_in(batch["source"], value_set=pa.array(mine, pa.string())))
+        if len(kept) > len(mine):  # an object twice in one earlier file: its last row
+            last = {source: i for i, source in enumerate(kept["source"].to_pylist())}
+            kept = kept.take(sorted(last.values()))
+        return kept
 
-    def _transaction(self):
+    def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
 
@@ -241,22 +284,19 @@ class _Transaction:
     def __enter__(self) -> None:
         self.db.execute("BEGIN")
 
-    def __exit__(self, kind, value, traceback) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 def read(out: str) -> pa.Table:
     """The rows under ``out`` as one table, for a finished run's manifest or a small one's parts: the
     newest row of each object (the manifest first, then the parts in order)."""
-    tables = [pa.Table.from_batches(list(iter_batches(uri)), SCHEMA)
-              for uri in ([storage.join(out, MANIFEST_FILE)] if storage.is_file(storage.join(out, MANIFEST_FILE))
-                          else []) + part_uris(out)]
+    tables = [pa.Table.from_batches(list(iter_batches(uri)), SCHEMA) for uri in row_files(out)]
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables)
     newest = {source: i for i, source in enumerate(table["source"].to_pylist())}
     return table.take(sorted(newest.values()))
-
 
 
 def merge(outputs: list[str], to: str) -> dict[str, Any]:
@@ -288,8 +328,8 @@ def merge(outputs: list[str], to: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _writers(out: str) -> Iterator[tuple[pq.ParquetWriter, Any]]:
-    """A Parquet writer for ``out``'s manifest and a CSV writer (header written) for its skipped list; both
-    are published, atomically, only when the block succeeds."""
+    """A Parquet writer for ``out``'s manifest and a CSV writer (header written) for its skipped list; each
+    file is published whole when the block succeeds (the skipped list first), never when it fails."""
     with storage.open_write(storage.join(out, MANIFEST_FILE)) as manifest_file, \
             storage.open_write(storage.join(out, SKIPPED_FILE)) as skipped_file, \
             pq.ParquetWriter(manifest_file, SCHEMA) as writer:
@@ -317,5 +357,6 @@ def _csv_batches(uri: str) -> Iterator[pa.RecordBatch]:
         return
     fs, path = storage.pyarrow_filesystem(uri)
     with fs.open_input_stream(path) as f:
-        yield from pa_csv.open_csv(f, convert_options=pa_csv.ConvertOptions(
-            column_types={"source": pa.string(), "reason": pa.string()}))
+        yield from pa_csv.open_csv(f, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pa_csv.ConvertOptions(
+                                       column_types={"source": pa.string(), "reason": pa.string()}))

@@ -48,6 +48,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -334,9 +335,9 @@ def in_shard(image_id: str, shard: tuple[int, int] | None) -> bool:
 
 @dataclass
 class _Pass:
-    """One pass over the input listing: the running counts, and a few error examples."""
+    """A run's counts over its listings (one per attempt): objects in other shards (the most any listing
+    saw), earlier rows that stand, and a few error examples."""
 
-    listed: int = 0
     other_shards: int = 0
     resumed: int = 0
     examples: list[str] = field(default_factory=list)
@@ -351,10 +352,11 @@ def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manife
     the ledger admits every object of this shard; the rows of the objects refused or skipped are written
     as a part per page, and the objects whose earlier rows stand are recorded as done."""
     shard = _shard(spec.shard) if spec.shard else None
+    others = 0
     for page in storage.iter_listing_parallel(folder):
-        counts.listed += len(page)
         ours = [(image_id, f) for f in page if in_shard(image_id := data.sample_id(f.uri), shard)]
-        counts.other_shards += len(page) - len(ours)
+        others += len(page) - len(ours)
+        counts.other_shards = max(counts.other_shards, others)
         verdicts = {f.uri: data.triage(f, spec.max_bytes) for _, f in ours}
         # Only images to predict on share ids: a mask or a .tif beside ISIC_0000001.jpg is not its duplicate.
         admitted = ledger.admit([(image_id, f.uri, verdicts[f.uri] is None) for image_id, f in ours])
@@ -372,12 +374,18 @@ def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manife
             ledger.record(done, earlier)
         counts.resumed += sum(map(len, standing.values()))
         if refused:
-            part = _part_uri(out, run_id)
-            manifest.write_part(part, manifest.refused_rows(refused, model, datetime.now(timezone.utc)))
-            ledger.record([(source, status) for _, source, status, _ in refused], part)
+            _write_refused(refused, ledger, model, out, run_id)
             counts.note(f"{i}: {reason}" for i, _, status, reason in refused if status == manifest.ERROR)
         if work:
             yield work
+
+
+def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledger, model: manifest.Model, out: str,
+                   run_id: str) -> None:
+    """Rows of objects that never reach the pipeline, ``(id, source, status, reason)``, as a part of their own."""
+    part = _part_uri(out, run_id)
+    manifest.write_part(part, manifest.refused_rows(rows, model, datetime.now(timezone.utc)))
+    ledger.record([(source, status) for _, source, status, _ in rows], part)
 
 
 class _QueueSource(Datasource):
@@ -457,8 +465,12 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
     # One block per batch, as the read tasks make them: Ray Data would otherwise split each task's output
     # into many small blocks, since it cannot know how many rows a queue will hold.
-    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS,
-                                  ray_remote_args={"num_cpus": 0})
+    # No retries of a read task (Ray Data retries tasks without limit): a rerun would take new pages from the
+    # queue and leave those its first run took undone; a lost reader fails the pass, which _run_attempts reruns.
+    with warnings.catch_warnings():  # max_retries has no named parameter yet (Ray 2.60)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS, num_cpus=0,
+                                      ray_remote_args={"max_retries": 0})
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
                             device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
@@ -533,7 +545,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     start = time.perf_counter()
     counts, nodes = _run_attempts(spec, folder, ledger, model, out, run_id, found, config)
     seconds = time.perf_counter() - start
-    ledger.combine(out)
+    rows, skipped_rows = ledger.combine(out)
     record = {"spec": spec.model_dump(mode="json"),
               "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
               "threshold": threshold, "postprocess": spec.postprocess,
@@ -542,17 +554,19 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
 
     status = ledger.counts()
     ok, errors, skipped = (status.get(s, 0) for s in (manifest.OK, manifest.ERROR, manifest.SKIPPED))
-    if ok + errors + skipped + counts.other_shards != counts.listed or ledger.to_do():
-        raise RuntimeError(f"{counts.listed} objects listed but {ok} ok, {errors} error, {skipped} skipped and "
-                           f"{counts.other_shards} in other shards: please report this bug")
+    listed = sum(status.values()) + counts.other_shards
+    if status.get(None) or (rows, skipped_rows) != (ok + errors, skipped):
+        raise RuntimeError(f"{listed} objects listed: {ok} ok, {errors} error, {skipped} skipped, "
+                           f"{counts.other_shards} in other shards and {status.get(None, 0)} not done, but the "
+                           f"manifest has {rows} rows and the skipped list {skipped_rows}: please report this bug")
     if not ok + errors:
         raise ValueError(f"no images ({', '.join(data.IMAGE_SUFFIXES)}) found under {folder}"
                          + (f" in shard {spec.shard}" if spec.shard else ""))
     if errors:
-        report.info(f"{errors} inputs failed, e.g. " + "; ".join(counts.examples))
+        report.info(f"{errors} inputs failed" + (", e.g. " + "; ".join(counts.examples) if counts.examples else ""))
     done = ok + errors - counts.resumed
     summary = {
-        "listed": counts.listed,
+        "listed": listed,
         "inputs": ok + errors,
         "ok": ok,
         "error": errors,
@@ -575,19 +589,20 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
 
 def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,
                   run_id: str, found: registry.Resolved, config: ModelConfig) -> tuple[_Pass, set[str]]:
-    """Stream the listing through the pipeline; when an actor or node is lost for good, list again and run
-    what is not done. After the last attempt the images still left become error rows, so the manifest
-    accounts for them and a later run retries them. Returns the counts (of the last, complete listing)."""
+    """Stream the listing through the pipeline; when an actor, a node or a reader is lost for good, list
+    again and run what is not done. After the last attempt the images still left become error rows, so
+    the manifest accounts for them and a later run retries them."""
     counts, nodes = _Pass(), set()
+    reason = ""
     for attempt in range(1, ATTEMPTS + 1):
-        counts.listed = counts.other_shards = 0
         pages = _work(spec, folder, ledger, model, out, run_id, counts)
         overlay_ids: set[str] | None = None if spec.overlays == "all" else set()
         if spec.overlays == "sample":  # the first images by id among the first pages listed
             head = _first_pages(pages, spec.overlay_sample)
             overlay_ids = set(sorted(i for page in head for i, _ in page)[: spec.overlay_sample])
             pages = itertools.chain(head, pages)
-        queue, window = Queue(maxsize=2 * READERS), _Window()
+        # No CPU for the queue's actor: it must start even while a failed pass's actors still hold every CPU.
+        queue, window = Queue(maxsize=2 * READERS, actor_options={"num_cpus": 0}), _Window()
         stop, failures = threading.Event(), []
         feeder = threading.Thread(target=_feed, args=(pages, queue, window, stop, failures), name="listing",
                                   daemon=True)
@@ -599,26 +614,24 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
             feeder.join()
             if failures:
                 raise failures[0]
-            return counts, nodes
+            if not (left := ledger.to_do()):
+                return counts, nodes
+            reason = f"{left} images listed but not returned by the pipeline"
         except LOST as exc:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            stop.set()
-            feeder.join()
-            if attempt < ATTEMPTS:
-                report.info(f"warning: the pipeline failed ({reason}); running the images not done yet again "
-                            f"(attempt {attempt + 1} of {ATTEMPTS})")
-                continue
         finally:
             stop.set()
-            ray.kill(queue.actor)
+            feeder.join(timeout=60)  # it stops at its next page: the ledger and the output stay this run's
+            with contextlib.suppress(Exception):  # never in the way of the error that ended the pass
+                ray.kill(queue.actor)
+        if attempt < ATTEMPTS:
+            report.info(f"warning: the pipeline failed ({reason}); running the images not done yet again "
+                        f"(attempt {attempt + 1} of {ATTEMPTS})")
     report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); the images not done are recorded as not "
                 "processed: run again to retry them")
-    counts.listed = counts.other_shards = 0
-    for page in _work(spec, folder, ledger, model, out, run_id, counts):
-        part = _part_uri(out, run_id)
-        rows = [(i, s, manifest.ERROR, f"not processed: the pipeline failed: {reason}") for i, s in page]
-        manifest.write_part(part, manifest.refused_rows(rows, model, datetime.now(timezone.utc)))
-        ledger.record([(s, manifest.ERROR) for s in (source for _, source in page)], part)
+    for page in ledger.pending():
+        _write_refused([(i, s, manifest.ERROR, f"not processed: the pipeline failed: {reason}") for i, s in page],
+                       ledger, model, out, run_id)
     return counts, nodes
 
 

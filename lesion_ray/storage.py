@@ -378,16 +378,18 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
     queued: queue.Queue = queue.Queue(maxsize=2 * len(bounds))
     stop = threading.Event()
 
-    def offer(item: object) -> None:
+    def offer(item: object) -> bool:
         while not stop.is_set():
             with contextlib.suppress(queue.Full):
                 queued.put(item, timeout=0.1)
-                return
+                return True
+        return False
 
     def list_range(after: str | None, through: str | None) -> None:
         try:
             for page in iter_listing(uri, after, through):
-                offer(page)
+                if not offer(page):  # the consumer is gone: list no further
+                    return
         except BaseException as exc:  # handed to the consumer, which raises it
             offer(exc)
         offer(None)
@@ -410,9 +412,10 @@ def iter_listing_parallel(uri: str, ranges: int = LISTING_RANGES) -> Iterator[li
 
 
 def split_points(uri: str, wanted: int) -> list[str]:
-    """Key prefixes under ``uri`` (full URIs, sorted) to start listing ranges at: the distinct prefixes one
-    character longer at a time (``I``, ``IS``, ... ``ISIC_000``, ``ISIC_001``, ...) until there are
-    ``wanted`` of them, each level found by skipping from one prefix to the next with one-key requests."""
+    """At most ``wanted`` key prefixes under ``uri`` (full URIs, sorted) to start listing ranges at: the
+    distinct prefixes one character longer at a time (``I``, ``IS``, ... ``ISIC_000``, ``ISIC_001``, ...)
+    until a level has ``wanted`` of them, each level found by skipping from one prefix to the next with
+    one-key requests; then evenly spaced ones of that level."""
     bucket, key = split_s3(uri)
     root = key.rstrip("/") + "/" if key else ""
     client = _s3_client()
@@ -442,6 +445,8 @@ def split_points(uri: str, wanted: int) -> list[str]:
             level = deeper
             if len(level) >= wanted:
                 break
+    if len(level) > wanted:  # evenly spaced among them: at most `wanted` ranges side by side
+        level = [level[i * len(level) // wanted] for i in range(wanted)]
     return [f"s3://{bucket}/{p}" for p in level] if len(level) > 1 else []
 
 
