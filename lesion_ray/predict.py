@@ -90,10 +90,9 @@ READERS = 2  # tasks taking listing pages from the queue into the pipeline (ligh
 # bound, Ray Data would take the whole listing into its queues at once (a page of names weighs little),
 # and the driver would admit millions of objects before the first image is decoded.
 LEAD = 16_000
-# CPUs reserved per decoding task and per writing task. Ray Data gives free CPUs to the upstream stage
-# first, so decoding would take every CPU the inference actors leave until the input is exhausted, and every
-# mask would wait for it: decoding tasks are capped at one CPU's worth less than those CPUs, and both stages
-# reserve half a CPU, so writing runs beside decoding even where a single CPU is free.
+# CPUs reserved per decoding task and per writing task: half a CPU each, so that on the CPUs the inference
+# actors leave, decoding and writing run side by side instead of decoding taking every free CPU until the
+# input is exhausted and every mask waiting for it.
 STAGE_CPUS = 0.5
 
 
@@ -472,9 +471,8 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         warnings.simplefilter("ignore", DeprecationWarning)
         ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS, num_cpus=0,
                                       ray_remote_args={"max_retries": 0})
-    free = ray.cluster_resources().get("CPU", 0) - spec.min_actors * spec.cpus_per_actor
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                            device="cpu", num_cpus=STAGE_CPUS, concurrency=max(1, int(free - 1)))
+                            device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
     ds = ds.map_batches(
         Predictor,

@@ -319,17 +319,14 @@ def decoded(
     batch_size: int = 16,
     device: str | None = None,
     num_cpus: float = 1,
-    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`,
-    in tasks of ``num_cpus`` each, at most ``concurrency`` at once (default: as many as there are CPUs for)."""
+    in tasks of ``num_cpus`` each."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
     gpus = cluster_gpus()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
-        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
-                              concurrency=concurrency)
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
-                        concurrency=concurrency)
+        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
     return ds.map_batches(
         _DeviceResize,
         batch_size=batch_size,
