@@ -50,7 +50,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -85,11 +85,16 @@ LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exc
 OVERLAY_HEIGHT = 256
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
-READERS = 2  # tasks taking listing pages from the queue into the pipeline (light: no CPU reserved)
-# Images listed but not yet written, at most: the listing runs this far ahead of the pipeline. Without a
-# bound, Ray Data would take the whole listing into its queues at once (a page of names weighs little),
-# and the driver would admit millions of objects before the first image is decoded.
-LEAD = 16_000
+# Ray Data hands a read task's blocks on only when they add up to its target block size (128 MiB) or the
+# task ends: a task that read listing pages until the listing ended would hold back every image. So a pass
+# reads through READ_TASKS short tasks, READERS at a time, each taking a few pages (1 for the first, so the
+# first images move at once, then up to PAGES_PER_READ); a listing longer than a pass takes another pass.
+READERS = 2
+READ_TASKS = 2048
+PAGES_PER_READ = 8
+# Images listed but not yet written, at most: the listing runs this far ahead of the pipeline (more than the
+# readers hold), so the driver never admits millions of objects before their images are decoded.
+LEAD = 4 * READERS * PAGES_PER_READ * 1000
 # CPUs reserved per decoding task and per writing task: half a CPU each, so that on the CPUs the inference
 # actors leave, decoding and writing run side by side instead of decoding taking every free CPU until the
 # input is exhausted and every mask waiting for it.
@@ -389,8 +394,9 @@ def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledge
 
 
 class _QueueSource(Datasource):
-    """A Ray Data source that ends only when the listing does: ``READERS`` read tasks take listing pages
-    from a queue (``None`` ends one) and hand them on as blocks of ``batch_size`` source rows."""
+    """A Ray Data source fed as the listing goes: ``READ_TASKS`` read tasks, each taking up to a few pages
+    of ``(id, source)`` from a queue, handed on as blocks of ``batch_size`` source rows; ``None`` in the
+    queue is the end of the listing."""
 
     def __init__(self, queue: Queue, batch_size: int) -> None:
         super().__init__()
@@ -402,12 +408,15 @@ class _QueueSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(functools.partial(_read_pages, self.queue, self.batch_size), metadata)
-                for _ in range(READERS)]
+        return [ReadTask(functools.partial(_read_pages, self.queue, self.batch_size, min(1 + i, PAGES_PER_READ)),
+                         metadata) for i in range(READ_TASKS)]
 
 
-def _read_pages(queue: Queue, batch_size: int) -> Iterator[pa.Table]:
-    while (page := queue.get()) is not None:
+def _read_pages(queue: Queue, batch_size: int, pages: int) -> Iterator[pa.Table]:
+    for _ in range(pages):
+        if (page := queue.get()) is None:
+            queue.put(None)  # the end of the listing, for the read tasks after this one
+            return
         for start in range(0, len(page), batch_size):
             chunk = page[start : start + batch_size]
             yield pa.table({"id": [i for i, _ in chunk], "source": [s for _, s in chunk],
@@ -436,16 +445,15 @@ class _Window:
 
 def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, window: _Window, stop: threading.Event,
           failures: list[BaseException]) -> None:
-    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then one end mark per reader.
-    A failure (of the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
+    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then the end mark. A failure (of
+    the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
     try:
         try:
             for page in pages:
                 if not window.enter(len(page), stop) or not _put(queue, page, stop):
                     return
-        finally:  # the pipeline ends once every reader has its end mark, the listing complete or not
-            for _ in range(READERS):
-                _put(queue, None, stop)
+        finally:  # the readers end at the mark, the listing complete or not
+            _put(queue, None, stop)
     except BaseException as exc:
         failures.append(exc)
 
@@ -463,14 +471,13 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
     # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
-    # One block per batch, as the read tasks make them: Ray Data would otherwise split each task's output
-    # into many small blocks, since it cannot know how many rows a queue will hold.
+    # As many blocks as read tasks: Ray Data would otherwise split each task's output into many small blocks.
     # No retries of a read task (Ray Data retries tasks without limit): a rerun would take new pages from the
     # queue and leave those its first run took undone; a lost reader fails the pass, which _run_attempts reruns.
     with warnings.catch_warnings():  # max_retries has no named parameter yet (Ray 2.60)
         warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READERS, num_cpus=0,
-                                      ray_remote_args={"max_retries": 0})
+        ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READ_TASKS,
+                                      concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
                             device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
@@ -497,17 +504,24 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         "max_pixels": spec.max_pixels, "run_id": run_id})
 
 
-def _collect(ds: ray.data.Dataset, ledger: manifest.Ledger, window: _Window, nodes: set[str],
-             counts: _Pass) -> Iterator[int]:
-    """Run the pipeline, recording its rows in the ledger; yields once per image (progress)."""
-    for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        window.leave(len(table))
-        for part in set(table["part"].to_pylist()):
-            rows = table.filter(pc.equal(table["part"], part)).to_pylist()
-            ledger.record([(r["source"], r["status"]) for r in rows], part)
-            counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
-        nodes.update(n for n in table["node"].to_pylist() if n)
-        yield from range(len(table))
+def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, ledger: manifest.Ledger,
+             window: _Window, nodes: set[str], counts: _Pass) -> Iterator[int]:
+    """Run pipeline passes, recording their rows in the ledger, until the listing has ended and every image
+    it gave is back; yields once per image (progress)."""
+    while True:
+        for table in passes().iter_batches(batch_format="pyarrow", batch_size=None):
+            window.leave(len(table))
+            for part in set(table["part"].to_pylist()):
+                rows = table.filter(pc.equal(table["part"], part)).to_pylist()
+                ledger.record([(r["source"], r["status"]) for r in rows], part)
+                counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
+            nodes.update(n for n in table["node"].to_pylist() if n)
+            yield from range(len(table))
+            if not window.open and not feeder.is_alive():
+                return  # the read tasks still to start would only find the end mark
+        if window.open or not feeder.is_alive():
+            return  # done, or images that a pass took never came back (the caller reruns them)
+        # The pass's read tasks ran out before the listing did: another pass reads on.
 
 
 def run(spec: PredictSpec, settings: Settings) -> dict[str, Any]:
@@ -608,9 +622,11 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
                                   daemon=True)
         feeder.start()
         try:
-            ds = _pipeline(spec, queue, found, config, out, model.threshold, overlay_ids, run_id)
-            for _ in report.progress(_collect(ds, ledger, window, nodes, counts), None, "predicted"):
+            passes = functools.partial(_pipeline, spec, queue, found, config, out, model.threshold, overlay_ids,
+                                       run_id)
+            for _ in report.progress(_collect(passes, feeder, ledger, window, nodes, counts), None, "predicted"):
                 pass
+            stop.set()  # a feeder still running waits for images that are lost: it ends, and the pass is rerun
             feeder.join()
             if failures:
                 raise failures[0]
