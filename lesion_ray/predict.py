@@ -83,15 +83,17 @@ ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left af
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError)
 OVERLAY_HEIGHT = 256
+# max_retries, which the read tasks need, has no named parameter in Ray 2.60: ray_remote_args stays.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
 # Ray Data hands a read task's blocks on only when they add up to its target block size (128 MiB) or the
 # task ends: a task that read listing pages until the listing ended would hold back every image. So a pass
-# reads through READ_TASKS short tasks, READERS at a time, each taking a few pages (1 for the first, so the
-# first images move at once, then up to PAGES_PER_READ); a listing longer than a pass takes another pass.
+# reads through READ_TASKS short tasks, READERS at a time, the first taking one page (the first images move
+# at once), the next ones more, up to PAGES_PER_READ; a listing longer than a pass (4 M images) takes another.
 READERS = 2
-READ_TASKS = 2048
-PAGES_PER_READ = 8
+READ_TASKS = 64
+PAGES_PER_READ = 64
 # Images listed but not yet written, at most: the listing runs this far ahead of the pipeline (more than the
 # readers hold), so the driver never admits millions of objects before their images are decoded.
 LEAD = 4 * READERS * PAGES_PER_READ * 1000
@@ -474,10 +476,8 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # As many blocks as read tasks: Ray Data would otherwise split each task's output into many small blocks.
     # No retries of a read task (Ray Data retries tasks without limit): a rerun would take new pages from the
     # queue and leave those its first run took undone; a lost reader fails the pass, which _run_attempts reruns.
-    with warnings.catch_warnings():  # max_retries has no named parameter yet (Ray 2.60)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READ_TASKS,
-                                      concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
+    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READ_TASKS,
+                                  concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
                             device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
@@ -509,19 +509,26 @@ def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, l
     """Run pipeline passes, recording their rows in the ledger, until the listing has ended and every image
     it gave is back; yields once per image (progress)."""
     while True:
-        for table in passes().iter_batches(batch_format="pyarrow", batch_size=None):
-            window.leave(len(table))
-            for part in set(table["part"].to_pylist()):
-                rows = table.filter(pc.equal(table["part"], part)).to_pylist()
-                ledger.record([(r["source"], r["status"]) for r in rows], part)
-                counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
-            nodes.update(n for n in table["node"].to_pylist() if n)
-            yield from range(len(table))
-            if not window.open and not feeder.is_alive():
-                return  # the read tasks still to start would only find the end mark
+        with contextlib.closing(iter(passes().iter_batches(batch_format="pyarrow", batch_size=None))) as tables:
+            yield from _record(tables, feeder, ledger, window, nodes, counts)
         if window.open or not feeder.is_alive():
             return  # done, or images that a pass took never came back (the caller reruns them)
         # The pass's read tasks ran out before the listing did: another pass reads on.
+
+
+def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manifest.Ledger, window: _Window,
+            nodes: set[str], counts: _Pass) -> Iterator[int]:
+    """One pass's rows into the ledger, until the listing has ended and every image it gave is back."""
+    for table in tables:
+        window.leave(len(table))
+        for part in set(table["part"].to_pylist()):
+            rows = table.filter(pc.equal(table["part"], part)).to_pylist()
+            ledger.record([(r["source"], r["status"]) for r in rows], part)
+            counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
+        nodes.update(n for n in table["node"].to_pylist() if n)
+        yield from range(len(table))
+        if not window.open and not feeder.is_alive():
+            return  # the read tasks still to start would only find the end mark
 
 
 def run(spec: PredictSpec, settings: Settings) -> dict[str, Any]:
