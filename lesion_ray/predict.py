@@ -478,6 +478,9 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # queue and leave those its first run took undone; a lost reader fails the pass, which _run_attempts reruns.
     ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READ_TASKS,
                                   concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
+    # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
+    # tasks and every inference actor gets work.
+    ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
     ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
                             device="cpu", num_cpus=STAGE_CPUS)
     device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
