@@ -21,7 +21,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -71,8 +71,10 @@ class Model:
     postprocess: str
 
 
-def refused_rows(entries: Iterable[tuple[str, str, str, str]], model: Model, now: datetime) -> pa.Table:
-    """Manifest rows for objects that never reach the pipeline: ``(id, source, status, reason)`` each."""
+def refused_rows(entries: Iterable[tuple[str, str, str, str]], model: Model) -> pa.Table:
+    """Manifest rows, finished now, for objects that never reach the pipeline: ``(id, source, status, reason)``
+    each."""
+    now = datetime.now(timezone.utc)
     return pa.Table.from_pylist([{
         "id": image_id, "source": source, "status": status, "error": reason, "masks": [], "overlay": "",
         "height": 0, "width": 0, "area_fraction": [], "head1_prob": [], "head2_prob": [],

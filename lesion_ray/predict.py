@@ -391,7 +391,7 @@ def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledge
                    run_id: str) -> None:
     """Rows of objects that never reach the pipeline, ``(id, source, status, reason)``, as a part of their own."""
     part = _part_uri(out, run_id)
-    manifest.write_part(part, manifest.refused_rows(rows, model, datetime.now(timezone.utc)))
+    manifest.write_part(part, manifest.refused_rows(rows, model))
     ledger.record([(source, status) for _, source, status, _ in rows], part)
 
 
