@@ -1,6 +1,9 @@
 """One inference path for batch (:mod:`lesion_ray.predict`) and online (:mod:`lesion_ray.serve`)
 prediction: model inputs -> probabilities -> ISIC masks at the original size -> PNGs and overlays.
 
+- :class:`Runner`: a model made ready once for its device and :class:`ModelRuntime` (precision, memory
+  format, ``torch.compile``), then batches of uint8 images -> probabilities: normalised on the model's
+  device, so rows cross Ray's object store at a quarter of float32's size;
 - :func:`forward`: sigmoid mask probabilities and both heads' probabilities, optionally averaged
   over flips (test-time augmentation);
 - :func:`to_masks`: probabilities resized back to the image, thresholded, a Task 1 mask kept as
@@ -17,14 +20,69 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, Field
 from torch import nn
 
+from lesion_ray import report
+
 Postprocess = Literal["none", "largest_component"]
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 # The lesion (Task 1); one colour per attribute in data.ATTRIBUTES order (Task 2). The web page (web/app.js)
 # tints the lesion (Task 2: any attribute) in the Task 1 colour, at OVERLAY_ALPHA by default.
 OVERLAY_COLOURS = {1: ((230, 25, 75),),
                    2: ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48))}
 OVERLAY_ALPHA = 0.45
+
+
+class ModelRuntime(BaseModel):
+    """How a model runs for inference; the predict and serve specs take these keys."""
+
+    precision: Precision = Field("fp32", description="fp32, or bf16/fp16 mixed precision (autocast; bf16 also on "
+                                                     "CPUs, fp16 is for GPUs)")
+    channels_last: bool = Field(False, description="NHWC memory format (faster convolutions on GPUs with bf16/fp16)")
+    compile: bool = Field(False, description="torch.compile the model once per process (minutes of start-up; "
+                                             "falls back to eager with a warning where it fails)")
+
+
+class Runner:
+    """A model ready for batches on ``device``: eval mode, memory format and (with ``compile``) compiled once,
+    with a warm-up pass of ``batch_size`` images so that compilation happens here, not in the first request.
+    A compiled model sees only that batch size (smaller batches are padded): it never compiles again."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device, runtime: ModelRuntime, input_size: int,
+                 batch_size: int) -> None:
+        self.device = torch.device(device)
+        self.runtime = runtime
+        self.autocast = AUTOCAST_DTYPES.get(runtime.precision)
+        model = model.to(self.device).eval()
+        if runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model, self.batch_size, self.compiled = model, batch_size, False
+        self.compile_error: str | None = None  # why torch.compile was given up, if it was
+        if runtime.compile:
+            self.model, self.compiled = torch.compile(model), True
+            try:
+                self(torch.zeros(batch_size, 3, input_size, input_size, dtype=torch.uint8))
+            except Exception as exc:  # no compiler, an unsupported op or device: eager still works
+                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+                report.info(f"warning: torch.compile failed, the model runs uncompiled: {self.compile_error}")
+                self.model, self.compiled = model, False
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """uint8 [B, 3, S, S] images (0-255; float in [0, 1] also taken) on any device -> float32 mask
+        probabilities [B, C, S, S] and both heads' probabilities [B, C], on the model's device."""
+        count = len(images)
+        x = images.to(self.device, non_blocking=True)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.compiled and count < self.batch_size:  # compiled for one batch size
+            x = torch.cat([x, x.new_zeros(self.batch_size - count, *x.shape[1:])])
+        if self.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            outputs = forward(self.model, x, tta)
+        return tuple(o[:count].float() for o in outputs)  # type: ignore[return-value]
 
 
 @torch.inference_mode()

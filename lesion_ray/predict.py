@@ -8,9 +8,12 @@ The streaming pipeline (every stage runs at once, with Ray Data's backpressure):
    size (:func:`lesion_ray.data.triage`): images go into a queue as pages, the rest become rows at once;
 2. read tasks take pages from the queue; CPU tasks read + decode + resize + scale
    (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding;
-3. :class:`Predictor` actors (``ActorPoolStrategy``; ``num_gpus`` when ``gpus_per_actor`` > 0)
-   load the model once each and return sigmoid probabilities at the model's resolution, plus
-   both heads' attribute probabilities (optionally averaged over flips: ``tta``);
+3. :class:`Predictor` actors (``ActorPoolStrategy``; on a cluster with GPUs by default two per GPU at 0.5
+   GPU each: :func:`actor_layout`) load the model once each (``precision``, ``channels_last``, ``compile``:
+   :class:`lesion_ray.inference.Runner`), scale the uint8 rows on their device and return sigmoid
+   probabilities at the model's resolution, plus both heads' attribute probabilities (optionally averaged
+   over flips: ``tta``). With ``decode: gpu`` step 2 only reads bytes and the actors decode JPEGs with
+   nvJPEG (:class:`lesion_ray.preprocess.ModelInputs`);
 4. CPU tasks (:func:`write_batch`) resize the probabilities back to the original image size,
    threshold them, keep a Task 1 mask's largest region with its holes filled (``postprocess``),
    encode 0/255 single-channel PNGs in the ISIC submission format
@@ -103,7 +106,7 @@ LEAD = 4 * READERS * PAGES_PER_READ * 1000
 STAGE_CPUS = 0.5
 
 
-class PredictSpec(JobSpec):
+class PredictSpec(inference.ModelRuntime, JobSpec):
     kind: Literal["predict"] = "predict"
     input: InputUri
     model: ModelRef
@@ -116,7 +119,12 @@ class PredictSpec(JobSpec):
     min_actors: int = Field(1, ge=1, description="inference actors kept running")
     max_actors: int = Field(1, ge=1, description="inference actors at most (one model copy each)")
     cpus_per_actor: int = Field(1, ge=1, description="CPUs reserved per inference actor; also its torch threads")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per inference actor; 0 runs the model on CPU")
+    gpus_per_actor: float | None = Field(None, ge=0.0, description=(
+        "GPUs per inference actor; 0 runs the model on CPU (default: 0.5, with 2 actors per GPU, when the cluster "
+        "has GPUs, else 0)"))
+    decode: Literal["cpu", "gpu"] = Field("cpu", description=(
+        "cpu: CPU tasks decode and resize; gpu: read tasks only move bytes and the inference actors decode JPEGs "
+        "with nvJPEG on their GPU (needs torchvision there), anything else on their CPU"))
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="probability above which a pixel is in "
                                                                       "the mask (default: the model's own)")
     overlays: Literal["none", "sample", "all"] = Field(
@@ -164,32 +172,41 @@ def mask_names(image_id: str, task: int) -> list[str]:
 
 
 class Predictor:
-    """A Ray Data actor: the model loaded once, then batches of preprocessed images -> probabilities."""
+    """A Ray Data actor: the model loaded once (:class:`lesion_ray.inference.Runner`), then batches of
+    preprocessed images (or, with ``decode``, encoded ones, decoded here) -> probabilities."""
 
-    def __init__(self, model_dir: str, device: str, tta: bool, threads: int) -> None:
+    def __init__(self, model_dir: str, device: str, runtime: inference.ModelRuntime, tta: bool, threads: int,
+                 batch_size: int, decode: bool, max_pixels: int) -> None:
         torch.set_num_threads(threads)
-        self.loaded = registry.load_model(model_dir, device=device)
-        self.device = device
+        loaded = registry.load_model(model_dir)
+        self.channels, self.size = loaded.config.num_classes, loaded.config.input_size
+        self.runner = inference.Runner(loaded.model, device, runtime, self.size, batch_size)
+        self.inputs = preprocess.ModelInputs(device, self.size, max_pixels) if decode else None
         self.tta = tta
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["error"] == ""
-        count, channels, size = len(ok), self.loaded.config.num_classes, self.loaded.config.input_size
-        probs = np.zeros((count, channels, size, size), np.float16)
-        head1 = np.zeros((count, channels), np.float32)
-        head2 = np.zeros((count, channels), np.float32)
         start = time.perf_counter()
+        error, height, width = batch["error"], batch.get("orig_height"), batch.get("orig_width")
+        if self.inputs:
+            images, sizes, failed = self.inputs([bytes(blob) for blob in batch["data"]])
+            error = np.where(error == "", np.array(failed, dtype=object), error)  # a read error stays the reason
+            height, width = (np.array(side, np.int64) for side in zip(*sizes, strict=True))
+        ok = error == ""
+        count = len(ok)
+        probs = np.zeros((count, self.channels, self.size, self.size), np.float16)
+        head1 = np.zeros((count, self.channels), np.float32)
+        head2 = np.zeros((count, self.channels), np.float32)
         if ok.any():
-            images = torch.from_numpy(batch["image"][ok]).to(self.device)  # boolean indexing copied it
-            p, h1, h2 = inference.forward(self.loaded.model, images, self.tta)
+            # Boolean indexing copies: a writable tensor for torch.
+            x = images[torch.from_numpy(ok).to(images.device)] if self.inputs else torch.from_numpy(batch["image"][ok])
+            p, h1, h2 = self.runner(x, self.tta)
             probs[ok] = p.half().cpu().numpy()
-            head1[ok], head2[ok] = h1.float().cpu().numpy(), h2.float().cpu().numpy()
+            head1[ok], head2[ok] = h1.cpu().numpy(), h2.cpu().numpy()
         infer_ms = 1000 * (time.perf_counter() - start) / max(int(ok.sum()), 1)
-        out = {k: batch[k] for k in ("id", "source", "error", "orig_height", "orig_width")}
-        out.update(probs=probs, head1=head1, head2=head2, infer_ms=np.where(ok, infer_ms, 0.0).astype(np.float32),
-                   node=np.full(count, self.node))
-        return out
+        return {"id": batch["id"], "source": batch["source"], "error": error, "orig_height": height,
+                "orig_width": width, "probs": probs, "head1": head1, "head2": head2,
+                "infer_ms": np.where(ok, infer_ms, 0.0).astype(np.float32), "node": np.full(count, self.node)}
 
 
 # --- Writing outputs ------------------------------------------------------------------------------
@@ -481,13 +498,17 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
-    ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                            device="cpu", num_cpus=STAGE_CPUS)
-    device = "cuda" if spec.gpus_per_actor > 0 else "cpu"
+    if spec.decode == "gpu":
+        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS)
+    else:
+        ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
+                                device="cpu", num_cpus=STAGE_CPUS)
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_dir": found.model_dir, "device": device, "tta": spec.tta,
-                               "threads": spec.cpus_per_actor},
+        fn_constructor_kwargs={"model_dir": found.model_dir, "device": "cuda" if spec.gpus_per_actor else "cpu",
+                               "runtime": spec, "tta": spec.tta, "threads": spec.cpus_per_actor,
+                               "batch_size": spec.batch_size, "decode": spec.decode == "gpu",
+                               "max_pixels": spec.max_pixels},
         batch_size=spec.batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=spec.min_actors, max_size=spec.max_actors),
         # No actor restarts (Ray Data's default is unlimited): the pool's constructor arguments are object
@@ -499,7 +520,7 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         # into these actors (it fuses operators only when their remote args are identical): decoding
         # must run in parallel CPU tasks, not between forward passes.
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
-        **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor > 0 else {}),
+        **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor else {}),
     )
     return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, fn_kwargs={
         "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
@@ -549,9 +570,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
     model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
-    if spec.gpus_per_actor > 0 and (gpus := preprocess.cluster_gpus()) < spec.gpus_per_actor:
-        raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has "
-                         f"{gpus} GPUs: set gpus_per_actor: 0 to predict on CPUs")
+    spec = actor_layout(spec, preprocess.cluster_gpus())
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
@@ -609,6 +628,28 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     if spec.shard:
         summary["shard"], summary["other_shards"] = spec.shard, counts.other_shards
     return summary
+
+
+def actor_layout(spec: PredictSpec, gpus: int) -> PredictSpec:
+    """``spec`` with its inference actors placed: without ``gpus_per_actor``, 2 actors per GPU at 0.5 GPU each
+    when the cluster has GPUs (measured best: one actor's forward pass overlaps the other's copies and
+    post-processing), else on CPUs; actor counts a spec names are kept."""
+    if spec.gpus_per_actor is None:
+        layout: dict[str, Any] = {"gpus_per_actor": 0.5 if gpus else 0.0}
+        if gpus:
+            named = spec.model_fields_set
+            layout["max_actors"] = spec.max_actors if "max_actors" in named else 2 * gpus
+            layout["min_actors"] = spec.min_actors if "min_actors" in named else min(2 * gpus, layout["max_actors"])
+        spec = spec.model_copy(update=layout)
+    if spec.gpus_per_actor > gpus:
+        raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has {gpus} GPUs: set "
+                         "gpus_per_actor: 0 to predict on CPUs")
+    where = f"{spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else f"{spec.cpus_per_actor} CPU"
+    report.info(f"inference: {spec.min_actors}-{spec.max_actors} actors x {where}, {spec.precision}"
+                + (", channels_last" if spec.channels_last else "") + (", compiled" if spec.compile else "")
+                + (f", decoding on the {'GPU' if spec.gpus_per_actor else 'CPU'} in the actors"
+                   if spec.decode == "gpu" else ""))
+    return spec
 
 
 def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,

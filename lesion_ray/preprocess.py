@@ -1,15 +1,16 @@
-"""Image preprocessing as streaming Ray Data operators: read, decode, resize, scale to [0, 1].
+"""Image preprocessing as streaming Ray Data operators: read, decode, resize to the model's input as uint8.
 
 ``image_dataset`` builds two operators over a dataset of source rows (id, URI, mask URIs):
 
 1. decode (CPU tasks): bytes through :mod:`lesion_ray.storage`, PIL decode in JPEG draft mode when
    the model input is small, EXIF orientation, RGB conversion (greyscale, palette, RGBA, CMYK,
    16-bit), a decompression-bomb limit, masks resized with nearest neighbour and binarised;
-2. resize + normalise with torch (:func:`to_model_input`) on GPU actors when the cluster has GPUs,
-   otherwise in the same CPU task, straight after the decode.
+2. resize with torch (:func:`to_model_input`) on GPU actors when the cluster has GPUs, otherwise in the
+   same CPU task, straight after the decode. Rows stay uint8 [3, S, S]: the model's side scales them.
 
-A batch's objects are read by a few threads at once (an S3 read is mostly network wait); JPEG
-decoding stays on the CPU (GPU decoding would need torchvision's nvJPEG, not a dependency here).
+For ``decode: gpu`` (:func:`fetched`, :class:`ModelInputs`) read tasks only move bytes and the inference
+actors decode JPEGs with nvJPEG on their GPU (torchvision, not a dependency: a GPU image has it).
+A batch's objects are read by a few threads at once (an S3 read is mostly network wait).
 
 Every input yields exactly one row; anything wrong with an item becomes that row's ``error``
 text, never an exception, so a job can account for every input. Rows stream through the
@@ -18,6 +19,7 @@ pipeline: memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
@@ -96,14 +98,18 @@ def _as_uint8(im: Image.Image, mode: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
-    width, height = im.size
+def _orientation(im: Image.Image) -> int:
+    """The EXIF Orientation tag (1: as stored)."""
     try:
         # Reading EXIF can mean reading the file (PNG keeps it in chunks after the pixel data).
-        orientation = im.getexif().get(0x0112, 1)
+        return im.getexif().get(0x0112, 1)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _broken(exc, f"{im.format or 'image'} metadata") from None
-    transposed = orientation in (5, 6, 7, 8)  # EXIF Orientation rotates by 90 degrees
+
+
+def _oriented_size(im: Image.Image) -> tuple[int, int]:
+    width, height = im.size
+    transposed = _orientation(im) in (5, 6, 7, 8)  # these EXIF orientations rotate by 90 degrees
     return (width, height) if transposed else (height, width)
 
 
@@ -133,20 +139,111 @@ def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
 
 
 def to_model_input(images: list[np.ndarray], size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """RGB uint8 HxWx3 images of any sizes -> float32 [B, 3, size, size] in [0, 1] on ``device``.
-
-    Bilinear with antialiasing (a triangle filter: no overshoot, so no clamping). On CPU the resize
-    runs on uint8 (torch's channels-last uint8 kernel, several times faster than float32).
-    """
-    out = torch.empty(len(images), 3, size, size, device=device)
-    work_dtype = torch.uint8 if out.device.type == "cpu" else torch.float32
+    """RGB uint8 HxWx3 images of any sizes -> uint8 [B, 3, size, size] on ``device``: the rows that cross
+    Ray's object store (a quarter of float32's bytes); :class:`lesion_ray.inference.Runner` scales them
+    to [0, 1] on the model's device."""
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
     for i, image in enumerate(images):
         pixels = image if image.flags.writeable else image.copy()  # torch refuses read-only arrays
-        chw = torch.from_numpy(pixels).to(out.device, non_blocking=True).permute(2, 0, 1)[None].to(work_dtype)
-        if chw.shape[-2:] != (size, size):
-            chw = F.interpolate(chw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = chw[0]
-    return out.div_(255)
+        out[i] = resize(torch.from_numpy(pixels).to(out.device, non_blocking=True).permute(2, 0, 1), size)
+    return out
+
+
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, size, size], bilinear with antialiasing (a triangle filter: no overshoot).
+
+    On CPU the resize runs on uint8 (torch's channels-last uint8 kernel, several times faster than
+    float32); elsewhere in float32, rounded back, so both agree within 1/255.
+    """
+    if image.shape[-2:] == (size, size):
+        return image
+    cpu = image.device.type == "cpu"
+    resized = F.interpolate(image[None] if cpu else image[None].float(), size=(size, size), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return resized if cpu else resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# EXIF orientation -> the torch ops that undo it, as PIL's ImageOps.exif_transpose (on [.., H, W] tensors).
+_ORIENT = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-1, -2),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-1, -2),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.transpose(-1, -2).flip(-1, -2),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
+
+
+def _nvjpeg() -> Any:
+    """torchvision's JPEG decoder, or None without torchvision (it is not a dependency: a GPU image has it)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB, device="cuda")
+
+
+class ModelInputs:
+    """Encoded images -> model inputs inside an inference actor (``decode: gpu``): JPEGs decoded by nvJPEG
+    on the actor's GPU and resized there, one batched call; a PNG, a JPEG nvJPEG refuses, or an actor
+    without a GPU or torchvision takes the CPU path (:func:`decode_image`) per image. Headers are checked
+    on the CPU first (:func:`open_image`), so a bad or oversized input is an error row either way."""
+
+    def __init__(self, device: str | torch.device, size: int, max_pixels: int) -> None:
+        self.device, self.size, self.max_pixels = torch.device(device), size, max_pixels
+        self.decode_jpeg = _nvjpeg() if self.device.type == "cuda" else None
+        self.on_gpu = self.on_cpu = 0  # images decoded each way, for the benchmark
+
+    def __call__(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]], list[str]]:
+        """uint8 [B, 3, size, size] on the device, the original (height, width) and an error ("" if none) each."""
+        out = torch.zeros(len(blobs), 3, self.size, self.size, dtype=torch.uint8, device=self.device)
+        sizes, errors = [(0, 0)] * len(blobs), [""] * len(blobs)
+        jpegs: list[tuple[int, int]] = []  # (index, EXIF orientation) of the images for nvJPEG
+        on_cpu: list[int] = []
+        for i, blob in enumerate(blobs):
+            try:
+                im = open_image(blob, self.max_pixels)
+                sizes[i] = _oriented_size(im)
+                if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                    jpegs.append((i, _orientation(im)))
+                else:
+                    on_cpu.append(i)
+            except BadImage as exc:
+                errors[i] = exc.reason
+        for (i, orientation), decoded in zip(jpegs, self._gpu_decode([blobs[i] for i, _ in jpegs]), strict=True):
+            if decoded is None:  # nvJPEG refused it: PIL decides, and names the error if there is one
+                on_cpu.append(i)
+                continue
+            out[i] = resize(_ORIENT[orientation](decoded) if orientation in _ORIENT else decoded, self.size)
+            self.on_gpu += 1
+        for i in on_cpu:
+            try:
+                pixels, _ = decode_image(blobs[i], max_pixels=self.max_pixels, target=self.size)
+                out[i] = to_model_input([pixels], self.size, self.device)[0]
+                self.on_cpu += 1
+            except BadImage as exc:
+                errors[i], sizes[i] = exc.reason, (0, 0)
+            except Exception as exc:  # a decoder bug on one file must not take down the other items
+                errors[i], sizes[i] = f"{type(exc).__name__}: {exc}", (0, 0)
+        return out, sizes, errors
+
+    def _gpu_decode(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
+        """One batched nvJPEG call; when it fails, image by image, None for those nvJPEG refuses."""
+        if not blobs:
+            return []
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        try:
+            return list(self.decode_jpeg(data))
+        except RuntimeError:
+            pass
+        decoded: list[torch.Tensor | None] = []
+        for one in data:
+            try:
+                decoded.append(self.decode_jpeg(one))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
 
 
 # --- Ray Data operators -------------------------------------------------------------------
@@ -175,8 +272,8 @@ def _payload(blobs: dict[str, bytes | BadImage], uri: str) -> bytes:
 def _masks(
     blobs: dict[str, bytes | BadImage], uris: list[str], shape: tuple[int, int], size: int, max_pixels: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[C, size, size] 0/1 masks (nearest-neighbour) and [C] "non-empty" flags."""
-    masks = np.zeros((len(uris), size, size), np.float32)
+    """uint8 [C, size, size] 0/1 masks (nearest-neighbour) and float32 [C] "non-empty" flags."""
+    masks = np.zeros((len(uris), size, size), np.uint8)
     present = np.zeros(len(uris), np.float32)
     for c, uri in enumerate(uris):
         try:
@@ -212,7 +309,7 @@ def _channels(task: int) -> int:
 def _failed_row(error: str, size: int, task: int | None) -> dict[str, Any]:
     row: dict[str, Any] = {"pixels": np.zeros((1, 1, 3), np.uint8), "orig_height": 0, "orig_width": 0}
     if task is not None:
-        row["mask"] = np.zeros((_channels(task), size, size), np.float32)
+        row["mask"] = np.zeros((_channels(task), size, size), np.uint8)
         row["present"] = np.zeros(_channels(task), np.float32)
     return row | {"error": error}
 
@@ -246,6 +343,15 @@ def _resize_batch(batch: dict[str, np.ndarray], size: int, device: str) -> dict[
     out = {k: v for k, v in batch.items() if k != "pixels"}
     out["image"] = images.cpu().numpy()
     return out
+
+
+def _fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    sources = [str(source) for source in batch["source"]]
+    read = _read_all(sources)
+    blobs = [read[source] for source in sources]
+    return {"id": batch["id"], "source": batch["source"],
+            "data": [b"" if isinstance(b, BadImage) else b for b in blobs],
+            "error": [b.reason if isinstance(b, BadImage) else "" for b in blobs]}
 
 
 def _preprocess_batch(batch: dict[str, np.ndarray], size: int, task: int | None, max_pixels: int) -> dict[str, Any]:
@@ -294,9 +400,9 @@ def image_dataset(
 ) -> ray.data.Dataset:
     """A streaming dataset with one row per source, in no particular order.
 
-    Columns: ``id``, ``source``, ``image`` float32 [3, size, size] in [0, 1], ``orig_height``,
+    Columns: ``id``, ``source``, ``image`` uint8 [3, size, size], ``orig_height``,
     ``orig_width``, ``error`` ("" when the row is usable); with ``task`` (training) also ``mask``
-    float32 [C, size, size] of 0/1 (C = 1 for task 1, 5 for task 2, ATTRIBUTES order) and
+    uint8 [C, size, size] of 0/1 (C = 1 for task 1, 5 for task 2, ATTRIBUTES order) and
     ``present`` float32 [C]. ``device``: "cpu" or "cuda"; by default "cuda" when the cluster has
     GPUs. Failed rows carry zeros and their reason in ``error``.
     """
@@ -334,3 +440,9 @@ def decoded(
         fn_constructor_kwargs={"size": size},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(gpus, 1)),
     )
+
+
+def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1) -> ray.data.Dataset:
+    """``ds``'s source rows (``id``, ``source``) read, not decoded: ``data`` holds each file's bytes (empty, with
+    ``error`` set, when it cannot be read), for inference actors that decode (:class:`ModelInputs`)."""
+    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus)

@@ -33,6 +33,7 @@ from ray.data.expressions import col
 
 from lesion_ray import data, figures, metrics, preprocess, registry, report, report_page, storage
 from lesion_ray.augment import AugmentConfig, augment
+from lesion_ray.inference import AUTOCAST_DTYPES, Precision
 from lesion_ray.losses import LossConfig, compute_loss
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.settings import Settings
@@ -59,7 +60,8 @@ class TrainSpec(JobSpec):
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each worker reserves")
     resources_per_worker: dict[str, float] = Field({}, description="extra Ray resources each worker reserves")
     use_gpu: bool = Field(False, description="one GPU per worker")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: mixed precision (GPU only)")
+    precision: Precision = Field("fp32", description="bf16/fp16: mixed precision (GPU only)")
+    channels_last: bool = Field(False, description="NHWC memory format (faster convolutions on GPUs with bf16/fp16)")
     threshold: float = Field(0.5, ge=0, le=1, description="probability above which a pixel is in the mask")
     val_fraction: float = Field(0.2, ge=0, le=0.9, description="share of images held out for validation")
     split_csv: InputUri | None = Field(None, description="a CSV id,split to use instead of a seeded split")
@@ -154,18 +156,13 @@ def prepare(splits: dict[str, list[data.Sample]], spec: TrainSpec) -> tuple[dict
     # Blocks in input order, not in the order tasks finish: the same blocks, in the same order, every run
     # (derived datasets copy this context).
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(_compact, batch_format="numpy").materialize()
+    ds = ds.select_columns(["id", "error", "image", "mask", "present"]).materialize()
     errors = ds.filter(expr=col("error") != "").select_columns(["id", "error"]).take_all()
     columns = ["image", "mask", "present"]
     # Materialized per split too, so an epoch only reads blocks instead of re-running the filter.
     datasets = {name: ds.filter(expr=(col("error") == "") & col("id").is_in([s.id for s in items]))
                 .select_columns(columns).materialize() for name, items in splits.items()}
     return datasets, errors
-
-
-def _compact(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"id": batch["id"], "error": batch["error"], "image": np.round(batch["image"] * 255).astype(np.uint8),
-            "mask": (batch["mask"] > 0.5).astype(np.uint8), "present": batch["present"].astype(np.float32)}
 
 
 def _trainer(spec: TrainSpec, datasets: dict[str, ray.data.Dataset], output: str,
@@ -245,7 +242,7 @@ class TrainRecipe:
     def __init__(self, spec: TrainSpec) -> None:
         self.spec = spec
         self.rank, self.world, self.device = 0, 1, torch.device("cpu")  # one process until setup says otherwise
-        self.amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)  # None: fp32, no autocast
+        self.amp = AUTOCAST_DTYPES.get(spec.precision)  # None: fp32, no autocast
         self.state: dict[str, Any] = {"epoch": 0, "history": [], "starts": 0}
 
     def setup(self) -> None:
@@ -270,6 +267,8 @@ class TrainRecipe:
             self.state["starts"] += 1
             if self.rank == 0:
                 report.info(f"resumed after epoch {self.state['epoch']} with {self.world} workers")
+        if spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.precision == "fp16")
         self.train_data = ray.train.get_dataset_shard("train")
@@ -375,6 +374,8 @@ class TrainRecipe:
         return ref, best
 
     def _forward(self, model: torch.nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.spec.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             return model(image)
 

@@ -3,6 +3,7 @@ as error rows, resume after an interruption, Task 2 with flips and overlays."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import re
@@ -35,7 +36,7 @@ def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list
     torch.manual_seed(0)
     model = build_model(config).eval()
     if speckled_on:
-        x = to_model_input([decode_image(image, target=32)[0] for image in speckled_on], 32)
+        x = to_model_input([decode_image(image, target=32)[0] for image in speckled_on], 32).float() / 255
         with torch.no_grad():
             logits = model(x)[0]
             scale = 3 / logits.std()
@@ -61,6 +62,39 @@ def test_to_masks_resizes_probabilities_then_thresholds() -> None:
     # Bilinear 2 -> 4 columns samples at x = -0.25, 0.25, 0.75, 1.25: 0, .25, .75, 1.
     assert inference.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[False, False, True, True]] * 3
     assert inference.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[False, True, True, True]] * 3
+
+
+def test_runner_precisions_and_memory_format_agree_with_fp32() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(task=2, input_size=32, num_filters=4, depth=2))
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    fp32 = inference.Runner(copy.deepcopy(model), "cpu", inference.ModelRuntime(), 32, 4)
+    reference = fp32(images)
+    assert [tuple(o.shape) for o in reference] == [(3, 5, 32, 32), (3, 5), (3, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(fp32(images.float() / 255), reference, strict=True))
+    for runtime, tolerance in ((inference.ModelRuntime(precision="bf16"), 0.05),
+                               (inference.ModelRuntime(precision="fp16"), 0.01),
+                               (inference.ModelRuntime(channels_last=True), 1e-5)):
+        outputs = inference.Runner(copy.deepcopy(model), "cpu", runtime, 32, 4)(images)
+        for out, ref in zip(outputs, reference, strict=True):
+            assert out.dtype == torch.float32 and (out - ref).abs().max() < tolerance
+        if runtime.precision != "fp32":  # autocast did run at the lower precision
+            assert (outputs[0] - reference[0]).abs().max() > 0
+
+
+def test_a_model_that_cannot_compile_runs_uncompiled_with_a_warning(capfd) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(task=1, input_size=32, num_filters=4, depth=2))
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    eager = inference.Runner(copy.deepcopy(model), "cpu", inference.ModelRuntime(), 32, 4)(images)
+    try:
+        with torch._inductor.config.patch({"cpp.cxx": (None, "/bin/false")}):  # a machine without a C++ compiler
+            runner = inference.Runner(model, "cpu", inference.ModelRuntime(compile=True), 32, 4)
+    finally:
+        torch._dynamo.reset()
+    assert not runner.compiled and "C++ compiler" in runner.compile_error
+    assert "torch.compile failed, the model runs uncompiled" in capfd.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(runner(images), eager, strict=True))
 
 
 def test_tint_blends_only_the_masked_pixels_in_the_overlay_colour() -> None:
@@ -231,6 +265,48 @@ def test_task1_masks_are_one_region_without_holes(ray_local, settings, tmp_path)
         assert len(regions(raw, diagonal=True)) > 5 and holes(raw) > 0
         mask = np.asarray(Image.open(tmp_path / "out" / name)) > 0
         assert len(regions(mask, diagonal=True)) == 1 and holes(mask) == 0
+
+
+def test_decoding_in_the_actors_and_bf16_give_the_same_masks(ray_local, settings, tmp_path) -> None:
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
+    inputs = tmp_path / "in"
+    for i, (w, h) in enumerate(SIZES[:4]):
+        storage.write_bytes(str(inputs / f"ISIC_000000{i}.jpg"), jpeg(w, h, i))
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees
+    Image.open(io.BytesIO(jpeg(40, 30, 7))).save(rotated, "JPEG", exif=exif)
+    storage.write_bytes(str(inputs / "ISIC_0000007.jpg"), rotated.getvalue())
+    Image.open(io.BytesIO(jpeg(30, 20, 8))).save(inputs / "ISIC_0000008.png")
+    storage.write_bytes(str(inputs / "ISIC_0000009.jpg"), jpeg(50, 40, 9)[:300])  # truncated
+    keys = {"input": str(inputs), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none",
+            "batch_size": 4}
+    runs = {name: predict.run(make_spec(**keys, **extra, output=str(tmp_path / name)), settings)
+            for name, extra in (("tasks", {}), ("actors", {"decode": "gpu"}), ("bf16", {"precision": "bf16"}))}
+    assert all((r["ok"], r["error"]) == (6, 1) for r in runs.values())
+    rows = {name: {r["id"]: r for r in pq.read_table(tmp_path / name / manifest.MANIFEST_FILE).to_pylist()}
+            for name in runs}
+    assert "truncated" in rows["actors"]["ISIC_0000009"]["error"] and rows["actors"]["ISIC_0000009"]["height"] == 0
+    assert (rows["actors"]["ISIC_0000007"]["width"], rows["actors"]["ISIC_0000007"]["height"]) == (30, 40)
+    for image_id, row in rows["tasks"].items():
+        if row["status"] == "ok":
+            masks = [np.asarray(read_png(str(tmp_path / run / f"masks/{image_id}_segmentation.png")))
+                     for run in ("tasks", "actors")]
+            assert np.array_equal(*masks)
+            assert rows["actors"][image_id]["head1_prob"] == row["head1_prob"]
+            assert rows["bf16"][image_id]["head1_prob"] == pytest.approx(row["head1_prob"], abs=0.02)
+    assert any(rows["bf16"][i]["head1_prob"] != r["head1_prob"] for i, r in rows["tasks"].items() if r["head1_prob"])
+
+
+def test_the_actor_layout_follows_the_clusters_gpus() -> None:
+    spec = make_spec(input="in", model="m@1", output="out")
+    assert (predict.actor_layout(spec, 0).gpus_per_actor, predict.actor_layout(spec, 0).max_actors) == (0.0, 1)
+    on_gpus = predict.actor_layout(spec, 2)
+    assert (on_gpus.gpus_per_actor, on_gpus.min_actors, on_gpus.max_actors) == (0.5, 4, 4)
+    named = predict.actor_layout(make_spec(input="in", model="m@1", output="out", max_actors=3), 2)
+    assert (named.gpus_per_actor, named.min_actors, named.max_actors) == (0.5, 3, 3)
+    with pytest.raises(ValueError, match="gpus_per_actor is 1.0 but the Ray cluster has 0 GPUs"):
+        predict.actor_layout(make_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0)
 
 
 def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tmp_path) -> None:

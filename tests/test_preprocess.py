@@ -9,7 +9,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 from lesion_ray import data, preprocess, spec, storage, synth
 
@@ -91,12 +92,49 @@ def test_decode_image_draft_mode_and_pixel_limit() -> None:
         preprocess.decode_image(big, max_pixels=100_000)
 
 
-def test_to_model_input_resizes_and_scales() -> None:
+def test_to_model_input_resizes_to_uint8() -> None:
     images = [np.full((40, 60, 3), 255, np.uint8), np.zeros((7, 5, 3), np.uint8), np.full((16, 16, 3), 51, np.uint8)]
     batch = preprocess.to_model_input(images, 16)
-    assert batch.shape == (3, 3, 16, 16) and batch.dtype == torch.float32
-    assert torch.allclose(batch[0], torch.ones(3, 16, 16)) and batch[1].abs().max() == 0
-    assert torch.allclose(batch[2], torch.full((3, 16, 16), 0.2))
+    assert batch.shape == (3, 3, 16, 16) and batch.dtype == torch.uint8
+    assert (batch[0] == 255).all() and (batch[1] == 0).all() and (batch[2] == 51).all()
+
+
+def test_the_float_resize_matches_the_uint8_one_within_one_level() -> None:
+    # The GPU branch resizes in float32 and rounds; the CPU one in uint8: they must agree within 1/255.
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 77, 103), dtype=np.uint8))
+    on_cpu = preprocess.resize(image, 32)
+    as_float = F.interpolate(image[None].float(), size=(32, 32), mode="bilinear", antialias=True,
+                             align_corners=False)[0].round().clamp(0, 255)
+    assert on_cpu.dtype == torch.uint8 and (on_cpu.int() - as_float.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orientation_ops_match_pil(orientation) -> None:
+    stored = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(_encode(im, "PNG", exif=exif)))))
+    chw = torch.from_numpy(stored).permute(2, 0, 1)
+    ours = preprocess._ORIENT[orientation](chw) if orientation in preprocess._ORIENT else chw
+    assert np.array_equal(ours.permute(1, 2, 0).numpy(), upright)
+
+
+def test_model_inputs_decode_in_the_actor_with_an_error_per_bad_input(tmp_path) -> None:
+    # decode: gpu on a machine without one (or without torchvision): every image takes the CPU path, each
+    # bad one becomes its own error and the good ones match the decode tasks' rows exactly.
+    good = [payload for payload, error in INPUTS.values() if not error]
+    bad = {name: (payload, error) for name, (payload, error) in INPUTS.items() if error}
+    inputs = preprocess.ModelInputs("cpu", 32, preprocess.DEFAULT_MAX_PIXELS)
+    images, sizes, errors = inputs(good + [payload for payload, _ in bad.values()])
+    assert images.dtype == torch.uint8 and images.shape == (len(good) + len(bad), 3, 32, 32)
+    assert errors[: len(good)] == [""] * len(good) and inputs.on_cpu == len(good) and inputs.on_gpu == 0
+    for error, (_, expected) in zip(errors[len(good):], bad.values(), strict=True):
+        assert expected in error
+    for i, payload in enumerate(good):
+        pixels, orig = preprocess.decode_image(payload, target=32)
+        assert sizes[i] == orig and torch.equal(images[i], preprocess.to_model_input([pixels], 32)[0])
+    assert (images[len(good):] == 0).all() and sizes[len(good):] == [(0, 0)] * len(bad)
 
 
 def test_image_dataset_one_row_per_input_with_errors(ray_local, tmp_path) -> None:
@@ -113,9 +151,9 @@ def test_image_dataset_one_row_per_input_with_errors(ray_local, tmp_path) -> Non
         if error:
             assert error in row["error"] and row["orig_height"] == 0
         else:
-            assert row["error"] == "" and row["image"].min() >= 0 and row["image"].max() <= 1
+            assert row["error"] == "" and row["image"].dtype == np.uint8
     assert "no such file" in rows["missing"]["error"]
-    assert rows["ok"]["image"][0].mean() > 0.9 and rows["ok"]["image"][1].mean() < 0.1
+    assert rows["ok"]["image"][0].mean() > 230 and rows["ok"]["image"][1].mean() < 25
     assert (rows["rotated"]["orig_height"], rows["rotated"]["orig_width"]) == (60, 40)
 
 

@@ -119,7 +119,7 @@ def direct_mask(app, data: bytes) -> np.ndarray:
     """The same image through the model called in-process: what the service must answer."""
     loaded = registry.load_model("lesion@latest", app["registry"])
     x, orig = ingress.prepare(data, 4_000_000, loaded.config.input_size)
-    return deployment.masks_at(deployment.forward(loaded, [x])[0], orig).any(0)
+    return deployment.masks_at(deployment.forward(deployment.Served.of(loaded), [x])[0], orig).any(0)
 
 
 # --- Without a server -------------------------------------------------------------------------
@@ -183,11 +183,11 @@ def test_token_from_env_or_file(tmp_path, monkeypatch):
 
 def test_check_model_fails_on_nan_weights():
     model = build_model(CONFIG).eval()
-    loaded = LoadedModel(model, CONFIG, 0.5, "m", "1", {}, "mem")
-    deployment.check_model(loaded)
+    served = deployment.Served.of(LoadedModel(model, CONFIG, 0.5, "m", "1", {}, "mem"))
+    deployment.check_model(served)
     torch.nn.init.constant_(model.final.bias, float("nan"))
     with pytest.raises(RuntimeError, match="NaN"):
-        deployment.check_model(loaded)
+        deployment.check_model(served)
 
 
 def test_masks_at_resizes_then_thresholds():

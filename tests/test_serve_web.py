@@ -47,7 +47,7 @@ def app(ray_local, settings, tmp_path_factory):
     # An untrained net answers nearly the same probability everywhere: cut at its median for a mixed mask.
     loaded = registry.load_model("lesion@1", registry_uri)
     x, _ = ingress.prepare(picture(), 10**7, CONFIG.input_size)
-    threshold = float(np.median(deployment.forward(loaded, [x])[0].probs))
+    threshold = float(np.median(deployment.forward(deployment.Served.of(loaded), [x])[0].probs))
     (work / "token").write_text(TOKEN)
     port = free_port()
     spec = lserve.ServeSpec(kind="serve", name="lesion-web", model=ModelRef("lesion@1"), registry=registry_uri,

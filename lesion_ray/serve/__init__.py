@@ -28,7 +28,8 @@ def build_app(spec: ServeSpec, settings: Settings) -> serve.Application:
                                "target_ongoing_requests": spec.target_ongoing_requests},
         "max_ongoing_requests": spec.max_ongoing_requests,
     }
-    model = SegmentationModel.options(**options).bind(spec, settings.storage)
+    model = SegmentationModel.options(
+        **options, ray_actor_options={"num_cpus": 1, "num_gpus": spec.gpus_per_replica}).bind(spec, settings.storage)
     # Only the proxies' queue is bounded: the ingress sends the model up to max_ongoing_requests x max_rows
     # images, and a model queue limit would turn a burst of rows into 503s.
     return SegmentationApi.options(**options, max_queued_requests=spec.max_queued_requests).bind(

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from lesion_ray import storage
-from lesion_ray.inference import Postprocess
+from lesion_ray.inference import ModelRuntime, Postprocess
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
 from lesion_ray.spec import JobSpec, RegistryUri
@@ -19,7 +19,7 @@ from lesion_ray.spec import JobSpec, RegistryUri
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-class ServeSpec(JobSpec):
+class ServeSpec(ModelRuntime, JobSpec):
     kind: Literal["serve"] = "serve"
     model: ModelRef
     registry: RegistryUri | None = Field(None, description="registry URI (default: the cluster config's registry, "
@@ -30,6 +30,8 @@ class ServeSpec(JobSpec):
         16.0, ge=0.1, description="autoscaling aims at this many requests per replica")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica accepts at once (>= max_batch_size)")
     max_batch_size: int = Field(16, ge=1, description="images in one forward pass (1 = no batching)")
+    gpus_per_replica: float = Field(0.0, ge=0.0, description="GPUs per model replica (e.g. 0.5: two replicas share "
+                                                            "one); 0 runs the model on CPU")
     batch_wait_timeout_s: float = Field(0.01, ge=0.0, description="how long a batch waits to fill up")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger request bodies get 413")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images (decompression bombs) get 413")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from lesion_ray import inference, registry, storage
+from lesion_ray import inference, preprocess, registry, storage
 from lesion_ray.data import ATTRIBUTES
 from lesion_ray.serve.config import ServeSpec
 
@@ -34,26 +34,41 @@ class Prediction:
     postprocess: inference.Postprocess = "largest_component"
 
 
-def check_model(loaded: registry.LoadedModel) -> None:
-    """Raise when a forward pass on a tiny input fails or gives NaN/inf (broken weights)."""
-    side = loaded.config.downsampling
-    with torch.inference_mode():
-        outputs = loaded.model(torch.full((1, 3, side, side), 0.5))
+@dataclass
+class Served:
+    """A model version as a replica runs it: its registry entry and its :class:`lesion_ray.inference.Runner`."""
+
+    loaded: registry.LoadedModel
+    runner: inference.Runner
+
+    @classmethod
+    def of(cls, loaded: registry.LoadedModel, device: str = "cpu",
+           runtime: inference.ModelRuntime | None = None, batch_size: int = 1) -> Served:
+        runtime = runtime or inference.ModelRuntime()
+        return cls(loaded, inference.Runner(loaded.model, device, runtime, loaded.config.input_size, batch_size))
+
+
+def check_model(served: Served) -> None:
+    """Raise when a forward pass on a grey image fails or gives NaN/inf (broken weights)."""
+    config = served.loaded.config
+    side = config.input_size if served.runner.compiled else config.downsampling  # a compiled model: one shape
+    outputs = served.runner(torch.full((1, 3, side, side), 128, dtype=torch.uint8))
     if not all(torch.isfinite(o).all() for o in outputs):
-        raise RuntimeError(f"model {loaded.name}@{loaded.version} gives NaN/inf outputs: its weights are broken")
+        raise RuntimeError(f"model {served.loaded.name}@{served.loaded.version} gives NaN/inf outputs: "
+                           "its weights are broken")
 
 
-def forward(loaded: registry.LoadedModel, inputs: list[np.ndarray], threshold: float | None = None,
+def forward(served: Served, inputs: list[np.ndarray], threshold: float | None = None,
             postprocess: inference.Postprocess = "largest_component") -> list[Prediction]:
-    """One forward pass over a batch of :func:`lesion_ray.serve.ingress.prepare` outputs."""
-    size = loaded.config.input_size
+    """One forward pass over a batch of :func:`lesion_ray.serve.ingress.prepare` outputs (uint8 [3, S, S])."""
+    loaded, size = served.loaded, served.loaded.config.input_size
     x = torch.from_numpy(np.stack(inputs))
     if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    probs, head1, _ = inference.forward(loaded.model, x)
+        x = torch.stack([preprocess.resize(image, size) for image in x])
+    probs, head1, _ = served.runner(x)
     cut = loaded.threshold if threshold is None else threshold
     return [Prediction(p, s, cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
-            for p, s in zip(probs.to(torch.float16).numpy(), head1.tolist(), strict=True)]
+            for p, s in zip(probs.half().cpu().numpy(), head1.tolist(), strict=True)]
 
 
 def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
@@ -61,40 +76,42 @@ def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
     return inference.to_masks(pred.probs, *orig, pred.threshold, pred.postprocess)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.deployment  # its resources (CPUs, GPUs): build_app
 class SegmentationModel:
     async def __init__(self, spec: ServeSpec, storage_config: storage.S3Config) -> None:
         storage.configure(storage_config)  # also where no driver's setup hook reaches (serve deploy, RayService)
         self.spec = spec
         self.batches = self.images = 0  # this replica's forward passes and the images in them
         self.refused: dict[str, str] | None = None  # the newest version that could not be served, and why
-        self.loaded = await asyncio.to_thread(self._load, spec.model)
+        self.served = await asyncio.to_thread(self._load, spec.model)
         self.predict.set_max_batch_size(spec.max_batch_size)
         self.predict.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
         follow = spec.model.endswith("@latest") and spec.poll_latest_s > 0
         self._follower = asyncio.create_task(self._follow_latest()) if follow else None
 
-    def _load(self, ref: str) -> registry.LoadedModel:
+    def _load(self, ref: str) -> Served:
         loaded = registry.load_model(ref, self.spec.registry)
-        check_model(loaded)
-        logger.info(f"loaded model {loaded.name}@{loaded.version} from {loaded.uri}")
-        return loaded
+        device = "cuda" if self.spec.gpus_per_replica else "cpu"
+        served = Served.of(loaded, device, self.spec, self.spec.max_batch_size)
+        check_model(served)
+        logger.info(f"loaded model {loaded.name}@{loaded.version} from {loaded.uri} on {device}")
+        return served
 
     async def _follow_latest(self) -> None:
         while True:
             await asyncio.sleep(self.spec.poll_latest_s)
-            current = f"{self.loaded.name}@{self.loaded.version}"
+            current = f"{self.served.loaded.name}@{self.served.loaded.version}"
             try:
                 version = (await asyncio.to_thread(registry.resolve, self.spec.model, self.spec.registry)).version
             except Exception as exc:  # storage hiccups: look again at the next poll
                 logger.warning(f"staying on {current}: cannot read the registry: {type(exc).__name__}: {exc}")
                 continue
-            if version == self.loaded.version or (self.refused and version == self.refused["version"]):
+            if version == self.served.loaded.version or (self.refused and version == self.refused["version"]):
                 continue  # a version that failed to load or check is not tried again
             try:
                 # Loaded and checked beside the current model while requests keep flowing; then one assignment.
                 pinned = self.spec.model.removesuffix("@latest") + f"@{version}"
-                self.loaded = await asyncio.to_thread(self._load, pinned)
+                self.served = await asyncio.to_thread(self._load, pinned)
                 self.refused = None  # a good newer version replaces any refused one
             except Exception as exc:  # broken weights, a config that does not fit, an unreadable file
                 self.refused = {"version": version, "reason": str(exc)[:500]}
@@ -102,13 +119,13 @@ class SegmentationModel:
 
     @serve.batch
     async def predict(self, inputs: list[np.ndarray]) -> list[Prediction]:
-        loaded = self.loaded  # one model for the whole batch, even if a swap lands meanwhile
+        served = self.served  # one model for the whole batch, even if a swap lands meanwhile
         self.batches += 1
         self.images += len(inputs)
-        return await asyncio.to_thread(forward, loaded, inputs, self.spec.threshold, self.spec.postprocess)
+        return await asyncio.to_thread(forward, served, inputs, self.spec.threshold, self.spec.postprocess)
 
     def info(self) -> dict[str, Any]:
-        loaded = self.loaded
+        loaded = self.served.loaded
         return {
             "name": loaded.name, "version": loaded.version, "task": loaded.config.task,
             "architecture": loaded.config.architecture, "input_size": loaded.config.input_size,
@@ -119,4 +136,4 @@ class SegmentationModel:
         }
 
     def check_health(self) -> None:
-        check_model(self.loaded)
+        check_model(self.served)

@@ -100,7 +100,7 @@ def check_pixels(images: list[tuple[bytes, str]], max_pixels: int, max_request_p
 
 
 def prepare(data: bytes, max_pixels: int, size: int, what: str = "the upload") -> tuple[np.ndarray, tuple[int, int]]:
-    """Image bytes -> (model input float32 [3, size, size], (orig_height, orig_width)); errors name ``what``."""
+    """Image bytes -> (model input uint8 [3, size, size], (orig_height, orig_width)); errors name ``what``."""
     with client_errors(what):
         image, orig = decode_image(data, max_pixels=max_pixels, target=size)
     return to_model_input([image], size)[0].numpy(), orig
