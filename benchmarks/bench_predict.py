@@ -45,29 +45,27 @@ from lesion_ray.spec import from_dict
 BUCKET = "bench"
 
 
-def forward_only(model: torch.nn.Module, config: ModelConfig, batch_size: int, images: int, device: str) -> float:
-    """Images/s of the bare forward pass + sigmoid on ready tensors (the pipeline's limit)."""
-    x = torch.rand(batch_size, 3, config.input_size, config.input_size, device=device)
+def forward_only(runner: inference.Runner, config: ModelConfig, batch_size: int, images: int) -> float:
+    """Images/s of the actors' forward pass (uint8 rows in, probabilities out on the host) on ready batches:
+    the pipeline's limit."""
+    x = torch.randint(0, 256, (batch_size, 3, config.input_size, config.input_size), dtype=torch.uint8)
     batches = max(3, images // batch_size)
-    with torch.inference_mode():
-        for _ in range(3):
-            torch.sigmoid(model(x)[0])
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(batches):
-            torch.sigmoid(model(x)[0]).cpu()
+    for _ in range(3):
+        runner(x)
+    start = time.perf_counter()
+    for _ in range(batches):
+        runner(x)[0].half().cpu()
     return batches * batch_size / (time.perf_counter() - start)
 
 
-def sequential(model: torch.nn.Module, config: ModelConfig, sources: list[str], out: str, device: str) -> float:
+def sequential(runner: inference.Runner, config: ModelConfig, sources: list[str], out: str) -> float:
     """Images/s of a batch-1 loop: read, decode, resize, predict, resize back, threshold, PNG, write."""
     start = time.perf_counter()
     with torch.inference_mode():
         for uri in sources:
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
-            x = preprocess.to_model_input([image], config.input_size, device)
-            probs = inference.forward(model, x)[0][0].cpu().numpy()
+            x = preprocess.to_model_input([image], config.input_size)
+            probs = runner(x)[0][0].cpu().numpy()
             masks = inference.to_masks(probs, height, width, 0.5)
             names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):
@@ -166,11 +164,11 @@ def main() -> None:
                              num_filters=args.num_filters, depth=args.depth)
         registry_uri = os.path.join(work, "registry")
         ref = publish_model(config, registry_uri, os.path.join(work, "model"))
-        model = registry.load_model(ref, registry_uri, device).model
-
-        limit = forward_only(model, config, args.batch_size, args.images, device)
+        runner = inference.Runner(registry.load_model(ref, registry_uri).model, device, inference.ModelRuntime(),
+                                  config.input_size, args.batch_size)
+        limit = forward_only(runner, config, args.batch_size, args.images)
         _, wall, steady, peak_n = run_predict(inputs, f"{root}/out", ref, registry_uri, args, moto.pid, settings)
-        seq = sequential(model, config, sources[: args.sequential_images], f"{root}/seq", device)
+        seq = sequential(runner, config, sources[: args.sequential_images], f"{root}/seq")
         first_mask = storage.list_files(f"{root}/out/masks")[0].uri
         ceiling = storage_ceiling(sources, f"{root}/ceiling", storage.read_bytes(first_mask))
 
