@@ -2,10 +2,9 @@
 prediction: model inputs -> probabilities -> ISIC masks at the original size -> PNGs and overlays.
 
 - :class:`Runner`: a model made ready once for its device and :class:`ModelRuntime` (precision, memory
-  format, ``torch.compile``), then batches of uint8 images -> probabilities: normalised on the model's
-  device, so rows cross Ray's object store at a quarter of float32's size;
-- :func:`forward`: sigmoid mask probabilities and both heads' probabilities, optionally averaged
-  over flips (test-time augmentation);
+  format, ``torch.compile``), then batches of uint8 images -> sigmoid mask probabilities and both
+  heads' probabilities, optionally averaged over flips (test-time augmentation); the images are scaled
+  on the model's device, so rows cross Ray's object store at a quarter of float32's size;
 - :func:`to_masks`: probabilities resized back to the image, thresholded, a Task 1 mask kept as
   its largest region with the holes filled (``postprocess``);
 - :func:`mask_png` and :func:`tint`: the ISIC 0/255 greyscale PNG of a mask and the image with
@@ -81,13 +80,11 @@ class Runner:
         if self.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
-            outputs = forward(self.model, x, tta)
+            outputs = _forward(self.model, x, tta)
         return tuple(o[:count].float() for o in outputs)  # type: ignore[return-value]
 
 
-@torch.inference_mode()
-def forward(model: nn.Module, images: torch.Tensor, tta: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(model: nn.Module, images: torch.Tensor, tta: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask probabilities [B, C, S, S] and both heads' "present" probabilities [B, C]; with ``tta``,
     the average over the image and its horizontal and vertical flips."""
     flips = [(), (3,), (2,)] if tta else [()]

@@ -644,8 +644,9 @@ def actor_layout(spec: PredictSpec, gpus: int) -> PredictSpec:
     if spec.gpus_per_actor > gpus:
         raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has {gpus} GPUs: set "
                          "gpus_per_actor: 0 to predict on CPUs")
+    actors = str(spec.max_actors) if spec.min_actors == spec.max_actors else f"{spec.min_actors}-{spec.max_actors}"
     where = f"{spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else f"{spec.cpus_per_actor} CPU"
-    report.info(f"inference: {spec.min_actors}-{spec.max_actors} actors x {where}, {spec.precision}"
+    report.info(f"inference: {actors} actor(s) x {where}, {spec.precision}"
                 + (", channels_last" if spec.channels_last else "") + (", compiled" if spec.compile else "")
                 + (f", decoding on the {'GPU' if spec.gpus_per_actor else 'CPU'} in the actors"
                    if spec.decode == "gpu" else ""))
