@@ -188,7 +188,7 @@ class ModelInputs:
     """Encoded images -> model inputs inside an inference actor (``decode: gpu``): JPEGs decoded by nvJPEG
     on the actor's GPU and resized there, one batched call; a PNG, a JPEG nvJPEG refuses, or an actor
     without a GPU or torchvision takes the CPU path (:func:`decode_image`) per image. Headers are checked
-    on the CPU first (:func:`open_image`), so a bad or oversized input is an error row either way."""
+    on the CPU first (:func:`open_image`), so a bad, truncated or oversized input is an error row either way."""
 
     def __init__(self, device: str | torch.device, size: int, max_pixels: int) -> None:
         self.device, self.size, self.max_pixels = torch.device(device), size, max_pixels
@@ -205,7 +205,8 @@ class ModelInputs:
             try:
                 im = open_image(blob, self.max_pixels)
                 sizes[i] = _oriented_size(im)
-                if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L"):
+                # A JPEG without its end marker (truncated) goes to PIL, which names it; nvJPEG may pad it silently.
+                if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L") and blob[-2:] == b"\xff\xd9":
                     jpegs.append((i, _orientation(im)))
                 else:
                     on_cpu.append(i)
