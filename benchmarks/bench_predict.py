@@ -2,29 +2,39 @@
 
     python benchmarks/bench_predict.py                      # 1,000 images, memory at 1,000 vs 10,000
     python benchmarks/bench_predict.py --images 200 --scale 2 --sequential-images 50   # a quick look
+    python benchmarks/bench_predict.py --local --data /tmp/predict-data --images 10000 --distinct-images 500 \\
+        --width 1024 1024 --aspect 0.75 0.75 --architecture multitask_unet --input-size 512 --batch-size 32 \\
+        --precision bf16 --decode gpu cpu --gpus-per-actor auto --threads 2 --scale 1   # issue 14's goal run
 
 What it does, against a moto S3 server it starts (a subprocess, left out of the memory figures), or
 with ``--local`` against a local folder:
 1. ``kind: synth`` writes ``--images`` synthetic ISIC images to S3; an untrained U-Net of the chosen
    size is published to a registry (its speed does not depend on its weights);
-2. forward-only: the model on ready tensors in this process, same batch size, input size and
-   torch threads as the pipeline's actor: the limit the pipeline can reach;
+2. forward-only: the model on ready uint8 tensors (already on the device) in this process, through
+   ``inference.Runner`` as the actors run it (normalising on the device, autocast, channels_last,
+   compile), same batch size, input size and torch threads, probabilities back on the host: the
+   limit the pipeline can reach; with ``--precision`` other than fp32 also at fp32, for the ratio;
 3. end-to-end: ``predict.run`` from S3 to S3 (list, read, decode, resize, infer, resize back,
    threshold, PNG, write, manifest), whole-job wall clock and steady state (10th-90th percentile
-   of the rows' finish times);
+   of the rows' finish times), once per ``--decode`` (cpu: decoding tasks; gpu: nvJPEG in the actor);
 4. sequential: a batch-1 loop that reads, decodes, resizes, predicts and writes one image at a
    time, like the seed's inference script (same decode and post-processing functions);
 5. storage only: one GET of each image and one PUT of a mask from 32 threads, no compute: what the
    endpoint itself allows (moto is a single Python process: on a big machine it is the limit);
 6. memory: peak proportional set size (PSS, shared pages split fairly) of this driver and every
    Ray process, sampled every 0.2 s, predicting ``--images`` and then ``--scale`` times as many
-   (the images copied under new ids).
+   (the images copied under new ids; ``--scale 1`` leaves it out).
+
+``--distinct-images`` draws fewer images and copies them under new ids up to ``--images`` (generating
+10,000 ISIC-size images would take longer than predicting them); ``--data`` keeps them for the next run.
+``--sequential-images 0`` and ``--no-storage-check`` leave out steps 4 and 5.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import platform
 import tempfile
@@ -35,7 +45,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 import torch
-from common import PeakMemory, publish_model, start_s3  # benchmarks/common.py: the script's folder is on sys.path
+from common import (  # benchmarks/common.py: the script's folder is on sys.path
+    PeakMemory,
+    Results,
+    add_result_args,
+    copy_images,
+    image_folder,
+    publish_model,
+    start_s3,
+)
 
 from lesion_ray import cluster, inference, predict, preprocess, registry, storage, synth
 from lesion_ray.models import ModelConfig
@@ -45,16 +63,23 @@ from lesion_ray.spec import from_dict
 BUCKET = "bench"
 
 
-def forward_only(runner: inference.Runner, config: ModelConfig, batch_size: int, images: int) -> float:
-    """Images/s of the actors' forward pass (uint8 rows in, probabilities out on the host) on ready batches:
-    the pipeline's limit."""
-    x = torch.randint(0, 256, (batch_size, 3, config.input_size, config.input_size), dtype=torch.uint8)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_only(runner: inference.Runner, size: int, batch_size: int, images: int, device: str) -> float:
+    """Images/s of ``runner`` (normalise, forward, sigmoid) on ready uint8 batches on ``device``, the mask
+    probabilities copied to the host as the actor copies them: the pipeline's limit."""
+    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     batches = max(3, images // batch_size)
-    for _ in range(3):
-        runner(x)
-    start = time.perf_counter()
-    for _ in range(batches):
-        runner(x)[0].half().cpu()
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up: cuDNN's algorithm search, torch.compile's first call
+            runner(x)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(batches):
+            runner(x)[0].cpu()
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -64,8 +89,7 @@ def sequential(runner: inference.Runner, config: ModelConfig, sources: list[str]
     with torch.inference_mode():
         for uri in sources:
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
-            x = preprocess.to_model_input([image], config.input_size)
-            probs = runner(x)[0][0].cpu().numpy()
+            probs = runner(preprocess.to_model_input([image], config.input_size))[0][0].float().cpu().numpy()
             masks = inference.to_masks(probs, height, width, 0.5)
             names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):
@@ -85,26 +109,25 @@ def storage_ceiling(sources: list[str], out: str, mask: bytes, threads: int = 32
     return len(sources) / (time.perf_counter() - start)
 
 
-def replicate(sources: list[str], folder: str, copies: int) -> None:
-    """``copies`` copies of every source under new ISIC ids in ``folder`` (more images, same content)."""
-    def copy(item: tuple[int, str]) -> None:
-        index, uri = item
-        data = storage.read_bytes(uri)
-        for k in range(copies):
-            storage.write_bytes(storage.join(folder, f"ISIC_{k * len(sources) + index:07d}.jpg"), data)
-
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(copy, enumerate(sources)))
+def gpus_per_actor(text: str) -> float | None:
+    """``auto`` (None: the job's automatic layout) or a number of GPUs."""
+    return None if text == "auto" else float(text)
 
 
-def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: argparse.Namespace,
-                moto_pid: int, settings: Settings) -> tuple[dict, float, float, int]:
-    """(summary, wall seconds, steady-state images/s, peak PSS bytes) of one predict job."""
-    spec = from_dict(predict.PredictSpec, {
-        "kind": "predict", "name": "bench", "input": input_uri, "model": ref, "registry": registry_uri,
-        "output": output, "batch_size": args.batch_size, "min_actors": args.actors, "max_actors": args.actors,
-        "cpus_per_actor": args.threads, "gpus_per_actor": args.gpus_per_actor, "overlays": "none",
-        "subset": "Training"}, "bench")
+def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: argparse.Namespace, decode: str,
+                moto_pid: int | None, settings: Settings) -> tuple[dict, float, float, int]:
+    """(summary, wall seconds, steady-state images/s, peak PSS bytes) of one predict job into a fresh ``output``."""
+    if storage.exists(output):
+        storage.delete(output)
+    raw = {"kind": "predict", "name": "bench", "input": input_uri, "model": ref, "registry": registry_uri,
+           "output": output, "batch_size": args.batch_size, "cpus_per_actor": args.threads,
+           "gpus_per_actor": gpus_per_actor(args.gpus_per_actor), "overlays": "none", "subset": "Training",
+           "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+           "decode": decode}
+    actors = args.actors or (None if args.gpus_per_actor == "auto" else 1)
+    if actors:
+        raw.update(min_actors=actors, max_actors=actors)
+    spec = from_dict(predict.PredictSpec, raw, "bench")
     with PeakMemory(exclude=moto_pid) as memory:
         start = time.perf_counter()
         summary = predict.run(spec, settings)
@@ -120,8 +143,15 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="images generated and predicted (default 1000)")
-    parser.add_argument("--scale", type=int, default=10, help="memory run predicts images x scale (default 10)")
-    parser.add_argument("--sequential-images", type=int, default=200, help="images for the batch-1 loop")
+    parser.add_argument("--distinct-images", type=int, help="draw only this many, copy them up to --images")
+    parser.add_argument("--data", help="local folder to keep the images in and reuse (default: a temporary one)")
+    parser.add_argument("--scale", type=int, default=10, help="memory run predicts images x scale (default 10; "
+                                                               "1: no memory run)")
+    parser.add_argument("--sequential-images", type=int, default=200, help="images for the batch-1 loop (0: none)")
+    parser.add_argument("--storage-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the storage alone (GET + PUT, no compute)")
+    parser.add_argument("--forward-images", type=int, help="images timed forward-only (default: --images, "
+                                                           "at most 1000)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--architecture", choices=["unet", "multitask_unet"], default="unet",
                         help="unet: the tutorial's U-Net; multitask_unet: the seed's VGG16 U-Net")
@@ -130,18 +160,28 @@ def main() -> None:
     parser.add_argument("--num-filters", type=int, default=32, help="U-Net width (default 32, the tutorial's)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs per inference actor")
-    parser.add_argument("--actors", type=int, default=1, help="inference actors")
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0)
+    parser.add_argument("--actors", type=int, help="inference actors (default 1; with --gpus-per-actor auto: "
+                                                   "the job's own layout)")
+    parser.add_argument("--gpus-per-actor", default="0", help="GPUs per actor, or auto (the job's default layout)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile (the job falls back to eager)")
+    parser.add_argument("--decode", nargs="+", choices=["cpu", "gpu"], default=["cpu"],
+                        help="one predict job per mode (gpu: nvJPEG in the inference actor)")
+    parser.add_argument("--goal", type=float, default=0.9, help="whole job / forward-only goal (default 0.9)")
     parser.add_argument("--width", type=int, nargs=2, default=(600, 1024), help="synthetic image widths")
+    parser.add_argument("--aspect", type=float, nargs=2, default=(0.66, 0.75), help="synthetic height/width")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="logical CPUs for Ray")
     parser.add_argument("--object-store-gb", type=float, default=1.0, help="Ray object store size (default 1)")
     parser.add_argument("--stats", action="store_true", help="log Ray Data's per-operator statistics")
     parser.add_argument("--local", action="store_true",
                         help="keep images and masks in a local folder instead of the S3 endpoint (which is then "
-                             "not the bottleneck)")
+                             "not the bottleneck; no moto needed)")
+    add_result_args(parser, "predict")
     args = parser.parse_args()
+    results = Results(args.results, args.step)
 
-    moto, settings = start_s3(BUCKET)
+    moto, settings = start_s3(BUCKET) if not args.local else (None, Settings.build())
     work = tempfile.mkdtemp(prefix="bench-predict-")
     try:
         ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2**30),
@@ -149,57 +189,85 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.DataContext.get_current().enable_auto_log_stats = args.stats
         torch.set_num_threads(args.threads)
-        device = "cuda" if args.gpus_per_actor > 0 else "cpu"
-        root = os.path.join(work, "store") if args.local else f"s3://{BUCKET}"
-        data_uri = f"{root}/data"
-        start = time.perf_counter()
-        synth.run(from_dict(synth.SynthSpec, {"kind": "synth", "name": "bench", "output": data_uri,
-                                              "num_images": args.images, "validation_images": 0, "tasks": [1],
-                                              "width": list(args.width)}, "bench"), settings)
-        generated = time.perf_counter() - start
-        inputs = f"{data_uri}/{synth.SUBSET_FOLDERS['Training'][0]}"
-        sources = [f.uri for f in storage.list_files(inputs)]
-
+        gpus = ray.cluster_resources().get("GPU", 0)
+        on_gpu = gpus > 0 and (args.gpus_per_actor == "auto" or float(args.gpus_per_actor) > 0)
+        device = "cuda" if on_gpu else "cpu"
+        root = (args.data or os.path.join(work, "store")) if args.local else f"s3://{BUCKET}"
+        inputs, sources, generated = image_folder(f"{root}/data", args.images, settings,
+                                                  distinct=args.distinct_images, width=tuple(args.width),
+                                                  aspect=tuple(args.aspect))
         config = ModelConfig(architecture=args.architecture, task=args.task, input_size=args.input_size,
                              num_filters=args.num_filters, depth=args.depth)
         registry_uri = os.path.join(work, "registry")
         ref = publish_model(config, registry_uri, os.path.join(work, "model"))
-        runner = inference.Runner(registry.load_model(ref, registry_uri).model, device, inference.ModelRuntime(),
-                                  config.input_size, args.batch_size)
-        limit = forward_only(runner, config, args.batch_size, args.images)
-        _, wall, steady, peak_n = run_predict(inputs, f"{root}/out", ref, registry_uri, args, moto.pid, settings)
-        seq = sequential(runner, config, sources[: args.sequential_images], f"{root}/seq")
-        first_mask = storage.list_files(f"{root}/out/masks")[0].uri
-        ceiling = storage_ceiling(sources, f"{root}/ceiling", storage.read_bytes(first_mask))
-
-        big = f"{root}/big/{synth.SUBSET_FOLDERS['Training'][0]}"
-        replicate(sources, big, args.scale)
-        _, wall_big, steady_big, peak_big = run_predict(big, f"{root}/out-big", ref, registry_uri, args, moto.pid,
-                                                        settings)
-        rate = args.images / wall
-        where = "a local folder" if args.local else "moto S3"
+        model = registry.load_model(ref, registry_uri, device).model
+        runtime = {"channels_last": args.channels_last, "compile": args.compile}
+        runner = inference.Runner(model, device, inference.ModelRuntime(precision=args.precision, **runtime),
+                                  config.input_size)
+        timed = args.forward_images or min(args.images, 1000)
+        limit = forward_only(runner, config.input_size, args.batch_size, timed, device)
+        fp32 = limit if args.precision == "fp32" else forward_only(
+            inference.Runner(model, device, inference.ModelRuntime(precision="fp32", **runtime), config.input_size),
+            config.input_size, args.batch_size, timed, device)
+        jobs = {}
+        for decode in args.decode:
+            jobs[decode] = run_predict(inputs, f"{root}/out-{decode}", ref, registry_uri, args, decode,
+                                       moto.pid if moto else None, settings)
+        decode, (_, _, _, peak_n) = next(iter(jobs.items()))
+        seq = sequential(runner, config, sources[: args.sequential_images], f"{root}/seq") \
+            if args.sequential_images else math.nan
+        ceiling = math.nan
+        if args.storage_check:
+            first_mask = storage.list_files(f"{root}/out-{decode}/masks")[0].uri
+            ceiling = storage_ceiling(sources, f"{root}/ceiling", storage.read_bytes(first_mask))
         n, big_n = args.images, args.images * args.scale
+        if args.scale > 1:
+            big = f"{root}/big/{synth.SUBSET_FOLDERS['Training'][0]}"
+            copy_images(sources, big, big_n)
+            _, wall_big, steady_big, peak_big = run_predict(big, f"{root}/out-big", ref, registry_uri, args, decode,
+                                                            moto.pid if moto else None, settings)
+        where = "a local folder" if args.local else "moto S3"
+        layout = f"{args.actors or 'auto'} actor(s), gpus_per_actor {args.gpus_per_actor}"
         print(f"""
 == bench_predict ==
 machine        : {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__},
-                 ray {ray.__version__}, device {device}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
-setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide in {where} (generated in
-                 {generated:.0f} s); {args.architecture} task {args.task}, input {args.input_size}, filters \
+                 ray {ray.__version__}, device {device}{f' ({torch.cuda.get_device_name()})' if on_gpu else ''}; \
+{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}
+setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide ({args.distinct_images or n} distinct) in \
+{where} (ready in {generated:.0f} s); {args.architecture} task {args.task}, input {args.input_size}, filters \
 {args.num_filters}, depth {args.depth};
-                 batch {args.batch_size}, {args.threads} torch thread(s) per actor, {args.actors} actor(s),
-                 Ray num_cpus {args.cpus}
-forward-only   : {limit:8.1f} images/s  (ready tensors, batch {args.batch_size}, {args.threads} thread(s))
-end-to-end     : {rate:8.1f} images/s  whole job, {wall:.1f} s for {n} ({rate / limit:.2f}x forward-only)
-  steady state : {steady:8.1f} images/s  ({steady / limit:.2f}x forward-only)
-sequential b=1 : {seq:8.1f} images/s  ({args.sequential_images} images; end-to-end is {rate / seq:.1f}x)
-storage only   : {ceiling:8.1f} images/s  (GET image + PUT mask, 32 threads, no compute: the storage limit)
-peak memory    : {peak_n / 2**20:8.0f} MiB at {n} images, {peak_big / 2**20:.0f} MiB at {big_n} images \
-({peak_big / peak_n:.2f}x); {big_n / wall_big:.1f} images/s whole job, {steady_big:.1f} steady
-""")
+                 batch {args.batch_size}, {args.precision}{' channels_last' if args.channels_last else ''}\
+{' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {args.cpus}
+forward-only   : {limit:8.1f} images/s  ({args.precision}; fp32 {fp32:.1f}/s, {limit / fp32:.2f}x; ready uint8 \
+tensors, batch {args.batch_size})""")
+        for mode, (summary, wall, steady, _) in jobs.items():
+            print(f"""end-to-end     : {n / wall:8.1f} images/s  whole job, decode {mode}, {wall:.1f} s for {n} \
+({n / wall / limit:.2f}x forward-only; streaming {summary['images_per_s']:.1f}/s)
+  steady state : {steady:8.1f} images/s  ({steady / limit:.2f}x forward-only)""")
+        rate = n / jobs[decode][1]
+        print(f"""sequential b=1 : {seq:8.1f} images/s  ({args.sequential_images} images; end-to-end is \
+{rate / seq:.1f}x)
+storage only   : {ceiling:8.1f} images/s  (GET image + PUT mask, 32 threads, no compute: the storage limit)""")
+        if args.scale > 1:
+            print(f"peak memory    : {peak_n / 2**20:8.0f} MiB at {n} images, {peak_big / 2**20:.0f} MiB at {big_n} "
+                  f"images ({peak_big / peak_n:.2f}x); {big_n / wall_big:.1f} images/s whole job, "
+                  f"{steady_big:.1f} steady")
+        results.add("forward-only fp32 images/s", fp32)
+        if args.precision != "fp32":
+            results.add(f"forward-only {args.precision} images/s ({args.precision}/fp32)",
+                        f"{limit:.1f} ({limit / fp32:.2f}x)")
+        for mode, (_, wall, steady, _) in jobs.items():
+            results.add(f"decode {mode}: whole job images/s ({n} images)", n / wall)
+            results.at_least(f"decode {mode}: whole job / forward-only {args.precision}", n / wall / limit, args.goal,
+                             "x")
+            results.add(f"decode {mode}: steady images/s (x forward)", f"{steady:.1f} ({steady / limit:.2f}x)")
+        if args.sequential_images:
+            results.add("sequential b=1 images/s", seq)
     finally:
         ray.shutdown()
-        moto.terminate()
-        moto.wait()
+        if moto:
+            moto.terminate()
+            moto.wait()
 
 
 if __name__ == "__main__":

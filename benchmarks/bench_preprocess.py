@@ -15,6 +15,11 @@ object ``--memory-factor`` times, which costs the pipeline exactly as many reads
     python benchmarks/bench_preprocess.py                      # 2,000 images, memory at 2,000 vs 20,000
     python benchmarks/bench_preprocess.py --images 200 --memory-factor 5   # a quick look (~2 min)
     python benchmarks/bench_preprocess.py --cache runs/bench-images    # generate once, reuse after
+    python benchmarks/bench_preprocess.py --local --compare-devices --images 256 --size 512   # GPU vs CPU
+
+``--compare-devices`` runs the same images through the pipeline's GPU resize path (``device="cuda"``: CPU
+decoding tasks, then resize actors on the GPU) and its CPU path, under Ray, and checks that every image's
+pixels agree within 1/255; it times both. ``--local`` keeps the images in a local folder (no moto needed).
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 import torch
-from common import PeakMemory, start_s3  # benchmarks/common.py: the script's folder is on sys.path
+from common import (  # benchmarks/common.py: the script's folder is on sys.path
+    PeakMemory,
+    Results,
+    add_result_args,
+    image_folder,
+    start_s3,
+)
 from PIL import Image
 
 from lesion_ray import cluster, data, preprocess, spec, storage, synth
@@ -85,6 +96,35 @@ def ray_pipeline(uris: list[str], size: int) -> None:
         raise RuntimeError(f"pipeline returned {rows} rows with {errors} errors for {len(uris)} inputs")
 
 
+def device_rows(uris: list[str], size: int, device: str) -> tuple[dict[str, np.ndarray], float]:
+    """Each image's model input from the pipeline on ``device`` (by id, scaled to [0, 1]) and the images/s."""
+    start = time.perf_counter()
+    rows = {}
+    for batch in preprocess.image_dataset(uris, size=size, batch_size=32, device=device).iter_batches(batch_size=256):
+        if (batch["error"] != "").any():
+            raise RuntimeError(f"the {device} path failed on some images: {set(batch['error']) - {''}}")
+        scale = 255 if batch["image"].dtype == np.uint8 else 1  # uint8 rows, or float32 in [0, 1]
+        rows.update((str(i), image.astype(np.float32) / scale) for i, image in zip(batch["id"], batch["image"],
+                                                                                   strict=True))
+    return rows, len(uris) / (time.perf_counter() - start)
+
+
+def compare_devices(uris: list[str], size: int, results: Results) -> None:
+    """The GPU resize path against the CPU path on the same images: within 1/255 everywhere, and their rates."""
+    device_rows(uris[:32], size, "cpu")  # start Ray's workers before timing
+    cpu, cpu_rate = device_rows(uris, size, "cpu")
+    results.add(f"CPU path images/s ({len(uris)} images to {size}x{size})", cpu_rate)
+    if not ray.cluster_resources().get("GPU"):
+        print("SKIP the GPU path: the Ray cluster has no GPU (the CPU path ran alone)")
+        results.skipped("GPU path within 1/255 of the CPU path", "no GPU")
+        return
+    device_rows(uris[:32], size, "cuda")  # the resize actors' start and CUDA init
+    gpu, gpu_rate = device_rows(uris, size, "cuda")
+    worst = max(float(np.abs(gpu[i] - cpu[i]).max()) for i in cpu)
+    results.add(f"GPU path images/s (decode on CPU tasks, resize on the GPU; {len(uris)} images)", gpu_rate)
+    results.add("GPU path: max |GPU - CPU| x 255 over all pixels", worst * 255, "<= 1", worst <= 1 / 255 + 1e-6)
+
+
 def timed(fn: Callable[[list[str], int], None], uris: list[str], size: int) -> float:
     start = time.perf_counter()
     fn(uris, size)
@@ -98,9 +138,16 @@ def main() -> None:
     parser.add_argument("--memory-factor", type=int, default=10, help="items in the large memory run / --images")
     parser.add_argument("--cache", help="local folder to keep the generated images in between runs")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for Ray (default 4 on 2 cores)")
+    parser.add_argument("--local", action="store_true", help="images in a local folder instead of moto S3")
+    parser.add_argument("--compare-devices", action="store_true",
+                        help="only the GPU path against the CPU path (within 1/255, and their rates)")
+    add_result_args(parser, "preprocess")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the loops are single-process, single-thread baselines
 
+    if args.local:
+        compare_local(args)
+        return
     server, settings = start_s3("bench")  # the benchmark's own S3 endpoint, like tests/conftest.py's
     try:
         ray.init(
@@ -114,6 +161,9 @@ def main() -> None:
         start = time.perf_counter()
         uris = bench_images(args.images, args.cache, settings)
         generate_s = time.perf_counter() - start
+        if args.compare_devices:
+            compare_devices(uris, args.size, Results(args.results, args.step))
+            return
         ray_pipeline(uris[:64], args.size)  # start Ray's workers before timing
         results = {
             "loop": timed(plain_loop, uris, args.size),
@@ -144,6 +194,26 @@ def main() -> None:
         f"  peak memory    : {peaks[0]:.0f} MiB at {len(uris)} images, "
         f"{peaks[1]:.0f} MiB at {len(uris) * args.memory_factor} ({peaks[1] / peaks[0]:.2f}x)"
     )
+
+
+def compare_local(args: argparse.Namespace) -> None:
+    """``--local``: the images in a local folder (a temporary one, or ``--cache``); only ``--compare-devices``."""
+    if not args.compare_devices:
+        raise SystemExit("--local goes with --compare-devices (the loop comparison reads from moto S3)")
+    import tempfile
+
+    settings = Settings.build()
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env=cluster.runtime_env(settings))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        root = args.cache or tempfile.mkdtemp(prefix="bench-preprocess-")
+        _, uris, seconds = image_folder(root, args.images, settings, width=(1024, 1024), aspect=(0.75, 0.75))
+        print(f"== bench_preprocess --compare-devices: {len(uris)} 1024x768 JPEGs in {root} (ready in {seconds:.0f} "
+              f"s), to {args.size}x{args.size}, Ray num_cpus={args.num_cpus} ==")
+        compare_devices(uris, args.size, Results(args.results, args.step))
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -279,19 +279,20 @@ def check_quality(args: argparse.Namespace) -> int:
 
 
 def print_table(args: argparse.Namespace) -> int:
-    """The suite's rows as an aligned table, in the order written."""
+    """The suite's rows as an aligned table, by step in the order the steps ran, each step's status first."""
     if not os.path.exists(args.file):
         print(f"no results in {args.file}")
         return 1
     with open(args.file) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    rows = [(r + [""] * 5)[:5] for r in rows]
-    widths = [min(max(len(r[i]) for r in rows), limit) for i, limit in enumerate((12, 52, 60, 22, 4))]
-    for row in rows:
-        cells = [cell if len(cell) <= w else cell[: w - 1] + "…" for cell, w in zip(row, widths, strict=True)]
+        header, *rows = [(line.rstrip("\n").split("\t") + [""] * 5)[:5] for line in f if line.strip()]
+    steps = list(dict.fromkeys(r[0] for r in rows))
+    rows = sorted(rows, key=lambda r: (steps.index(r[0]), r[1] != "step"))  # stable: the rest as written
+    widths = [min(max(len(r[i]) for r in [header, *rows]), limit) for i, limit in enumerate((14, 56, 60, 22, 4))]
+    for row in [header, *rows]:
+        cells = [cell if len(cell) <= w else cell[: w - 1] + "~" for cell, w in zip(row, widths, strict=True)]
         print("  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip())
-    missed = sum(r[4] == "NO" for r in rows[1:])
-    print(f"{len(rows) - 1} rows, {missed} goal(s) or check(s) not met")
+    missed = [f"{r[0]}: {r[1]}" for r in rows if r[4] == "NO"]
+    print(f"{len(rows)} rows; not met: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""))
     return 0
 
 
