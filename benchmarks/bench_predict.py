@@ -97,6 +97,26 @@ def sequential(runner: inference.Runner, config: ModelConfig, sources: list[str]
     return len(sources) / (time.perf_counter() - start)
 
 
+def decode_rates(sources: list[str], size: int, batch_size: int, device: str) -> tuple[float, float, int, int]:
+    """Images/s decoding and resizing real files to model inputs in this process: as a ``decode: gpu`` actor
+    does (``preprocess.ModelInputs`` on ``device``: nvJPEG, per-image CPU fallback) and as one decoding task's
+    core does (PIL, draft mode); also how many the actor path decoded on the GPU and on the CPU."""
+    blobs = [storage.read_bytes(uri) for uri in sources]
+    inputs = preprocess.ModelInputs(device, size, preprocess.DEFAULT_MAX_PIXELS)
+    inputs(blobs[:batch_size])  # warm-up: nvJPEG's handles, CUDA kernels
+    inputs.on_gpu = inputs.on_cpu = 0
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(blobs), batch_size):
+        inputs(blobs[i:i + batch_size])
+    _sync(device)
+    actor = len(blobs) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for blob in blobs:
+        preprocess.to_model_input([preprocess.decode_image(blob, target=size)[0]], size)
+    return actor, len(blobs) / (time.perf_counter() - start), inputs.on_gpu, inputs.on_cpu
+
+
 def storage_ceiling(sources: list[str], out: str, mask: bytes, threads: int = 32) -> float:
     """Images/s the endpoint serves with no compute at all: one GET of the image, one PUT of a mask each."""
     def one(uri: str) -> None:
@@ -202,13 +222,16 @@ def main() -> None:
         ref = publish_model(config, registry_uri, os.path.join(work, "model"))
         model = registry.load_model(ref, registry_uri, device).model
         runtime = {"channels_last": args.channels_last, "compile": args.compile}
-        runner = inference.Runner(model, device, inference.ModelRuntime(precision=args.precision, **runtime),
-                                  config.input_size)
+        size, batch = config.input_size, args.batch_size
+        runner = inference.Runner(model, device, inference.ModelRuntime(precision=args.precision, **runtime), size,
+                                  batch)
         timed = args.forward_images or min(args.images, 1000)
-        limit = forward_only(runner, config.input_size, args.batch_size, timed, device)
+        limit = forward_only(runner, size, batch, timed, device)
         fp32 = limit if args.precision == "fp32" else forward_only(
-            inference.Runner(model, device, inference.ModelRuntime(precision="fp32", **runtime), config.input_size),
-            config.input_size, args.batch_size, timed, device)
+            inference.Runner(model, device, inference.ModelRuntime(precision="fp32", **runtime), size, batch),
+            size, batch, timed, device)
+        if "gpu" in args.decode:
+            decodes = decode_rates(sources[: min(len(sources), 16 * batch)], size, batch, device)
         jobs = {}
         for decode in args.decode:
             jobs[decode] = run_predict(inputs, f"{root}/out-{decode}", ref, registry_uri, args, decode,
@@ -240,6 +263,9 @@ setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide ({a
 {' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {args.cpus}
 forward-only   : {limit:8.1f} images/s  ({args.precision}; fp32 {fp32:.1f}/s, {limit / fp32:.2f}x; ready uint8 \
 tensors, batch {args.batch_size})""")
+        if "gpu" in args.decode:
+            print(f"decode+resize  : {decodes[0]:8.1f} images/s  in an actor on {device} ({decodes[2]} by nvJPEG, "
+                  f"{decodes[3]} on the CPU); {decodes[1]:.1f}/s on one CPU core (PIL, draft mode)")
         for mode, (summary, wall, steady, _) in jobs.items():
             print(f"""end-to-end     : {n / wall:8.1f} images/s  whole job, decode {mode}, {wall:.1f} s for {n} \
 ({n / wall / limit:.2f}x forward-only; streaming {summary['images_per_s']:.1f}/s)
@@ -261,6 +287,10 @@ storage only   : {ceiling:8.1f} images/s  (GET image + PUT mask, 32 threads, no 
             results.at_least(f"decode {mode}: whole job / forward-only {args.precision}", n / wall / limit, args.goal,
                              "x")
             results.add(f"decode {mode}: steady images/s (x forward)", f"{steady:.1f} ({steady / limit:.2f}x)")
+        if "gpu" in args.decode:
+            results.add(f"actor decode+resize images/s on {device} (nvJPEG / CPU images)",
+                        f"{decodes[0]:.1f} ({decodes[2]} / {decodes[3]})")
+            results.add("CPU decode+resize images/s, one core", decodes[1])
         if args.sequential_images:
             results.add("sequential b=1 images/s", seq)
     finally:

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_serve.py                       # tutorial U-Net (64 px, 32 filters)
     python benchmarks/bench_serve.py --num-filters 8 --requests 200
+    python benchmarks/bench_serve.py --architecture multitask_unet --input-size 512 --precision bf16 \\
+        --gpus-per-replica 0.25 --replicas 4 --concurrency 1,32 --requests 320   # the GPU suite's run
 
 Publishes a randomly initialised U-Net into a temporary registry, serves it twice (dynamic
 batching with --max-batch-size, then max_batch_size=1) with one replica per deployment, and
@@ -23,11 +25,11 @@ import httpx
 import numpy as np
 import ray
 import torch
-from common import publish_model  # benchmarks/common.py: the script's folder is on sys.path
+from common import Results, add_result_args, publish_model  # benchmarks/common.py, on sys.path as the script's folder
 from PIL import Image
 from ray import serve
 
-from lesion_ray import registry
+from lesion_ray import inference, registry
 from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
@@ -73,29 +75,31 @@ async def drive(url: str, data: bytes, concurrency: int, requests: int) -> dict[
             "failures": failures}
 
 
-def direct(loaded: registry.LoadedModel, data: bytes, requests: int) -> dict[str, float]:
+def direct(served: deployment.Served, data: bytes, requests: int) -> dict[str, float]:
     """The request's work without Serve: what a client calling the model in-process pays."""
     latencies = []
     for _ in range(requests):
         start = time.perf_counter()
-        x, orig = ingress.prepare(data, DEFAULT_MAX_PIXELS, loaded.config.input_size)
-        ingress.union_png(deployment.forward(loaded, [x])[0], orig)
+        x, orig = ingress.prepare(data, DEFAULT_MAX_PIXELS, served.loaded.config.input_size)
+        ingress.union_png(deployment.forward(served, [x])[0], orig)
         latencies.append(time.perf_counter() - start)
     return {"rps": requests / sum(latencies), "p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 
 
-def forward_ms(loaded: registry.LoadedModel, batch: int, repeats: int = 10) -> float:
-    x = torch.rand(batch, 3, loaded.config.input_size, loaded.config.input_size)
-    with torch.inference_mode():
-        loaded.model(x)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            loaded.model(x)
+def forward_ms(runner: inference.Runner, size: int, batch: int, repeats: int = 10) -> float:
+    """Milliseconds of one forward pass (the replica's Runner: normalise, autocast, sigmoid) at ``batch``."""
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    runner(x)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner(x)[0].cpu()
     return (time.perf_counter() - start) / repeats * 1000
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--architecture", choices=["unet", "multitask_unet"], default="unet")
+    parser.add_argument("--task", type=int, choices=[1, 2], default=1)
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--num-filters", type=int, default=32)
     parser.add_argument("--depth", type=int, default=4)
@@ -104,21 +108,34 @@ def main() -> None:
     parser.add_argument("--image-size", default="1022x767", help="WIDTHxHEIGHT of the uploaded JPEG")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of each deployment (ingress and model)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (0: CPU)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--goal", type=float, help="batching gain goal (default 3 on a GPU, 2 on CPUs)")
+    add_result_args(parser, "serve")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     # Ray Serve's replicas get one CPU each; torch then uses one thread per replica (OMP_NUM_THREADS).
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     work = tempfile.mkdtemp(prefix="bench-serve-")
-    config = ModelConfig(architecture="unet", input_size=args.input_size, num_filters=args.num_filters,
-                         depth=args.depth)
+    config = ModelConfig(architecture=args.architecture, task=args.task, input_size=args.input_size,
+                         num_filters=args.num_filters, depth=args.depth)
     publish_model(config, f"{work}/registry", f"{work}/model")
     data = jpeg(*(int(v) for v in args.image_size.split("x")))
+    runtime = inference.ModelRuntime(precision=args.precision, channels_last=args.channels_last,
+                                     compile=args.compile)
+    device = "cuda" if args.gpus_per_replica else "cpu"
 
     torch.set_num_threads(1)  # the direct path gets what one model replica gets
     loaded = registry.load_model("bench@1", f"{work}/registry")
-    base = direct(loaded, data, args.requests)
-    fwd1, fwdb = forward_ms(loaded, 1), forward_ms(loaded, args.max_batch_size)
+    served = deployment.Served(loaded, inference.Runner(loaded.model, device, runtime, config.input_size,
+                                                        args.max_batch_size))
+    base = direct(served, data, args.requests)
+    fwd1 = forward_ms(inference.Runner(loaded.model, device, runtime, config.input_size, 1), config.input_size, 1)
+    fwdb = forward_ms(served.runner, config.input_size, args.max_batch_size)
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -126,7 +143,8 @@ def main() -> None:
     mean_batch: dict[int, float] = {}
     for batch in (args.max_batch_size, 1):
         spec = lserve.ServeSpec(kind="serve", name="bench", model=ModelRef("bench@1"), registry=f"{work}/registry",
-                                min_replicas=1, max_replicas=1, max_batch_size=batch,
+                                min_replicas=args.replicas, max_replicas=args.replicas, max_batch_size=batch,
+                                gpus_per_replica=args.gpus_per_replica, **runtime.model_dump(),
                                 batch_wait_timeout_s=args.batch_wait_ms / 1000 if batch > 1 else 0.0,
                                 max_ongoing_requests=max(64, batch), port=port)
         serve.run(lserve.build_app(spec, Settings.build()), name="bench", route_prefix="/")
@@ -141,8 +159,11 @@ def main() -> None:
 
     cpus = os.cpu_count()
     load = os.getloadavg()[0]
-    print(f"== bench_serve: unet {args.input_size}px, {args.num_filters} filters, depth {args.depth}; "
-          f"{args.image_size} JPEG; {cpus} CPUs, load average {load:.1f}; 1 ingress + 1 model replica ==")
+    where = f"{args.gpus_per_replica:g} GPU ({torch.cuda.get_device_name()})" if args.gpus_per_replica else "1 CPU"
+    print(f"== bench_serve: {args.architecture} task {args.task} {args.input_size}px, {args.num_filters} filters, "
+          f"depth {args.depth}, {args.precision}{' channels_last' if args.channels_last else ''}"
+          f"{' compile' if args.compile else ''}; {args.image_size} JPEG; {cpus} CPUs, load average {load:.1f}; "
+          f"{args.replicas} ingress + {args.replicas} model replica(s) on {where} each ==")
     print(f"forward pass: batch 1 {fwd1:.1f} ms; batch {args.max_batch_size} {fwdb:.1f} ms "
           f"({fwdb / args.max_batch_size:.1f} ms/image)")
     print(f"direct in-process (decode+forward+mask+PNG, 1 thread): {base['rps']:.1f} req/s, "
@@ -155,6 +176,14 @@ def main() -> None:
     gain = results[args.max_batch_size, top]["rps"] / results[1, top]["rps"]
     print(f"batching gain at concurrency {top}: {gain:.2f}x req/s (max_batch_size {args.max_batch_size} vs 1); "
           f"mean images per forward pass over all levels: {mean_batch[args.max_batch_size]:.1f}")
+    rows = Results(args.results, args.step)
+    rows.add(f"forward ms: batch 1 / batch {args.max_batch_size} ({args.precision}, {device})",
+             f"{fwd1:.1f} / {fwdb:.1f}")
+    for batch in (args.max_batch_size, 1):
+        rows.add(f"req/s at concurrency {top}, max_batch_size {batch}", results[batch, top]["rps"])
+    rows.add(f"mean images per forward pass (max_batch_size {args.max_batch_size})", mean_batch[args.max_batch_size])
+    rows.at_least(f"batching gain at concurrency {top} ({args.replicas}+{args.replicas} replicas)", gain,
+                     args.goal or (3.0 if args.gpus_per_replica else 2.0), "x")
     if 1 in levels:
         added = results[1, 1]["p50"] - base["p50"]
         waited = results[args.max_batch_size, 1]["p50"] - base["p50"]
