@@ -261,7 +261,7 @@ def check_quality(args: argparse.Namespace) -> int:
     best = max(history, key=lambda row: row["val_score"])
     results.add("epochs trained (s each, median)", f"{len(history)} "
                 f"({sorted(r['epoch_time_s'] for r in history)[len(history) // 2]:.1f} s)")
-    results.add("best epoch: val pooled Jaccard", f"{best['val_score']:.4f} at epoch {best['epoch']}")
+    results.add("highest val pooled Jaccard in metrics.json", f"{best['val_score']:.4f} (epoch {best['epoch']})")
     results.at_least("pooled Jaccard, validation images", scores["jaccard"], args.goal)
     for name, value in scores["per_attribute"].items():
         results.add(f"  Jaccard {name}", value["jaccard"])

@@ -8,6 +8,8 @@
 #                                                             # on 2 cores): GPU-only parts say they skip
 # On the GPU machine (no Ray in its image; the kit from `bash ../shared/gpu/build-kit`, carried as .gpukit):
 #   bash .gpukit/install.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_suite.sh predict train ...
+# Before that, once where the device call starts from: `bash benchmarks/gpu_wheels.sh` (python-multipart, which
+# the kit lacks, in .gpuextra/; carry [".gpukit", ".gpuextra"]); the suite installs it into /tmp/site.
 # The `env` step always runs first: nvidia-smi, torch/CUDA/torchvision versions, and whether `ray.init()` starts
 # and sees the GPU (it says exactly what failed if not). Each step has its own timeout; a failed step does not
 # stop the others. Logs: $OUT/gpu-suite when $OUT is set (the device machine), else runs/gpu-suite; there only
@@ -52,6 +54,14 @@ mkdir -p "$LOG" "$LOGS"
 LOG=$(cd "$LOG" && pwd) WORK=$(cd "$WORK" && pwd) LOGS=$(cd "$LOGS" && pwd)
 RESULTS=$LOG/results.tsv
 printf 'step\tmetric\tvalue\tgoal\tmet\n' > "$RESULTS"
+if ! "$PY" -c "import python_multipart" 2>/dev/null; then  # the kit lacks it (benchmarks/gpu_wheels.sh)
+  if ls .gpuextra/*.whl > /dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "${GPU_SUITE_SITE:-/tmp/site}" .gpuextra/*.whl \
+      && echo "gpu_suite: installed $(ls .gpuextra) into ${GPU_SUITE_SITE:-/tmp/site}"
+  else
+    echo "gpu_suite: python_multipart is missing and there is no .gpuextra/ (bash benchmarks/gpu_wheels.sh): serve fails"
+  fi
+fi
 if [ "$SMOKE" = 1 ]; then DEVICE=cpu; MODE="smoke (CPU, tiny sizes)"; else DEVICE=cuda; MODE="GPU sizes"; fi
 echo "gpu_suite: ${SECTIONS[*]}; $MODE; python $PY; logs in $LOG, work in $WORK; $(date -u '+%Y-%m-%d %H:%M UTC')"
 
@@ -162,6 +172,11 @@ section_preprocess() {
 section_tests() {
   # Without CUDA every test in it skips (the smoke run checks that they are collected and skip cleanly).
   step tests 300 "$PY" -m pytest -q tests/test_gpu.py -p no:cacheprovider -o addopts="-ra"
+  local summary met
+  summary=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)\b' "$LOGS/tests.log" | tail -n 1 | tr -d '=')
+  case $summary in *failed*|*error*|"") met=NO ;; *passed*) met=yes ;; *) met=- ;; esac  # all skipped: no GPU
+  printf 'tests\tpytest tests/test_gpu.py\t%s\tall pass\t%s\n' "${summary:-no summary line}" "$met" >> "$RESULTS"
+  bundle
 }
 
 section_quality() {
