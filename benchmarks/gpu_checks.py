@@ -178,6 +178,7 @@ def check_checkpoint_on_cpu(results: Results, summary: dict[str, Any], device: s
 
 def _nccl_loop(config: dict[str, Any]) -> None:
     import ray.train
+    import ray.train.torch
     import torch.distributed as dist
 
     device = ray.train.torch.get_device()
