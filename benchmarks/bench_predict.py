@@ -10,10 +10,10 @@ What it does, against a moto S3 server it starts (a subprocess, left out of the 
 with ``--local`` against a local folder:
 1. ``kind: synth`` writes ``--images`` synthetic ISIC images to S3; an untrained U-Net of the chosen
    size is published to a registry (its speed does not depend on its weights);
-2. forward-only: the model on ready uint8 tensors (already on the device) in this process, through
-   ``inference.Runner`` as the actors run it (normalising on the device, autocast, channels_last,
-   compile), same batch size, input size and torch threads, probabilities back on the host: the
-   limit the pipeline can reach; with ``--precision`` other than fp32 also at fp32, for the ratio;
+2. forward-only: the model on ready uint8 batches in this process, through ``inference.Runner`` as
+   the actors run it (copied to the device and scaled there, autocast, channels_last, compile), same
+   batch size, input size and torch threads, fp16 probabilities back on the host: the limit the
+   pipeline can reach; with ``--precision`` other than fp32 also at fp32, for the ratio;
 3. end-to-end: ``predict.run`` from S3 to S3 (list, read, decode, resize, infer, resize back,
    threshold, PNG, write, manifest), whole-job wall clock and steady state (10th-90th percentile
    of the rows' finish times), once per ``--decode`` (cpu: decoding tasks; gpu: nvJPEG in the actor);
@@ -69,17 +69,17 @@ def _sync(device: str) -> None:
 
 
 def forward_only(runner: inference.Runner, size: int, batch_size: int, images: int, device: str) -> float:
-    """Images/s of ``runner`` (normalise, forward, sigmoid) on ready uint8 batches on ``device``, the mask
-    probabilities copied to the host as the actor copies them: the pipeline's limit."""
-    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    """Images/s of the actors' forward pass on ready batches: uint8 rows on the host in (copied to the device,
+    scaled there), fp16 mask probabilities back on the host, as a ``decode: cpu`` actor does: the pipeline's
+    limit."""
+    x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
     batches = max(3, images // batch_size)
-    with torch.inference_mode():
-        for _ in range(3):  # warm-up: cuDNN's algorithm search, torch.compile's first call
-            runner(x)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(batches):
-            runner(x)[0].cpu()
+    for _ in range(3):  # warm-up: cuDNN's algorithm search
+        runner(x)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        runner(x)[0].half().cpu()
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -89,7 +89,7 @@ def sequential(runner: inference.Runner, config: ModelConfig, sources: list[str]
     with torch.inference_mode():
         for uri in sources:
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
-            probs = runner(preprocess.to_model_input([image], config.input_size))[0][0].float().cpu().numpy()
+            probs = runner(preprocess.to_model_input([image], config.input_size))[0][0].cpu().numpy()
             masks = inference.to_masks(probs, height, width, 0.5)
             names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):
@@ -262,7 +262,7 @@ setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide ({a
                  batch {args.batch_size}, {args.precision}{' channels_last' if args.channels_last else ''}\
 {' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {args.cpus}
 forward-only   : {limit:8.1f} images/s  ({args.precision}; fp32 {fp32:.1f}/s, {limit / fp32:.2f}x; ready uint8 \
-tensors, batch {args.batch_size})""")
+batches, batch {args.batch_size})""")
         if "gpu" in args.decode:
             print(f"decode+resize  : {decodes[0]:8.1f} images/s  in an actor on {device} ({decodes[2]} by nvJPEG, "
                   f"{decodes[3]} on the CPU); {decodes[1]:.1f}/s on one CPU core (PIL, draft mode)")
