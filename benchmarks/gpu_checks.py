@@ -155,7 +155,7 @@ def check_checkpoint_on_cpu(results: Results, summary: dict[str, Any], device: s
     checkpoints = sorted(d for d in os.listdir(output)
                          if d.startswith("checkpoint_") and os.path.isdir(os.path.join(output, d)))
     if not checkpoints:
-        results.add("checkpoint loads on CPU", f"no checkpoint_* folder in {output}", "loads", False)
+        results.add("checkpoint loaded with no GPU", f"no checkpoint_* folder in {output}", "loads", False)
         return
     loaded = registry.load_model(summary["model"], summary["registry"], device=device)
     size = loaded.config.input_size
@@ -167,13 +167,12 @@ def check_checkpoint_on_cpu(results: Results, summary: dict[str, Any], device: s
     done = _cpu_forward(registry.resolve(summary["model"], summary["registry"]).model_dir,
                         os.path.join(output, checkpoints[-1]), x_file, out_file)
     print(done.stdout + done.stderr[-3000:])
-    where = "a GPU worker" if device == "cuda" else "a CPU worker (smoke: no GPU here)"
+    metric = f"checkpoint saved on {'the GPU' if device == 'cuda' else 'CPU (smoke)'}, loaded with no GPU"
     if done.returncode:
-        results.add("checkpoint loads on CPU", f"failed (saved by {where}): {done.stderr.strip()[-200:]}", "loads",
-                    False)
+        results.add(metric, f"failed: {done.stderr.strip()[-200:]}", "loads", False)
         return
     diff = float((torch.load(out_file) - expected).abs().max())
-    results.add(f"checkpoint from {where} on CPU: max |p_cpu - p_{device}|", diff, "<= 0.001", diff <= 1e-3)
+    results.add(f"{metric}: max |p_cpu - p_{device}|", diff, "<= 0.001", diff <= 1e-3)
 
 
 def _nccl_loop(config: dict[str, Any]) -> None:
@@ -288,7 +287,7 @@ def print_table(args: argparse.Namespace) -> int:
         header, *rows = [(line.rstrip("\n").split("\t") + [""] * 5)[:5] for line in f if line.strip()]
     steps = list(dict.fromkeys(r[0] for r in rows))
     rows = sorted(rows, key=lambda r: (steps.index(r[0]), r[1] != "step"))  # stable: the rest as written
-    widths = [min(max(len(r[i]) for r in [header, *rows]), limit) for i, limit in enumerate((14, 56, 60, 22, 4))]
+    widths = [min(max(len(r[i]) for r in [header, *rows]), limit) for i, limit in enumerate((14, 64, 60, 22, 4))]
     for row in [header, *rows]:
         cells = [cell if len(cell) <= w else cell[: w - 1] + "~" for cell, w in zip(row, widths, strict=True)]
         print("  ".join(cell.ljust(w) for cell, w in zip(cells, widths, strict=True)).rstrip())
