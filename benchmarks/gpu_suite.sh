@@ -1,37 +1,39 @@
 #!/usr/bin/env bash
 # The GPU suite of issue 14: every GPU check and benchmark in one go, a short table last.
 #
-#   bash benchmarks/gpu_suite.sh                              # every section, GPU sizes
-#   bash benchmarks/gpu_suite.sh predict train serve preprocess tests   # first device call (~7 min)
-#   bash benchmarks/gpu_suite.sh quality                      # second device call (~4.5 min)
-#   PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh --smoke   # every section on CPU, tiny sizes (~15 min
+#   bash benchmarks/gpu_suite.sh                              # every section, GPU sizes (~11.5 min)
+#   bash benchmarks/gpu_suite.sh predict train serve preprocess   # first device call (~6.5 min)
+#   bash benchmarks/gpu_suite.sh tests quality                # second device call (~5 min)
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh --smoke   # every section on CPU at tiny sizes (~10 min
 #                                                             # on 2 cores): GPU-only parts say they skip
-# On the GPU machine (no Ray in its image; the kit from `bash ../shared/gpu/build-kit`, carried as .gpukit):
-#   bash .gpukit/install.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_suite.sh predict train ...
-# Before that, once where the device call starts from: `bash benchmarks/gpu_wheels.sh` (python-multipart, which
-# the kit lacks, in .gpuextra/; carry [".gpukit", ".gpuextra"]); the suite installs it into /tmp/site.
-# The `env` step always runs first: nvidia-smi, torch/CUDA/torchvision versions, and whether `ray.init()` starts
-# and sees the GPU (it says exactly what failed if not). Each step has its own timeout; a failed step does not
-# stop the others. Logs: $OUT/gpu-suite when $OUT is set (the device machine), else runs/gpu-suite; there only
-# results.tsv, table.txt and logs.tar.gz (every step's log and the quality curves), refreshed after each step,
-# so the device returns them even when a command is stopped at its limit. Big files (images, checkpoints,
-# masks) go to $GPU_SUITE_WORK (default /tmp/gpu-suite-work with $OUT, else runs/gpu-suite/work).
+# Once, where the device call starts from (no device time): `bash ../shared/gpu/build-kit` (Ray, in .gpukit/) and
+# `bash benchmarks/gpu_wheels.sh` (python-multipart, which the kit lacks, in .gpuextra/). Each device call, with
+# carry [".gpukit", ".gpuextra"] and timeout_s 600:
+#   bash .gpukit/install.sh && export PYTHONPATH=/tmp/site:$PWD && GPU_SUITE_BUDGET_S=570 \
+#     bash benchmarks/gpu_suite.sh predict train serve preprocess
+# (the suite installs .gpuextra's wheels into /tmp/site). The `env` step always runs first: nvidia-smi,
+# torch/CUDA/torchvision versions, and whether `ray.init()` starts and sees the GPU (it says exactly what failed
+# if not). Each step has its own timeout, cut to what is left of GPU_SUITE_BUDGET_S; a failed step does not stop
+# the others. Logs: $OUT/gpu-suite when $OUT is set (the device machine), else runs/gpu-suite; there only
+# results.tsv, table.txt and logs.tar.gz (every step's log, the quality curves and reports), refreshed after
+# each step, so a call stopped at its limit still returns them. Big files (images, checkpoints, masks) go to
+# $GPU_SUITE_WORK (default /tmp/gpu-suite-work with $OUT, else runs/gpu-suite/work).
 #
-# On the device give GPU_SUITE_BUDGET_S (the call's timeout_s less ~30 s): steps are cut to fit it.
 # Estimated GPU time per section on one H100/H200 with 16 CPUs (from ../shared/REFERENCE.md section 6 and
 # benchmarks/RESULTS.md: seed model fp32 forward ~240 img/s, bf16 est. 1,000-1,500 img/s; a predict job's fixed
 # start ~12 s; bf16 training 145-177 img/s at batch 8-16; Ray start ~5-10 s):
-#   env         0.3 min  versions, ray.init(), a num_gpus=1 task
-#   predict     2.5 min  10,000 1024x768 JPEGs (500 drawn, the rest copies): Task 1 decode gpu + cpu, Task 2
-#                        decode gpu, each ~15 s start + 10-20 s streaming; forward-only fp32 and bf16 per task
+#   env         0.3 min  versions, ray.init(), a num_gpus=1 task (in each call)
+#   predict     2.8 min  10,000 1024x768 JPEGs (500 drawn, the rest copies): Task 1 decode gpu + cpu, Task 2
+#                        decode gpu, each ~15 s start + 10-30 s streaming; forward-only fp32 and bf16 per task
 #   train       2.2 min  bench_train (Ray Train x1 vs plain loop, bf16, 640 images at 512, 4 epochs, busy share);
 #                        gpu_checks train (fp16 + GradScaler, checkpoint on CPU, NCCL, two workers gloo)
 #   serve       1.0 min  two Serve deployments (batch 16, batch 1), concurrency 1 and 32
 #   preprocess  0.4 min  256 JPEGs through the GPU and the CPU resize paths under Ray
-#   tests       1.2 min  pytest tests/test_gpu.py
-#   quality     4.3 min  synth 1,100 Task 2 images, train QUALITY_TRAIN_S (200 s) of epochs, predict, evaluate
-#   total      ~11.9 min; the machine's start (2-4 min) comes on top. Two calls of <= 600 s: the first five
-#   sections (~7 min), then quality (~4.5 min); the machine stays warm only ~30 s after a call.
+#   tests       1.8 min  pytest tests/test_gpu.py (one predict job compiles its model)
+#   quality     3.6 min  synth 1,100 Task 2 images, QUALITY_TRAIN_S (150 s) of training epochs, predict, evaluate
+#   total      ~12.4 min with the second env step; the machine's start (2-4 min) comes on top, and it stays warm
+#   only ~30 s after a call: make the second call at once. A longer quality run (the goal may need it):
+#   QUALITY_TRAIN_S=300 for ~6 min.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -205,7 +207,7 @@ section_quality() {
   else
     # No time limit in a train spec: epochs from the budget and an epoch's estimated time (900 images at
     # ~145 img/s bf16 batch 8, plus validation and a checkpoint: ~8 s).
-    local budget=${QUALITY_TRAIN_S:-200} epoch_s=${QUALITY_EPOCH_S:-8}
+    local budget=${QUALITY_TRAIN_S:-150} epoch_s=${QUALITY_EPOCH_S:-8}
     local epochs=${QUALITY_EPOCHS:-$(( budget / epoch_s ))}
     echo "quality: $epochs epochs (QUALITY_TRAIN_S=$budget s / QUALITY_EPOCH_S=$epoch_s s per epoch)"
     step quality $(( budget + 150 )) "$PY" -m lesion_ray.cli run benchmarks/gpu_quality.yaml "${keys[@]}" \
