@@ -57,9 +57,10 @@ def check_env(args: argparse.Namespace) -> int:
     try:
         import ray
 
-        ray.init(include_dashboard=False, log_to_driver=False)
+        context = ray.init()  # as the issue asks: plain (lesion-ray's embedded Ray also starts the dashboard)
         gpus = ray.cluster_resources().get("GPU", 0)
-        print(f"ray.init(): Ray {ray.__version__} started: {ray.cluster_resources()}")
+        print(f"ray.init(): Ray {ray.__version__} started: {ray.cluster_resources()}; dashboard: "
+              f"{context.dashboard_url or 'not started'}")
         results.add("ray.init() starts", "yes", "starts", True)
         if gpus:
             seen = ray.get(ray.remote(num_gpus=1)(_gpu_task).remote(), timeout=180)
