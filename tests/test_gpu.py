@@ -126,7 +126,8 @@ def test_a_serve_model_replica_holds_a_gpu(ray_local, settings, tmp_path) -> Non
                 assert answer.status_code == 200, answer.text
                 mask = png_array(answer.content)
                 assert mask.shape == size[::-1] and set(np.unique(mask)) <= {0, 255}
-            assert client.get("/v1/model").json()["replica"]["images"] == 2
+            replica = client.get("/v1/model").json()["replica"]
+            assert replica["images"] == 2 and replica["device"].startswith("cuda")
     finally:
         serve.delete(spec.name)
         serve.shutdown()

@@ -454,7 +454,9 @@ def test_bearer_token_is_required(app, client):
 
 def test_model_info(client):
     info = client.get("v1/model").json()
-    assert info.pop("replica").keys() == {"batches", "images"}
+    replica = info.pop("replica")
+    assert replica.keys() == {"batches", "images", "device", "precision", "compiled"}
+    assert (replica["device"], replica["precision"], replica["compiled"]) == ("cpu", "fp32", False)
     assert info.pop("ingress").keys() == {"max_concurrent_decodes", "decodes_peak"}
     assert info == {"name": "lesion", "version": "1", "task": 1, "architecture": "unet", "input_size": 32,
                     "threshold": 0.5, "postprocess": "largest_component", "labels": ["lesion"],

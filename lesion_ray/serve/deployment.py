@@ -132,7 +132,8 @@ class SegmentationModel:
             "threshold": loaded.threshold if self.spec.threshold is None else self.spec.threshold,
             "postprocess": self.spec.postprocess,
             "labels": list(LABELS[loaded.config.task]), "metrics": loaded.metrics, "refused_version": self.refused,
-            "replica": {"batches": self.batches, "images": self.images},
+            "replica": {"batches": self.batches, "images": self.images, "device": str(self.served.runner.device),
+                        "precision": self.spec.precision, "compiled": self.served.runner.compiled},
         }
 
     def check_health(self) -> None:
