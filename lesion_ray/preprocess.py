@@ -107,9 +107,10 @@ def _orientation(im: Image.Image) -> int:
         raise _broken(exc, f"{im.format or 'image'} metadata") from None
 
 
-def _oriented_size(im: Image.Image) -> tuple[int, int]:
+def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
+    """(height, width) as shown, given the image's EXIF ``orientation``."""
     width, height = im.size
-    transposed = _orientation(im) in (5, 6, 7, 8)  # these EXIF orientations rotate by 90 degrees
+    transposed = orientation in (5, 6, 7, 8)  # these EXIF orientations rotate by 90 degrees
     return (width, height) if transposed else (height, width)
 
 
@@ -123,7 +124,7 @@ def decode_image(
     Raises :class:`BadImage` for anything that is not a decodable image within ``max_pixels``.
     """
     im = open_image(data, max_pixels)
-    orig = _oriented_size(im)
+    orig = _oriented_size(im, _orientation(im))
     if target and im.format == "JPEG":
         im.draft("RGB", (target, target))
     _load(im)
@@ -204,10 +205,11 @@ class ModelInputs:
         for i, blob in enumerate(blobs):
             try:
                 im = open_image(blob, self.max_pixels)
-                sizes[i] = _oriented_size(im)
+                orientation = _orientation(im)
+                sizes[i] = _oriented_size(im, orientation)
                 # A JPEG without its end marker (truncated) goes to PIL, which names it; nvJPEG may pad it silently.
                 if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L") and blob[-2:] == b"\xff\xd9":
-                    jpegs.append((i, _orientation(im)))
+                    jpegs.append((i, orientation))
                 else:
                     on_cpu.append(i)
             except BadImage as exc:
