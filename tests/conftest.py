@@ -16,6 +16,11 @@ from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
 from lesion_ray.testing.loopback import LoopbackCluster, free_port
 
+# Ray Train's controller polls its workers every 2 s and starts a preemption watcher for each run: the suite is
+# many short runs on 2 cores, so it polls every 0.5 s and goes without the watcher (no node is ever drained here).
+# Set before any Ray starts; Train hands both to its controller and workers, and the commands tests run inherit them.
+os.environ.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def s3_endpoint() -> str:

@@ -97,8 +97,8 @@ def wait_for(what: str, check: Callable[[], T], timeout_s: float = 180) -> T:
 
 def quickstart(remote: str, out: Path, small: bool = True) -> int:
     """The main job as one submitted job; its exit status."""
-    sizes = ["steps.synth.num_images=32", "steps.synth.validation_images=8", "steps.synth.width=[96, 128]",
-             "steps.train.epochs=2"] if small else []
+    sizes = ["steps.synth.num_images=16", "steps.synth.validation_images=4", "steps.synth.width=[96, 128]",
+             "steps.train.epochs=1"] if small else []
     return cli.main([
         "run", str(ROOT / "jobs" / "quickstart.yaml"), "--cluster", remote, *sizes,
         f"steps.synth.output={out}/data", f"steps.train.output={out}/train",
@@ -116,7 +116,7 @@ def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path]
         storage.write_bytes(f"{archive}/{image_id}.jpg", image.read_bytes())
     storage.write_bytes(f"{archive}/ISIC_0099999.jpg", b"not a JPEG")  # must become an error row
     status = cli.main(["run", str(ROOT / "jobs" / "predict.yaml"), "--cluster", remote, f"input={archive}",
-                       f"output={output}", "min_actors=2", "max_actors=2", "batch_size=1", "overlays=none"])
+                       f"output={output}", "min_actors=2", "max_actors=2", "batch_size=2", "overlays=none"])
     rows = manifest.read(output).to_pylist()
     names = {node_id: name for name, node_id in nodes.alive_nodes().items()}
     return {
@@ -155,7 +155,8 @@ def elastic_training(nodes: LoopbackCluster, remote: str, data: str, output: str
     job, config, settings = cli.prepare(str(ROOT / "jobs" / "train.yaml"), remote, [
         f"data={data}", f"output={output}", "model_name=elastic-unet", "model.input_size=32",
         "model.num_filters=4", "model.depth=2", "epochs=1000", "batch_size=4", "num_workers=[1, 3]",
-        "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1"])
+        "cpus_per_worker=0", "resources_per_worker={trainer: 1}", "elastic_resize_interval_s=1",
+        "tensorboard=false", "mlflow.enabled=false"])  # the demo is about the group's size, not its tracking
     nodes.wait_for_nodes(timeout_s=30)
     client, job_id = cluster.start_job(job, config, settings)
 
