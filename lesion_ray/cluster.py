@@ -154,8 +154,16 @@ def start_local(config: LocalCluster, settings: Settings, log_file: str | None =
             runtime_env=job_env,
             # The dashboard serves the State API: without it, Train's placement-group cleaner warns every second.
             include_dashboard=True,
-            # As many workers may start at once as there are slots (Ray's default: one per core, warning past 4x).
-            _system_config={"worker_maximum_startup_concurrency": num_cpus},
+            _system_config={
+                # As many workers may start at once as there are slots (Ray's default: one per core, warning past 4x).
+                "worker_maximum_startup_concurrency": num_cpus,
+                # Twice as many kept idle: stage tasks take half a CPU each, and past the soft limit (one worker per
+                # slot) Ray kills a worker idle for 1 s, so the next task would start a process and import torch.
+                "num_workers_soft_limit": 2 * num_cpus,
+                # No workers started ahead for the driver: a job's tasks need workers with its runtime_env, so
+                # those would only take the cores the job's own workers import torch on.
+                "prestart_worker_first_driver": False,
+            },
         )
     if log_file:
         _forward_worker_output(verbose)

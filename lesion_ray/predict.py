@@ -7,7 +7,8 @@ The streaming pipeline (every stage runs at once, with Ray Data's backpressure):
    (:func:`lesion_ray.storage.iter_listing_parallel`), and sorts every object at once from its name and
    size (:func:`lesion_ray.data.triage`): images go into a queue as pages, the rest become rows at once;
 2. read tasks take pages from the queue; CPU tasks read + decode + resize + scale
-   (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding;
+   (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding; on one node as many
+   at once as the inference actors leave cores (:func:`stage_tasks`), and as many writing tasks (step 4);
 3. :class:`Predictor` actors (``ActorPoolStrategy``; on a cluster with GPUs by default two per GPU at 0.5
    GPU each: :func:`actor_layout`) load the model once each (``precision``, ``channels_last``, ``compile``:
    :class:`lesion_ray.inference.Runner`), scale the uint8 rows on their device and return sigmoid
@@ -498,11 +499,12 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
+    tasks = stage_tasks(spec)
     if spec.decode == "gpu":
-        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS)
+        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, concurrency=tasks)
     else:
         ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                                device="cpu", num_cpus=STAGE_CPUS)
+                                device="cpu", num_cpus=STAGE_CPUS, concurrency=tasks)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_dir": found.model_dir, "device": "cuda" if spec.gpus_per_actor else "cpu",
@@ -522,10 +524,20 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor else {}),
     )
-    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, fn_kwargs={
+    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, concurrency=tasks, fn_kwargs={
         "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
         "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
         "max_pixels": spec.max_pixels, "run_id": run_id})
+
+
+def stage_tasks(spec: PredictSpec) -> int | None:
+    """How many decoding tasks, and as many writing tasks, run at once: on a one-node cluster one per core the
+    inference actors leave (at least one), since Ray's logical CPUs say nothing of the cores (the embedded default
+    has at least 8 on any machine) and every task beyond them is a process that imports torch and takes a core
+    from the model; on several nodes (None) as many as Ray's CPUs allow."""
+    if sum(node["Alive"] for node in ray.nodes()) > 1:
+        return None
+    return max(1, (os.cpu_count() or 1) - spec.max_actors * spec.cpus_per_actor)
 
 
 def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, ledger: manifest.Ledger,

@@ -428,14 +428,17 @@ def decoded(
     batch_size: int = 16,
     device: str | None = None,
     num_cpus: float = 1,
+    concurrency: int | None = None,
 ) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`,
-    in tasks of ``num_cpus`` each."""
+    in tasks of ``num_cpus`` each, at most ``concurrency`` at once (None: as many as Ray's CPUs allow)."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
     gpus = cluster_gpus()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
-        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus)
+        return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
+                              concurrency=concurrency)
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
+                        concurrency=concurrency)
     return ds.map_batches(
         _DeviceResize,
         batch_size=batch_size,
@@ -445,7 +448,9 @@ def decoded(
     )
 
 
-def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1) -> ray.data.Dataset:
+def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1,
+            concurrency: int | None = None) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``) read, not decoded: ``data`` holds each file's bytes (empty, with
-    ``error`` set, when it cannot be read), for inference actors that decode (:class:`ModelInputs`)."""
-    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus)
+    ``error`` set, when it cannot be read), for inference actors that decode (:class:`ModelInputs`); tasks as in
+    :func:`decoded`."""
+    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus, concurrency=concurrency)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import os
 import re
 
 import numpy as np
@@ -307,6 +308,16 @@ def test_the_actor_layout_follows_the_clusters_gpus() -> None:
     assert (named.gpus_per_actor, named.min_actors, named.max_actors) == (0.5, 3, 3)
     with pytest.raises(ValueError, match="gpus_per_actor is 1.0 but the Ray cluster has 0 GPUs"):
         predict.actor_layout(make_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0)
+
+
+def test_decoding_and_writing_tasks_follow_the_cores_not_rays_logical_cpus(ray_local) -> None:
+    # The session's Ray is one node with 8 logical CPUs on this machine's cores: the stages get the cores the
+    # inference actors leave, at least one each.
+    cores = os.cpu_count() or 1
+    assert ray_local.cluster_resources()["CPU"] == 8
+    assert predict.stage_tasks(make_spec(input="in", model="m@1", output="out")) == max(1, cores - 1)
+    assert predict.stage_tasks(make_spec(input="in", model="m@1", output="out", min_actors=cores,
+                                         max_actors=cores, cpus_per_actor=2)) == 1
 
 
 def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tmp_path) -> None:
