@@ -22,7 +22,7 @@ with ``--local`` against a local folder:
 5. storage only: one GET of each image and one PUT of a mask from 32 threads, no compute: what the
    endpoint itself allows (moto is a single Python process: on a big machine it is the limit);
 6. memory: peak proportional set size (PSS, shared pages split fairly) of this driver and every
-   Ray process, sampled every 0.2 s, predicting ``--images`` and then ``--scale`` times as many
+   Ray process, sampled every second, predicting ``--images`` and then ``--scale`` times as many
    (the images copied under new ids; ``--scale 1`` leaves it out).
 
 ``--distinct-images`` draws fewer images and copies them under new ids up to ``--images`` (generating
@@ -33,6 +33,7 @@ with ``--local`` against a local folder:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -56,6 +57,7 @@ from common import (  # benchmarks/common.py: the script's folder is on sys.path
 )
 
 from lesion_ray import cluster, inference, predict, preprocess, registry, storage, synth
+from lesion_ray.cluster import LocalCluster
 from lesion_ray.models import ModelConfig
 from lesion_ray.settings import Settings
 from lesion_ray.spec import from_dict
@@ -148,7 +150,9 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
     if actors:
         raw.update(min_actors=actors, max_actors=actors)
     spec = from_dict(predict.PredictSpec, raw, "bench")
-    with PeakMemory(exclude=moto_pid) as memory:
+    # One PSS sample of every Ray process costs ~0.13 s of CPU here: once a second, and only when memory is reported.
+    sampling = PeakMemory(exclude=moto_pid, every_s=1.0) if args.scale > 1 else contextlib.nullcontext()
+    with sampling as memory:
         start = time.perf_counter()
         summary = predict.run(spec, settings)
         wall = time.perf_counter() - start
@@ -157,7 +161,7 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
     times = np.sort(finished["finished_at"].to_numpy().astype("datetime64[ms]").astype(np.int64)) / 1000
     lo, hi = int(0.1 * len(times)), int(0.9 * len(times))
     steady = (hi - lo) / max(times[hi - 1] - times[lo], 1e-9)
-    return summary, wall, steady, memory.peak
+    return summary, wall, steady, memory.peak if memory else 0
 
 
 def main() -> None:
@@ -191,7 +195,8 @@ def main() -> None:
     parser.add_argument("--goal", type=float, default=0.9, help="whole job / forward-only goal (default 0.9)")
     parser.add_argument("--width", type=int, nargs=2, default=(600, 1024), help="synthetic image widths")
     parser.add_argument("--aspect", type=float, nargs=2, default=(0.66, 0.75), help="synthetic height/width")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="logical CPUs for Ray")
+    parser.add_argument("--cpus", type=int, help="logical CPUs for Ray (default: the embedded cluster's, at least "
+                                                 f"{cluster.MIN_LOCAL_CPUS})")
     parser.add_argument("--object-store-gb", type=float, default=1.0, help="Ray object store size (default 1)")
     parser.add_argument("--stats", action="store_true", help="log Ray Data's per-operator statistics")
     parser.add_argument("--local", action="store_true",
@@ -204,12 +209,13 @@ def main() -> None:
     moto, settings = start_s3(BUCKET) if not args.local else (None, Settings.build())
     work = tempfile.mkdtemp(prefix="bench-predict-")
     try:
-        ray.init(address="local", num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2**30),
-                 include_dashboard=False, log_to_driver=False, runtime_env=cluster.runtime_env(settings))
+        # The embedded default a job gets (its Ray settings), with Ray's own lines in a log file.
+        cluster.start_local(LocalCluster(num_cpus=args.cpus, object_store_memory=int(args.object_store_gb * 2**30)),
+                            settings, log_file=os.path.join(work, "ray.log"))
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.DataContext.get_current().enable_auto_log_stats = args.stats
         torch.set_num_threads(args.threads)
-        gpus = ray.cluster_resources().get("GPU", 0)
+        gpus, ray_cpus = ray.cluster_resources().get("GPU", 0), ray.cluster_resources()["CPU"]
         on_gpu = gpus > 0 and (args.gpus_per_actor == "auto" or float(args.gpus_per_actor) > 0)
         device = "cuda" if on_gpu else "cpu"
         root = (args.data or os.path.join(work, "store")) if args.local else f"s3://{BUCKET}"
@@ -260,7 +266,7 @@ setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide ({a
 {where} (ready in {generated:.0f} s); {args.architecture} task {args.task}, input {args.input_size}, filters \
 {args.num_filters}, depth {args.depth};
                  batch {args.batch_size}, {args.precision}{' channels_last' if args.channels_last else ''}\
-{' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {args.cpus}
+{' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {ray_cpus:g}
 forward-only   : {limit:8.1f} images/s  ({args.precision}; fp32 {fp32:.1f}/s, {limit / fp32:.2f}x; ready uint8 \
 batches, batch {args.batch_size})""")
         if "gpu" in args.decode:
