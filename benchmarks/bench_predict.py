@@ -215,7 +215,8 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray.data.DataContext.get_current().enable_auto_log_stats = args.stats
         torch.set_num_threads(args.threads)
-        gpus, ray_cpus = ray.cluster_resources().get("GPU", 0), ray.cluster_resources()["CPU"]
+        resources = ray.cluster_resources()
+        gpus, ray_cpus = resources.get("GPU", 0), resources["CPU"]
         on_gpu = gpus > 0 and (args.gpus_per_actor == "auto" or float(args.gpus_per_actor) > 0)
         device = "cuda" if on_gpu else "cpu"
         root = (args.data or os.path.join(work, "store")) if args.local else f"s3://{BUCKET}"

@@ -499,12 +499,12 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
-    tasks = stage_tasks(spec)
+    tasks = ray.data.TaskPoolStrategy(size=stage_tasks(spec))
     if spec.decode == "gpu":
-        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, max_tasks=tasks)
+        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks)
     else:
         ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                                device="cpu", num_cpus=STAGE_CPUS, max_tasks=tasks)
+                                device="cpu", num_cpus=STAGE_CPUS, compute=tasks)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_dir": found.model_dir, "device": "cuda" if spec.gpus_per_actor else "cpu",
@@ -524,8 +524,7 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor else {}),
     )
-    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS,
-                          compute=ray.data.TaskPoolStrategy(size=tasks), fn_kwargs={
+    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks, fn_kwargs={
         "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
         "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
         "max_pixels": spec.max_pixels, "run_id": run_id})

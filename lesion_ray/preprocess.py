@@ -428,17 +428,16 @@ def decoded(
     batch_size: int = 16,
     device: str | None = None,
     num_cpus: float = 1,
-    max_tasks: int | None = None,
+    compute: ray.data.TaskPoolStrategy | None = None,
 ) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`,
-    in tasks of ``num_cpus`` each, at most ``max_tasks`` at once (None: as many as Ray's CPUs allow)."""
+    in tasks of ``num_cpus`` each, ``compute`` capping how many run at once (None: as many as Ray's CPUs allow)."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
-    tasks = ray.data.TaskPoolStrategy(size=max_tasks)
     gpus = cluster_gpus()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
         return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
-                              compute=tasks)
-    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus, compute=tasks)
+                              compute=compute)
+    ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus, compute=compute)
     return ds.map_batches(
         _DeviceResize,
         batch_size=batch_size,
@@ -449,9 +448,8 @@ def decoded(
 
 
 def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1,
-            max_tasks: int | None = None) -> ray.data.Dataset:
+            compute: ray.data.TaskPoolStrategy | None = None) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``) read, not decoded: ``data`` holds each file's bytes (empty, with
     ``error`` set, when it cannot be read), for inference actors that decode (:class:`ModelInputs`); tasks as in
     :func:`decoded`."""
-    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus,
-                          compute=ray.data.TaskPoolStrategy(size=max_tasks))
+    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus, compute=compute)
