@@ -56,7 +56,7 @@ from common import (  # benchmarks/common.py: the script's folder is on sys.path
     start_s3,
 )
 
-from lesion_ray import cluster, inference, predict, preprocess, registry, storage, synth
+from lesion_ray import cluster, inference, outputs, postprocess, predict, preprocess, registry, storage, synth
 from lesion_ray.cluster import LocalCluster
 from lesion_ray.models import ModelConfig
 from lesion_ray.settings import Settings
@@ -91,20 +91,20 @@ def sequential(runner: inference.Runner, config: ModelConfig, sources: list[str]
     with torch.inference_mode():
         for uri in sources:
             image, (height, width) = preprocess.decode_image(storage.read_bytes(uri), target=config.input_size)
-            probs = runner(preprocess.to_model_input([image], config.input_size))[0][0].cpu().numpy()
-            masks = inference.to_masks(probs, height, width, 0.5)
-            names = predict.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
+            probs = runner(torch.from_numpy(preprocess.to_model_input([image], config.input_size)))[0][0].cpu().numpy()
+            masks = postprocess.to_masks(probs, height, width, 0.5)
+            names = outputs.mask_names(storage.basename(uri).rsplit(".", 1)[0], config.task)
             for name, mask in zip(names, masks, strict=True):
-                storage.write_bytes(storage.join(out, name), inference.mask_png(mask))
+                storage.write_bytes(storage.join(out, name), postprocess.mask_png(mask))
     return len(sources) / (time.perf_counter() - start)
 
 
 def decode_rates(sources: list[str], size: int, batch_size: int, device: str) -> tuple[float, float, int, int]:
     """Images/s decoding and resizing real files to model inputs in this process: as a ``decode: gpu`` actor
-    does (``preprocess.ModelInputs`` on ``device``: nvJPEG, per-image CPU fallback) and as one decoding task's
+    does (``inference.ModelInputs`` on ``device``: nvJPEG, per-image CPU fallback) and as one decoding task's
     core does (PIL, draft mode); also how many the actor path decoded on the GPU and on the CPU."""
     blobs = [storage.read_bytes(uri) for uri in sources]
-    inputs = preprocess.ModelInputs(device, size, preprocess.DEFAULT_MAX_PIXELS)
+    inputs = inference.ModelInputs(device, size, preprocess.DEFAULT_MAX_PIXELS)
     inputs(blobs[:batch_size])  # warm-up: nvJPEG's handles, CUDA kernels
     inputs.on_gpu = inputs.on_cpu = 0
     _sync(device)
@@ -146,9 +146,8 @@ def run_predict(input_uri: str, output: str, ref: str, registry_uri: str, args: 
            "gpus_per_actor": gpus_per_actor(args.gpus_per_actor), "overlays": "none", "subset": "Training",
            "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
            "decode": decode}
-    actors = args.actors or (None if args.gpus_per_actor == "auto" else 1)
-    if actors:
-        raw.update(min_actors=actors, max_actors=actors)
+    if args.actors:
+        raw.update(min_actors=args.actors, max_actors=args.actors)
     spec = from_dict(predict.PredictSpec, raw, "bench")
     # One PSS sample of every Ray process costs ~0.13 s of CPU here: once a second, and only when memory is reported.
     sampling = PeakMemory(exclude=moto_pid, every_s=1.0) if args.scale > 1 else contextlib.nullcontext()
@@ -184,8 +183,7 @@ def main() -> None:
     parser.add_argument("--num-filters", type=int, default=32, help="U-Net width (default 32, the tutorial's)")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="torch threads = CPUs per inference actor")
-    parser.add_argument("--actors", type=int, help="inference actors (default 1; with --gpus-per-actor auto: "
-                                                   "the job's own layout)")
+    parser.add_argument("--actors", type=int, help="inference actors (default: the job's own layout)")
     parser.add_argument("--gpus-per-actor", default="0", help="GPUs per actor, or auto (the job's default layout)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--channels-last", action="store_true")

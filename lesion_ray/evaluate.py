@@ -36,7 +36,7 @@ import ray
 from PIL import Image
 from pydantic import Field
 
-from lesion_ray import data, figures, metrics, predict, preprocess, registry, report, report_page, storage
+from lesion_ray import data, figures, metrics, outputs, preprocess, report, report_page, storage
 from lesion_ray.settings import Settings
 from lesion_ray.spec import InputUri, JobSpec, OutputUri
 
@@ -151,9 +151,9 @@ def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def find_predict_record(predictions: str) -> dict[str, Any] | None:
     """The ``predict.json`` of the predict run whose output is ``predictions`` (or its ``masks/``)."""
     folder = storage.normalize(predictions)
-    candidates = [folder, storage.parent(folder)] if storage.basename(folder) == predict.MASKS_DIR else [folder]
+    candidates = [folder, storage.parent(folder)] if storage.basename(folder) == outputs.MASKS_DIR else [folder]
     for candidate in candidates:
-        uri = storage.join(candidate, predict.PREDICT_RECORD)
+        uri = storage.join(candidate, outputs.PREDICT_RECORD)
         if storage.exists(uri):
             return json.loads(storage.read_text(uri))
     return None
@@ -243,6 +243,9 @@ def example_groups(table: pa.Table, scored: np.ndarray, truth: dict[str, dict[st
 def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list[tuple[str, list[dict[str, Any]]]],
                record: dict[str, Any] | None) -> None:
     """report.html: scores, confusion matrix, images, problems, model and curves, specs."""
+    # Here, in the driver: the scoring tasks' processes never import the registry's torch.
+    from lesion_ray import registry
+
     card = None
     if record:
         with contextlib.suppress(storage.StorageError, ValueError):  # a model moved or deleted since
@@ -258,7 +261,7 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
                      report_page.curves_section(training.get("history", []), job.task)]
     else:
         why = (f"its folder {record['model']['uri']} could not be read" if record else
-               f"the predictions were not made by a lesion-ray predict run (no {predict.PREDICT_RECORD} in "
+               f"the predictions were not made by a lesion-ray predict run (no {outputs.PREDICT_RECORD} in "
                f"{job.predictions})")
         sections.append(report_page.section("Model", f'<p class="muted">Unknown: {report_page.esc(why)}.</p>',
                                             "model"))

@@ -1,37 +1,30 @@
 """One inference path for batch (:mod:`lesion_ray.predict`) and online (:mod:`lesion_ray.serve`)
-prediction: model inputs -> probabilities -> ISIC masks at the original size -> PNGs and overlays.
+prediction, on the model's device: model inputs -> probabilities (:mod:`lesion_ray.postprocess` turns them
+into masks, PNGs and overlays). Everything here imports torch; the CPU tasks around it do not.
 
 - :class:`Runner`: a model made ready once for its device and :class:`ModelRuntime` (precision, memory
   format, ``torch.compile``), then batches of uint8 images -> sigmoid mask probabilities and both
   heads' probabilities, optionally averaged over flips (test-time augmentation); the images are scaled
   on the model's device, so rows cross Ray's object store at a quarter of float32's size;
-- :func:`to_masks`: probabilities resized back to the image, thresholded, a Task 1 mask kept as
-  its largest region with the holes filled (``postprocess``);
-- :func:`mask_png` and :func:`tint`: the ISIC 0/255 greyscale PNG of a mask and the image with
-  its masks tinted in :data:`OVERLAY_COLOURS`.
+- :class:`ModelInputs`: encoded images decoded in the inference actor (``decode: gpu``: nvJPEG on its GPU);
+  :class:`DeviceResize` and :func:`resize`: decoded images resized on the GPU (training on GPUs, Serve).
 """
 
 from __future__ import annotations
 
-import io
-from typing import Literal
+import functools
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from lesion_ray import report
+from lesion_ray import preprocess, report
 
-Postprocess = Literal["none", "largest_component"]
 Precision = Literal["fp32", "bf16", "fp16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
-# The lesion (Task 1); one colour per attribute in data.ATTRIBUTES order (Task 2). The web page (web/app.js)
-# tints the lesion (Task 2: any attribute) in the Task 1 colour, at OVERLAY_ALPHA by default.
-OVERLAY_COLOURS = {1: ((230, 25, 75),),
-                   2: ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48))}
-OVERLAY_ALPHA = 0.45
 
 
 class ModelRuntime(BaseModel):
@@ -97,101 +90,117 @@ def _forward(model: nn.Module, images: torch.Tensor, tta: bool) -> tuple[torch.T
     return probs / len(flips), head1 / len(flips), head2 / len(flips)
 
 
-def to_masks(probs: np.ndarray, height: int, width: int, threshold: float,
-             postprocess: Postprocess = "none") -> np.ndarray:
-    """[C, S, S] probabilities -> bool [C, height, width]: bilinear resize, then threshold.
+def resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, size, size], bilinear with antialiasing (a triangle filter: no overshoot).
 
-    ``largest_component`` applies to a one-channel (Task 1) map only: Task 2 attribute masks are
-    many small regions (dots, lines) by nature.
+    On CPU the resize runs on uint8 (torch's channels-last uint8 kernel, several times faster than
+    float32); elsewhere in float32, rounded back, so both agree within 1/255.
     """
-    out = np.empty((len(probs), height, width), bool)
-    for c, channel in enumerate(probs):
-        resized = Image.fromarray(channel.astype(np.float32), "F").resize((width, height), Image.Resampling.BILINEAR)
-        mask = np.asarray(resized) > threshold
-        out[c] = largest_component(mask) if postprocess == "largest_component" and len(probs) == 1 else mask
-    return out
+    if image.shape[-2:] == (size, size):
+        return image
+    cpu = image.device.type == "cpu"
+    resized = F.interpolate(image[None] if cpu else image[None].float(), size=(size, size), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    return resized if cpu else resized.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected region of a bool [H, W] mask, its holes filled (as MONAI's
-    KeepLargestConnectedComponent + FillHoles): an ISIC Task 1 lesion is one region without holes.
-
-    Works on horizontal runs of pixels rather than pixels, so a full-size ISIC mask (12 Mpx) costs
-    a few numpy passes and a Python loop over its runs.
-    """
-    if not mask.any():
-        return mask
-    rows, starts, stops = _runs(mask)
-    labels = _run_components(rows, starts, stops, diagonal=True)
-    keep = labels == np.bincount(labels, weights=stops - starts).argmax()
-    kept = _paint(rows[keep], starts[keep], stops[keep], mask.shape)
-    # Holes: background regions that do not reach the border; 4-connected, the dual of the lesion's 8.
-    rows, starts, stops = _runs(~kept)
-    labels = _run_components(rows, starts, stops, diagonal=False)
-    border = (rows == 0) | (rows == mask.shape[0] - 1) | (starts == 0) | (stops == mask.shape[1])
-    outside = np.isin(labels, labels[border])
-    return ~_paint(rows[outside], starts[outside], stops[outside], mask.shape)
+# EXIF orientation -> the torch ops that undo it, as PIL's ImageOps.exif_transpose (on [.., H, W] tensors).
+_ORIENT = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-1, -2),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-1, -2),
+    6: lambda x: x.rot90(-1, (-2, -1)),
+    7: lambda x: x.transpose(-1, -2).flip(-1, -2),
+    8: lambda x: x.rot90(1, (-2, -1)),
+}
 
 
-def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The horizontal runs of True in a bool [H, W]: row, start, stop (exclusive), in row-major order."""
-    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    rows, starts = np.nonzero(edges == 1)
-    _, stops = np.nonzero(edges == -1)
-    return rows, starts, stops
+def _nvjpeg() -> Any:
+    """torchvision's JPEG decoder, or None without torchvision (it is not a dependency: a GPU image has it)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB, device="cuda")
 
 
-def _run_components(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, diagonal: bool) -> np.ndarray:
-    """A region label per run: union-find over runs that touch in adjacent rows (corners too if ``diagonal``)."""
-    if not len(rows):
-        return np.zeros(0, np.int64)
-    parent = list(range(len(rows)))
+class ModelInputs:
+    """Encoded images -> model inputs inside an inference actor (``decode: gpu``): JPEGs decoded by nvJPEG
+    on the actor's GPU and resized there, one batched call; a PNG, a JPEG nvJPEG refuses, or an actor
+    without a GPU or torchvision takes the CPU path (:func:`lesion_ray.preprocess.decode_image`) per image.
+    Headers are checked on the CPU first (:func:`lesion_ray.preprocess.open_image`), so a bad, truncated or
+    oversized input is an error row either way."""
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def __init__(self, device: str | torch.device, size: int, max_pixels: int) -> None:
+        self.device, self.size, self.max_pixels = torch.device(device), size, max_pixels
+        self.decode_jpeg = _nvjpeg() if self.device.type == "cuda" else None
+        self.on_gpu = self.on_cpu = 0  # images decoded each way, for the benchmark
 
-    reach = int(diagonal)
-    first = np.searchsorted(rows, np.arange(rows[-1] + 2)).tolist()  # first run of each row
-    start, stop = starts.tolist(), stops.tolist()
-    for row in range(rows[-1]):
-        a, b = first[row], first[row + 1]
-        a_end, b_end = first[row + 1], first[row + 2]
-        while a < a_end and b < b_end:  # both rows' runs are sorted: one merge-like pass
-            if start[a] < stop[b] + reach and start[b] < stop[a] + reach:
-                parent[find(a)] = find(b)
-            if stop[a] < stop[b]:
-                a += 1
-            else:
-                b += 1
-    return np.array([find(i) for i in range(len(parent))])
+    def __call__(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]], list[str]]:
+        """uint8 [B, 3, size, size] on the device, the original (height, width) and an error ("" if none) each."""
+        out = torch.zeros(len(blobs), 3, self.size, self.size, dtype=torch.uint8, device=self.device)
+        sizes, errors = [(0, 0)] * len(blobs), [""] * len(blobs)
+        jpegs: list[tuple[int, int]] = []  # (index, EXIF orientation) of the images for nvJPEG
+        on_cpu: list[int] = []
+        for i, blob in enumerate(blobs):
+            try:
+                im = preprocess.open_image(blob, self.max_pixels)
+                orientation = preprocess.orientation(im)
+                sizes[i] = preprocess.oriented_size(im, orientation)
+                # A JPEG without its end marker (truncated) goes to PIL, which names it; nvJPEG may pad it silently.
+                if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L") and blob[-2:] == b"\xff\xd9":
+                    jpegs.append((i, orientation))
+                else:
+                    on_cpu.append(i)
+            except preprocess.BadImage as exc:
+                errors[i] = exc.reason
+        for (i, orientation), decoded in zip(jpegs, self._gpu_decode([blobs[i] for i, _ in jpegs]), strict=True):
+            if decoded is None:  # nvJPEG refused it: PIL decides, and names the error if there is one
+                on_cpu.append(i)
+                continue
+            out[i] = resize(_ORIENT[orientation](decoded) if orientation in _ORIENT else decoded, self.size)
+            self.on_gpu += 1
+        for i in on_cpu:
+            try:
+                pixels, _ = preprocess.decode_image(blobs[i], max_pixels=self.max_pixels, target=self.size)
+                out[i] = torch.from_numpy(preprocess.to_model_input([pixels], self.size)[0])
+                self.on_cpu += 1
+            except preprocess.BadImage as exc:
+                errors[i], sizes[i] = exc.reason, (0, 0)
+            except Exception as exc:  # a decoder bug on one file must not take down the other items
+                errors[i], sizes[i] = f"{type(exc).__name__}: {exc}", (0, 0)
+        return out, sizes, errors
+
+    def _gpu_decode(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
+        """One batched nvJPEG call; when it fails, image by image, None for those nvJPEG refuses."""
+        if not blobs:
+            return []
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        try:
+            return list(self.decode_jpeg(data))
+        except RuntimeError:
+            pass
+        decoded: list[torch.Tensor | None] = []
+        for one in data:
+            try:
+                decoded.append(self.decode_jpeg(one))
+            except RuntimeError:
+                decoded.append(None)
+        return decoded
 
 
-def _paint(rows: np.ndarray, starts: np.ndarray, stops: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Runs back to a bool mask: +1 where a run starts, -1 where it stops, running sum along each row."""
-    marks = np.zeros((shape[0], shape[1] + 1), np.int8)
-    marks[rows, starts] = 1  # runs of one row never share a start or stop: no index repeats
-    marks[rows, stops] = -1
-    return np.cumsum(marks, axis=1, dtype=np.int8)[:, :-1] > 0
+class DeviceResize:
+    """Decoded rows (ragged RGB uint8 ``pixels``) resized on the GPU in a Ray Data actor, the CUDA context made once
+    per actor: the GPU branch of :func:`lesion_ray.preprocess.decoded`."""
 
+    def __init__(self, size: int) -> None:
+        self.size = size
 
-def mask_png(mask: np.ndarray) -> bytes:
-    """A bool [H, W] mask as the ISIC submission format: single-channel PNG, 0 and 255."""
-    out = io.BytesIO()
-    # Level 1: binary masks compress well anyway, and encoding is the write stage's main cost.
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").save(out, format="PNG", compress_level=1)
-    return out.getvalue()
-
-
-def tint(image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3] with each bool mask channel [C, H, W] (same size) tinted in its overlay colour.
-
-    Only the masked pixels are blended in float: a full-size ISIC photo stays uint8 (36 MB, not 144).
-    """
-    out = image.copy()
-    for mask, colour in zip(masks, OVERLAY_COLOURS[1 if len(masks) == 1 else 2], strict=True):
-        blended = (1 - OVERLAY_ALPHA) * out[mask] + OVERLAY_ALPHA * np.array(colour, np.float32)
-        out[mask] = np.round(blended).astype(np.uint8)
-    return out
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        # torch refuses read-only arrays
+        images = [torch.from_numpy(p if p.flags.writeable else p.copy()).to("cuda", non_blocking=True).permute(2, 0, 1)
+                  for p in batch["pixels"]]
+        out["image"] = torch.stack([resize(image, self.size) for image in images]).cpu().numpy()
+        return out

@@ -8,14 +8,14 @@ The streaming pipeline (every stage runs at once, with Ray Data's backpressure):
    size (:func:`lesion_ray.data.triage`): images go into a queue as pages, the rest become rows at once;
 2. read tasks take pages from the queue; CPU tasks read + decode + resize + scale
    (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding; on one node as many
-   at once as the inference actors leave cores (:func:`stage_tasks`), and as many writing tasks (step 4);
-3. :class:`Predictor` actors (``ActorPoolStrategy``; on a cluster with GPUs by default two per GPU at 0.5
-   GPU each: :func:`actor_layout`) load the model once each (``precision``, ``channels_last``, ``compile``:
-   :class:`lesion_ray.inference.Runner`), scale the uint8 rows on their device and return sigmoid
-   probabilities at the model's resolution, plus both heads' attribute probabilities (optionally averaged
-   over flips: ``tta``). With ``decode: gpu`` step 2 only reads bytes and the actors decode JPEGs with
-   nvJPEG (:class:`lesion_ray.preprocess.ModelInputs`);
-4. CPU tasks (:func:`write_batch`) resize the probabilities back to the original image size,
+   at once as it has cores (:func:`one_node_cores`), and as many writing tasks (step 4);
+3. :class:`Predictor` actors (``ActorPoolStrategy``; by default two per GPU at 0.5 GPU each on a cluster
+   with GPUs, one per core on one CPU node: :func:`actor_layout`) load the model once each
+   (``precision``, ``channels_last``, ``compile``: :class:`lesion_ray.inference.Runner`), scale the uint8
+   rows on their device and return sigmoid probabilities at the model's resolution, plus both heads'
+   attribute probabilities (optionally averaged over flips: ``tta``). With ``decode: gpu`` step 2 only reads
+   bytes and the actors decode JPEGs with nvJPEG (:class:`lesion_ray.inference.ModelInputs`);
+4. CPU tasks (:func:`lesion_ray.outputs.write_batch`) resize the probabilities back to the original image size,
    threshold them, keep a Task 1 mask's largest region with its holes filled (``postprocess``),
    encode 0/255 single-channel PNGs in the ISIC submission format
    (``masks/<id>_segmentation.png`` or ``masks/<id>_attribute_<name>.png``), optionally an
@@ -44,7 +44,6 @@ import collections
 import contextlib
 import functools
 import getpass
-import io
 import itertools
 import json
 import os
@@ -64,43 +63,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from PIL import Image
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
-from ray.util.queue import Full, Queue
+from ray.util.queue import Queue
 
-from lesion_ray import data, inference, manifest, preprocess, registry, report, storage
-from lesion_ray.inference import Postprocess
+from lesion_ray import data, feed, inference, manifest, outputs, preprocess, registry, report, storage
 from lesion_ray.models import ModelConfig
+from lesion_ray.postprocess import Postprocess
 from lesion_ray.registry import ModelRef
 from lesion_ray.settings import Settings
 from lesion_ray.spec import InputUri, JobSpec, OutputUri, RegistryUri
 
-MASKS_DIR = "masks"
-OVERLAYS_DIR = "overlays"
 LOCK_FILE = "lock.json"
-PREDICT_RECORD = "predict.json"
 ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left after a lost actor or node
 # What a lost actor, worker or node raises out of a Ray Data execution: worth running the rest again.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError)
-OVERLAY_HEIGHT = 256
-# max_retries, which the read tasks need, has no named parameter in Ray 2.60: ray_remote_args stays.
-warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+# A job of fewer blocks than its stages may run tasks (or actors) at once leaves some idle, which Ray Data warns
+# about for each operator: expected for a small input, noise in its console.
+warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent", category=UserWarning)
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
-# Ray Data hands a read task's blocks on only when they add up to its target block size (128 MiB) or the
-# task ends: a task that read listing pages until the listing ended would hold back every image. So a pass
-# reads through READ_TASKS short tasks, READERS at a time, the first taking one page (the first images move
-# at once), the next ones more, up to PAGES_PER_READ; a listing longer than a pass (4 M images) takes another.
-READERS = 2
-READ_TASKS = 64
-PAGES_PER_READ = 64
-# Images listed but not yet written, at most: the listing runs this far ahead of the pipeline (more than the
-# readers hold), so the driver never admits millions of objects before their images are decoded.
-LEAD = 4 * READERS * PAGES_PER_READ * 1000
+# Inference actors on one CPU node by default, at most (one per core up to here; each holds torch and a model).
+MAX_CPU_ACTORS = 8
 # CPUs reserved per decoding task and per writing task: half a CPU each, so that on the CPUs the inference
 # actors leave, decoding and writing run side by side instead of decoding taking every free CPU until the
 # input is exhausted and every mask waiting for it.
@@ -162,13 +147,6 @@ class PredictSpec(inference.ModelRuntime, JobSpec):
 SPEC = PredictSpec
 
 
-def mask_names(image_id: str, task: int) -> list[str]:
-    """The ISIC submission file names of one image's masks."""
-    if task == 1:
-        return [f"{image_id}_segmentation.png"]
-    return [f"{image_id}_attribute_{name}.png" for name in data.ATTRIBUTES]
-
-
 # --- Inference ----------------------------------------------------------------------------------
 
 
@@ -182,7 +160,7 @@ class Predictor:
         loaded = registry.load_model(model_dir)
         self.channels, self.size = loaded.config.num_classes, loaded.config.input_size
         self.runner = inference.Runner(loaded.model, device, runtime, self.size, batch_size)
-        self.inputs = preprocess.ModelInputs(device, self.size, max_pixels) if decode else None
+        self.inputs = inference.ModelInputs(device, self.size, max_pixels) if decode else None
         self.tta = tta
         self.node = ray.get_runtime_context().get_node_id()
 
@@ -208,99 +186,6 @@ class Predictor:
         return {"id": batch["id"], "source": batch["source"], "error": error, "orig_height": height,
                 "orig_width": width, "probs": probs, "head1": head1, "head2": head2,
                 "infer_ms": np.where(ok, infer_ms, 0.0).astype(np.float32), "node": np.full(count, self.node)}
-
-
-# --- Writing outputs ------------------------------------------------------------------------------
-
-
-def overlay_png(image: np.ndarray, masks: np.ndarray) -> bytes:
-    """input | mask | overlay, side by side at :data:`OVERLAY_HEIGHT`; masks are bool [C, H, W]."""
-    height = min(OVERLAY_HEIGHT, masks.shape[1])
-    width = max(1, round(masks.shape[2] * height / masks.shape[1]))
-    picture = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
-    small = np.stack([np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
-                      for mask in masks])
-    # Task 1: a white mask (as the tutorial shows it); Task 2: each attribute in its overlay colour.
-    painted = np.zeros_like(picture)
-    colours = [(255, 255, 255)] if len(masks) == 1 else inference.OVERLAY_COLOURS[2]
-    for mask, colour in zip(small, colours, strict=True):
-        painted[mask] = colour
-    panel = np.concatenate([picture, painted, inference.tint(picture, small)], axis=1)
-    out = io.BytesIO()
-    Image.fromarray(panel, "RGB").save(out, format="PNG")
-    return out.getvalue()
-
-
-def _write_one(row: dict[str, Any], out: str, task: int, threshold: float, postprocess: Postprocess,
-               overlay: bool, max_pixels: int) -> tuple[list[str], str, list[float]]:
-    """Write one image's masks (and overlay); returns (mask URIs, overlay URI, area fractions)."""
-    masks = inference.to_masks(row["probs"], int(row["orig_height"]), int(row["orig_width"]), threshold,
-                               postprocess)
-    uris = [storage.join(out, MASKS_DIR, name) for name in mask_names(str(row["id"]), task)]
-    for uri, mask in zip(uris, masks, strict=True):
-        storage.write_bytes(uri, inference.mask_png(mask))
-    overlay_uri = ""
-    if overlay:
-        image, _ = preprocess.decode_image(storage.read_bytes(str(row["source"])), max_pixels=max_pixels,
-                                           target=OVERLAY_HEIGHT)
-        overlay_uri = storage.join(out, OVERLAYS_DIR, f"{row['id']}_overlay.png")
-        storage.write_bytes(overlay_uri, overlay_png(image, masks))
-    return uris, overlay_uri, [float(m.mean()) for m in masks]
-
-
-def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: float, postprocess: Postprocess,
-                overlay_ids: set[str] | None, model_name: str, model_version: str, max_pixels: int,
-                run_id: str) -> pa.Table:
-    """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included),
-    written as a manifest part; returns ``source``, ``status``, ``part`` and ``node`` of each row for the
-    driver's ledger.
-
-    ``overlay_ids``: the images that get an overlay; None for all of them.
-    """
-    rows = []
-    for i in range(len(batch["id"])):
-        row = {k: batch[k][i] for k in batch}
-        image_id, error = str(row["id"]), str(row["error"])
-        start = time.perf_counter()
-        uris, overlay_uri, areas = [], "", []
-        if not error:
-            try:
-                overlay = overlay_ids is None or image_id in overlay_ids
-                uris, overlay_uri, areas = _write_one(row, out, task, threshold, postprocess, overlay,
-                                                      max_pixels)
-            except Exception as exc:  # one failed write must not lose the rest of the batch
-                error, uris, overlay_uri, areas = f"writing outputs failed: {type(exc).__name__}: {exc}", [], "", []
-        rows.append({
-            "id": image_id,
-            "source": str(row["source"]),
-            "status": manifest.ERROR if error else manifest.OK,
-            "error": error,
-            "masks": uris,
-            "overlay": overlay_uri,
-            "height": int(row["orig_height"]),
-            "width": int(row["orig_width"]),
-            "area_fraction": areas,
-            "head1_prob": row["head1"].tolist() if not error else [],
-            "head2_prob": row["head2"].tolist() if not error else [],
-            "model_name": model_name,
-            "model_version": model_version,
-            "threshold": threshold,
-            "postprocess": postprocess,
-            "infer_ms": float(row["infer_ms"]),
-            "write_ms": 1000 * (time.perf_counter() - start),
-            "finished_at": datetime.now(timezone.utc),
-            "node": str(row["node"]),
-        })
-    table = pa.Table.from_pylist(rows, schema=manifest.SCHEMA)
-    part = _part_uri(out, run_id)
-    manifest.write_part(part, table)
-    return pa.table({"source": table["source"], "status": table["status"], "error": table["error"],
-                     "part": [part] * len(rows), "node": table["node"]})
-
-
-def _part_uri(out: str, run_id: str) -> str:
-    # Named by run, so a later run's parts sort after an earlier run's.
-    return storage.join(out, manifest.PARTS_DIR, f"part-{run_id}-{uuid.uuid4().hex}.parquet")
 
 
 # --- The job ------------------------------------------------------------------------------------
@@ -408,98 +293,22 @@ def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manife
 def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledger, model: manifest.Model, out: str,
                    run_id: str) -> None:
     """Rows of objects that never reach the pipeline, ``(id, source, status, reason)``, as a part of their own."""
-    part = _part_uri(out, run_id)
+    part = outputs.part_uri(out, run_id)
     manifest.write_part(part, manifest.refused_rows(rows, model))
     ledger.record([(source, status) for _, source, status, _ in rows], part)
-
-
-class _QueueSource(Datasource):
-    """A Ray Data source fed as the listing goes: ``READ_TASKS`` read tasks, each taking up to a few pages
-    of ``(id, source)`` from a queue, handed on as blocks of ``batch_size`` source rows; ``None`` in the
-    queue is the end of the listing."""
-
-    def __init__(self, queue: Queue, batch_size: int) -> None:
-        super().__init__()
-        self.queue, self.batch_size = queue, batch_size
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context: Any = None) -> list[ReadTask]:
-        metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(functools.partial(_read_pages, self.queue, self.batch_size, min(1 + i, PAGES_PER_READ)),
-                         metadata) for i in range(READ_TASKS)]
-
-
-def _read_pages(queue: Queue, batch_size: int, pages: int) -> Iterator[pa.Table]:
-    for _ in range(pages):
-        if (page := queue.get()) is None:
-            queue.put(None)  # the end of the listing, for the read tasks after this one
-            return
-        for start in range(0, len(page), batch_size):
-            chunk = page[start : start + batch_size]
-            yield pa.table({"id": [i for i, _ in chunk], "source": [s for _, s in chunk],
-                            "masks": pa.array([[]] * len(chunk), pa.list_(pa.string()))})
-
-
-class _Window:
-    """How many images are between the listing and their finished rows; the listing waits at ``LEAD``."""
-
-    def __init__(self) -> None:
-        self.open = 0
-        self._changed = threading.Condition()
-
-    def enter(self, images: int, stop: threading.Event) -> bool:
-        with self._changed:
-            while self.open and self.open + images > LEAD and not stop.is_set():
-                self._changed.wait(0.5)
-            self.open += images
-        return not stop.is_set()
-
-    def leave(self, images: int) -> None:
-        with self._changed:
-            self.open -= images
-            self._changed.notify_all()
-
-
-def _feed(pages: Iterable[list[tuple[str, str]]], queue: Queue, window: _Window, stop: threading.Event,
-          failures: list[BaseException]) -> None:
-    """Put the listing's pages into ``queue`` until it ends (or ``stop``), then the end mark. A failure (of
-    the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
-    try:
-        try:
-            for page in pages:
-                if not window.enter(len(page), stop) or not _put(queue, page, stop):
-                    return
-        finally:  # the readers end at the mark, the listing complete or not
-            _put(queue, None, stop)
-    except BaseException as exc:
-        failures.append(exc)
-
-
-def _put(queue: Queue, item: Any, stop: threading.Event) -> bool:
-    """Put ``item`` into ``queue`` as soon as it has room, unless ``stop`` is set first."""
-    while not stop.is_set():
-        with contextlib.suppress(Full):
-            queue.put(item, timeout=0.5)
-            return True
-    return False
 
 
 def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config: ModelConfig, out: str,
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
-    # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
-    # As many blocks as read tasks: Ray Data would otherwise split each task's output into many small blocks.
-    # No retries of a read task (Ray Data retries tasks without limit): a rerun would take new pages from the
-    # queue and leave those its first run took undone; a lost reader fails the pass, which _run_attempts reruns.
-    ds = ray.data.read_datasource(_QueueSource(queue, spec.batch_size), override_num_blocks=READ_TASKS,
-                                  concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
+    ds = feed.dataset(queue, spec.batch_size)
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
-    tasks = ray.data.TaskPoolStrategy(size=stage_tasks(spec))
+    # Decoding tasks, and as many writing tasks, at once: on one node one per core, which the OS shares with the
+    # actors (all of them compute; a task beyond the cores is one more process that imports Ray Data and takes a
+    # core from the model), on several nodes as many as Ray's CPUs allow.
+    tasks = ray.data.TaskPoolStrategy(size=one_node_cores())
     if spec.decode == "gpu":
         ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks)
     else:
@@ -524,24 +333,21 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor else {}),
     )
-    return ds.map_batches(write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks, fn_kwargs={
-        "out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
-        "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
-        "max_pixels": spec.max_pixels, "run_id": run_id})
+    writing = {"out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
+               "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
+               "max_pixels": spec.max_pixels, "run_id": run_id}
+    return ds.map_batches(outputs.write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks,
+                          fn_kwargs=writing)
 
 
-def stage_tasks(spec: PredictSpec) -> int | None:
-    """How many decoding tasks, and as many writing tasks, run at once: on a one-node cluster one per core the
-    inference actors leave (at least one), since Ray's logical CPUs say nothing of the cores (the embedded default
-    has at least 8 on any machine) and every task beyond them is a process that imports torch and takes a core
-    from the model; on several nodes (None) as many as Ray's CPUs allow."""
-    if sum(node["Alive"] for node in ray.nodes()) > 1:
-        return None
-    return max(1, (os.cpu_count() or 1) - spec.max_actors * spec.cpus_per_actor)
+def one_node_cores() -> int | None:
+    """The cores of a one-node Ray cluster (this machine's), None on several nodes: Ray's logical CPUs say nothing
+    of the cores (the embedded default has at least 8 on any machine)."""
+    return None if sum(node["Alive"] for node in ray.nodes()) > 1 else os.cpu_count() or 1
 
 
 def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, ledger: manifest.Ledger,
-             window: _Window, nodes: set[str], counts: _Pass) -> Iterator[int]:
+             window: feed.Window, nodes: set[str], counts: _Pass) -> Iterator[int]:
     """Run pipeline passes, recording their rows in the ledger, until the listing has ended and every image
     it gave is back; yields once per image (progress)."""
     while True:
@@ -552,7 +358,7 @@ def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, l
         # The pass's read tasks ran out before the listing did: another pass reads on.
 
 
-def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manifest.Ledger, window: _Window,
+def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manifest.Ledger, window: feed.Window,
             nodes: set[str], counts: _Pass) -> Iterator[int]:
     """One pass's rows into the ledger, until the listing has ended and every image it gave is back."""
     for table in tables:
@@ -582,7 +388,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
     model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
-    spec = actor_layout(spec, preprocess.cluster_gpus())
+    spec = actor_layout(spec, preprocess.cluster_gpus(), one_node_cores())
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
@@ -605,7 +411,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
               "model": {"name": found.name, "version": found.version, "uri": found.model_dir},
               "threshold": threshold, "postprocess": spec.postprocess,
               "manifest": storage.join(out, manifest.MANIFEST_FILE)}
-    storage.write_text(storage.join(out, PREDICT_RECORD), json.dumps(record, indent=2))
+    storage.write_text(storage.join(out, outputs.PREDICT_RECORD), json.dumps(record, indent=2))
 
     status = ledger.counts()
     ok, errors, skipped = (status.get(s, 0) for s in (manifest.OK, manifest.ERROR, manifest.SKIPPED))
@@ -632,8 +438,8 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
         "model": f"{found.name}@{found.version}",
         "threshold": threshold,
         "postprocess": spec.postprocess,
-        "masks": storage.join(out, MASKS_DIR),
-        "overlays": storage.join(out, OVERLAYS_DIR) if spec.overlays != "none" else "none",
+        "masks": storage.join(out, outputs.MASKS_DIR),
+        "overlays": storage.join(out, outputs.OVERLAYS_DIR) if spec.overlays != "none" else "none",
         "manifest": storage.join(out, manifest.MANIFEST_FILE),
         "skipped_list": storage.join(out, manifest.SKIPPED_FILE),
     }
@@ -642,17 +448,24 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     return summary
 
 
-def actor_layout(spec: PredictSpec, gpus: int) -> PredictSpec:
+def actor_layout(spec: PredictSpec, gpus: int, cores: int | None) -> PredictSpec:
     """``spec`` with its inference actors placed: without ``gpus_per_actor``, 2 actors per GPU at 0.5 GPU each
     when the cluster has GPUs (measured best: one actor's forward pass overlaps the other's copies and
-    post-processing), else on CPUs; actor counts a spec names are kept."""
+    post-processing), else on CPUs: on one node with ``cores`` cores one actor per ``cpus_per_actor`` of them,
+    at most :data:`MAX_CPU_ACTORS` (the forward pass is about half an image's CPU time, and one-thread actors
+    side by side beat threads in one actor), on several nodes one; actor counts a spec names are kept."""
+    layout: dict[str, Any] = {}
     if spec.gpus_per_actor is None:
-        layout: dict[str, Any] = {"gpus_per_actor": 0.5 if gpus else 0.0}
-        if gpus:
-            named = spec.model_fields_set
-            layout["max_actors"] = spec.max_actors if "max_actors" in named else 2 * gpus
-            layout["min_actors"] = spec.min_actors if "min_actors" in named else min(2 * gpus, layout["max_actors"])
-        spec = spec.model_copy(update=layout)
+        layout["gpus_per_actor"] = 0.5 if gpus else 0.0
+    if layout.get("gpus_per_actor", spec.gpus_per_actor):
+        default = 2 * gpus if layout else None  # a spec that names gpus_per_actor names its actors too
+    else:
+        default = min(MAX_CPU_ACTORS, max(1, cores // spec.cpus_per_actor)) if cores else None
+    named = spec.model_fields_set
+    if default:
+        layout["max_actors"] = spec.max_actors if "max_actors" in named else max(default, spec.min_actors)
+        layout["min_actors"] = spec.min_actors if "min_actors" in named else min(default, layout["max_actors"])
+    spec = spec.model_copy(update=layout)
     if spec.gpus_per_actor > gpus:
         raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has {gpus} GPUs: set "
                          "gpus_per_actor: 0 to predict on CPUs")
@@ -679,10 +492,9 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
             head = _first_pages(pages, spec.overlay_sample)
             overlay_ids = set(sorted(i for page in head for i, _ in page)[: spec.overlay_sample])
             pages = itertools.chain(head, pages)
-        # No CPU for the queue's actor: it must start even while a failed pass's actors still hold every CPU.
-        queue, window = Queue(maxsize=2 * READERS, actor_options={"num_cpus": 0}), _Window()
+        queue, window = feed.new_queue(), feed.Window()
         stop, failures = threading.Event(), []
-        feeder = threading.Thread(target=_feed, args=(pages, queue, window, stop, failures), name="listing",
+        feeder = threading.Thread(target=feed.fill, args=(pages, queue, window, stop, failures), name="listing",
                                   daemon=True)
         feeder.start()
         try:

@@ -5,11 +5,13 @@
 1. decode (CPU tasks): bytes through :mod:`lesion_ray.storage`, PIL decode in JPEG draft mode when
    the model input is small, EXIF orientation, RGB conversion (greyscale, palette, RGBA, CMYK,
    16-bit), a decompression-bomb limit, masks resized with nearest neighbour and binarised;
-2. resize with torch (:func:`to_model_input`) on GPU actors when the cluster has GPUs, otherwise in the
-   same CPU task, straight after the decode. Rows stay uint8 [3, S, S]: the model's side scales them.
+2. resize (:func:`to_model_input`, PIL) in the same CPU task, straight after the decode, or on GPU actors
+   when the cluster has GPUs (:class:`lesion_ray.inference.DeviceResize`). Rows stay uint8 [3, S, S]: the
+   model's side scales them.
 
-For ``decode: gpu`` (:func:`fetched`, :class:`ModelInputs`) read tasks only move bytes and the inference
-actors decode JPEGs with nvJPEG on their GPU (torchvision, not a dependency: a GPU image has it).
+For ``decode: gpu`` (:func:`fetched`, :class:`lesion_ray.inference.ModelInputs`) read tasks only move bytes
+and the inference actors decode JPEGs with nvJPEG on their GPU (torchvision, not a dependency: a GPU image
+has it). numpy and PIL only: the decoding tasks' processes never import torch (seconds of CPU each).
 A batch's objects are read by a few threads at once (an S3 read is mostly network wait).
 
 Every input yields exactly one row; anything wrong with an item becomes that row's ``error``
@@ -19,7 +21,6 @@ pipeline: memory does not grow with the number of images.
 
 from __future__ import annotations
 
-import functools
 import io
 import math
 import warnings
@@ -28,8 +29,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lesion_ray import storage
@@ -98,7 +97,7 @@ def _as_uint8(im: Image.Image, mode: str) -> np.ndarray:
     return np.asarray(im)
 
 
-def _orientation(im: Image.Image) -> int:
+def orientation(im: Image.Image) -> int:
     """The EXIF Orientation tag (1: as stored)."""
     try:
         # Reading EXIF can mean reading the file (PNG keeps it in chunks after the pixel data).
@@ -107,7 +106,7 @@ def _orientation(im: Image.Image) -> int:
         raise _broken(exc, f"{im.format or 'image'} metadata") from None
 
 
-def _oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
+def oriented_size(im: Image.Image, orientation: int) -> tuple[int, int]:
     """(height, width) as shown, given the image's EXIF ``orientation``."""
     width, height = im.size
     transposed = orientation in (5, 6, 7, 8)  # these EXIF orientations rotate by 90 degrees
@@ -124,7 +123,7 @@ def decode_image(
     Raises :class:`BadImage` for anything that is not a decodable image within ``max_pixels``.
     """
     im = open_image(data, max_pixels)
-    orig = _oriented_size(im, _orientation(im))
+    orig = oriented_size(im, orientation(im))
     if target and im.format == "JPEG":
         im.draft("RGB", (target, target))
     _load(im)
@@ -139,114 +138,17 @@ def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     return (_as_uint8(im, "L") > 128).astype(np.uint8)
 
 
-def to_model_input(images: list[np.ndarray], size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """RGB uint8 HxWx3 images of any sizes -> uint8 [B, 3, size, size] on ``device``: the rows that cross
-    Ray's object store (a quarter of float32's bytes); :class:`lesion_ray.inference.Runner` scales them
-    to [0, 1] on the model's device."""
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
+def to_model_input(images: list[np.ndarray], size: int) -> np.ndarray:
+    """RGB uint8 HxWx3 images of any sizes -> uint8 [B, 3, size, size]: the rows that cross Ray's object store
+    (a quarter of float32's bytes); :class:`lesion_ray.inference.Runner` scales them to [0, 1] on the model's
+    device. Bilinear with antialiasing (PIL's triangle filter, which torch's ``antialias=True`` reproduces:
+    :func:`lesion_ray.inference.resize` on a GPU agrees within 1/255)."""
+    out = np.empty((len(images), 3, size, size), np.uint8)
     for i, image in enumerate(images):
-        pixels = image if image.flags.writeable else image.copy()  # torch refuses read-only arrays
-        out[i] = resize(torch.from_numpy(pixels).to(out.device, non_blocking=True).permute(2, 0, 1), size)
+        fitted = image if image.shape[:2] == (size, size) else np.asarray(
+            Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+        out[i] = fitted.transpose(2, 0, 1)
     return out
-
-
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, size, size], bilinear with antialiasing (a triangle filter: no overshoot).
-
-    On CPU the resize runs on uint8 (torch's channels-last uint8 kernel, several times faster than
-    float32); elsewhere in float32, rounded back, so both agree within 1/255.
-    """
-    if image.shape[-2:] == (size, size):
-        return image
-    cpu = image.device.type == "cpu"
-    resized = F.interpolate(image[None] if cpu else image[None].float(), size=(size, size), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
-    return resized if cpu else resized.round_().clamp_(0, 255).to(torch.uint8)
-
-
-# EXIF orientation -> the torch ops that undo it, as PIL's ImageOps.exif_transpose (on [.., H, W] tensors).
-_ORIENT = {
-    2: lambda x: x.flip(-1),
-    3: lambda x: x.flip(-1, -2),
-    4: lambda x: x.flip(-2),
-    5: lambda x: x.transpose(-1, -2),
-    6: lambda x: x.rot90(-1, (-2, -1)),
-    7: lambda x: x.transpose(-1, -2).flip(-1, -2),
-    8: lambda x: x.rot90(1, (-2, -1)),
-}
-
-
-def _nvjpeg() -> Any:
-    """torchvision's JPEG decoder, or None without torchvision (it is not a dependency: a GPU image has it)."""
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
-        return None
-    return functools.partial(decode_jpeg, mode=ImageReadMode.RGB, device="cuda")
-
-
-class ModelInputs:
-    """Encoded images -> model inputs inside an inference actor (``decode: gpu``): JPEGs decoded by nvJPEG
-    on the actor's GPU and resized there, one batched call; a PNG, a JPEG nvJPEG refuses, or an actor
-    without a GPU or torchvision takes the CPU path (:func:`decode_image`) per image. Headers are checked
-    on the CPU first (:func:`open_image`), so a bad, truncated or oversized input is an error row either way."""
-
-    def __init__(self, device: str | torch.device, size: int, max_pixels: int) -> None:
-        self.device, self.size, self.max_pixels = torch.device(device), size, max_pixels
-        self.decode_jpeg = _nvjpeg() if self.device.type == "cuda" else None
-        self.on_gpu = self.on_cpu = 0  # images decoded each way, for the benchmark
-
-    def __call__(self, blobs: list[bytes]) -> tuple[torch.Tensor, list[tuple[int, int]], list[str]]:
-        """uint8 [B, 3, size, size] on the device, the original (height, width) and an error ("" if none) each."""
-        out = torch.zeros(len(blobs), 3, self.size, self.size, dtype=torch.uint8, device=self.device)
-        sizes, errors = [(0, 0)] * len(blobs), [""] * len(blobs)
-        jpegs: list[tuple[int, int]] = []  # (index, EXIF orientation) of the images for nvJPEG
-        on_cpu: list[int] = []
-        for i, blob in enumerate(blobs):
-            try:
-                im = open_image(blob, self.max_pixels)
-                orientation = _orientation(im)
-                sizes[i] = _oriented_size(im, orientation)
-                # A JPEG without its end marker (truncated) goes to PIL, which names it; nvJPEG may pad it silently.
-                if self.decode_jpeg and im.format == "JPEG" and im.mode in ("RGB", "L") and blob[-2:] == b"\xff\xd9":
-                    jpegs.append((i, orientation))
-                else:
-                    on_cpu.append(i)
-            except BadImage as exc:
-                errors[i] = exc.reason
-        for (i, orientation), decoded in zip(jpegs, self._gpu_decode([blobs[i] for i, _ in jpegs]), strict=True):
-            if decoded is None:  # nvJPEG refused it: PIL decides, and names the error if there is one
-                on_cpu.append(i)
-                continue
-            out[i] = resize(_ORIENT[orientation](decoded) if orientation in _ORIENT else decoded, self.size)
-            self.on_gpu += 1
-        for i in on_cpu:
-            try:
-                pixels, _ = decode_image(blobs[i], max_pixels=self.max_pixels, target=self.size)
-                out[i] = to_model_input([pixels], self.size, self.device)[0]
-                self.on_cpu += 1
-            except BadImage as exc:
-                errors[i], sizes[i] = exc.reason, (0, 0)
-            except Exception as exc:  # a decoder bug on one file must not take down the other items
-                errors[i], sizes[i] = f"{type(exc).__name__}: {exc}", (0, 0)
-        return out, sizes, errors
-
-    def _gpu_decode(self, blobs: list[bytes]) -> list[torch.Tensor | None]:
-        """One batched nvJPEG call; when it fails, image by image, None for those nvJPEG refuses."""
-        if not blobs:
-            return []
-        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
-        try:
-            return list(self.decode_jpeg(data))
-        except RuntimeError:
-            pass
-        decoded: list[torch.Tensor | None] = []
-        for one in data:
-            try:
-                decoded.append(self.decode_jpeg(one))
-            except RuntimeError:
-                decoded.append(None)
-        return decoded
 
 
 # --- Ray Data operators -------------------------------------------------------------------
@@ -341,10 +243,9 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _resize_batch(batch: dict[str, np.ndarray], size: int, device: str) -> dict[str, Any]:
-    images = to_model_input(list(batch["pixels"]), size, device)
+def _resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
     out = {k: v for k, v in batch.items() if k != "pixels"}
-    out["image"] = images.cpu().numpy()
+    out["image"] = to_model_input(list(batch["pixels"]), size)
     return out
 
 
@@ -359,17 +260,7 @@ def _fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _preprocess_batch(batch: dict[str, np.ndarray], size: int, task: int | None, max_pixels: int) -> dict[str, Any]:
     """Both operators in one CPU task: decoded images go straight to the resize, never into a block."""
-    return _resize_batch(_decode_batch(batch, size, task, max_pixels), size, "cpu")
-
-
-class _DeviceResize:
-    """:func:`_resize_batch` in a GPU actor (the CUDA context is created once per actor)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return _resize_batch(batch, self.size, "cuda")
+    return _resize_batch(_decode_batch(batch, size, task, max_pixels), size)
 
 
 def cluster_gpus() -> int:
@@ -437,9 +328,12 @@ def decoded(
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
         return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
                               compute=compute)
+    # Here only, where the driver has it already: the decoding tasks' processes never import torch.
+    from lesion_ray.inference import DeviceResize
+
     ds = ds.map_batches(_decode_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus, compute=compute)
     return ds.map_batches(
-        _DeviceResize,
+        DeviceResize,
         batch_size=batch_size,
         num_gpus=_GPU_SHARE,
         fn_constructor_kwargs={"size": size},

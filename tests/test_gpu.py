@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from test_predict import SIZES, jpeg, make_spec, publish_tiny_model
+from test_predict import SIZES, jpeg, make_spec, publish_tiny_model, unplaced_spec
 from test_serve import lesion_image, png_array, publish_unet
 from test_train import _spec, isic  # noqa: F401  # isic: the module's synthetic ISIC layout (a fixture)
 
@@ -59,14 +59,14 @@ def test_nvjpeg_decodes_the_jpegs_and_the_cpu_the_rest() -> None:
     pytest.importorskip("torchvision")
     jpegs = [lesion_image((90, 60), "JPEG"), lesion_image((64, 64), "JPEG")]
     good = [*jpegs, lesion_image((50, 40), "PNG")]
-    inputs = preprocess.ModelInputs("cuda", 32, preprocess.DEFAULT_MAX_PIXELS)
+    inputs = inference.ModelInputs("cuda", 32, preprocess.DEFAULT_MAX_PIXELS)
     images, sizes, errors = inputs([*good, jpegs[0][: len(jpegs[0]) // 2]])
     assert images.device.type == "cuda" and images.dtype == torch.uint8
     assert errors[:3] == ["", "", ""] and "truncated" in errors[3]
     assert (inputs.on_gpu, inputs.on_cpu) == (2, 1)
     for i, payload in enumerate(good):
         pixels, orig = preprocess.decode_image(payload, target=32)
-        expected = preprocess.to_model_input([pixels], 32)[0]
+        expected = torch.from_numpy(preprocess.to_model_input([pixels], 32)[0])
         # nvJPEG's IDCT and upsampling differ from libjpeg's (and PIL decodes in draft mode): close, not equal.
         assert sizes[i] == orig and (images[i].cpu().float() - expected.float()).abs().mean() < 3
 
@@ -80,7 +80,7 @@ def test_predict_in_bf16_decoding_on_the_gpu(ray_local, settings, tmp_path, capf
     storage.write_bytes(str(inputs / "ISIC_0000009.jpg"), jpeg(50, 40, 9)[:300])  # truncated: an error row
     keys = {"input": str(inputs), "model": ref, "registry": str(tmp_path / "registry"), "overlays": "none",
             "batch_size": 4, "precision": "bf16"}  # gpus_per_actor unset: the GPU layout
-    runs = {decode: predict.run(make_spec(**keys, decode=decode, output=str(tmp_path / decode)), settings)
+    runs = {decode: predict.run(unplaced_spec(**keys, decode=decode, output=str(tmp_path / decode)), settings)
             for decode in ("cpu", "gpu")}
     assert "x 0.5 GPU, bf16" in "".join(capfd.readouterr())
     assert all((r["ok"], r["error"]) == (5, 1) for r in runs.values())

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import cli, data, inference, manifest, predict, registry, storage
+from lesion_ray import cli, data, inference, manifest, postprocess, predict, registry, storage
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -37,7 +37,8 @@ def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list
     torch.manual_seed(0)
     model = build_model(config).eval()
     if speckled_on:
-        x = to_model_input([decode_image(image, target=32)[0] for image in speckled_on], 32).float() / 255
+        pixels = to_model_input([decode_image(image, target=32)[0] for image in speckled_on], 32)
+        x = torch.from_numpy(pixels).float() / 255
         with torch.no_grad():
             logits = model(x)[0]
             scale = 3 / logits.std()
@@ -49,6 +50,14 @@ def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list
 
 
 def make_spec(**keys) -> predict.PredictSpec:
+    """A predict spec with one inference actor unless ``keys`` name them (on 2 cores a second one costs each short
+    job seconds of start)."""
+    actors = {} if {"min_actors", "max_actors"} & keys.keys() else {"min_actors": 1, "max_actors": 1}
+    return from_dict(predict.PredictSpec, {"kind": "predict", "name": "predict", **actors, **keys}, "test")
+
+
+def unplaced_spec(**keys) -> predict.PredictSpec:
+    """A predict spec that leaves the actor layout to the job."""
     return from_dict(predict.PredictSpec, {"kind": "predict", "name": "predict", **keys}, "test")
 
 
@@ -61,8 +70,8 @@ def read_png(uri: str) -> Image.Image:
 def test_to_masks_resizes_probabilities_then_thresholds() -> None:
     probs = np.array([[[0.0, 1.0], [0.0, 1.0]]], np.float16)
     # Bilinear 2 -> 4 columns samples at x = -0.25, 0.25, 0.75, 1.25: 0, .25, .75, 1.
-    assert inference.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[False, False, True, True]] * 3
-    assert inference.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[False, True, True, True]] * 3
+    assert postprocess.to_masks(probs, 3, 4, 0.5)[0].tolist() == [[False, False, True, True]] * 3
+    assert postprocess.to_masks(probs, 3, 4, 0.2)[0].tolist() == [[False, True, True, True]] * 3
 
 
 def test_runner_precisions_and_memory_format_agree_with_fp32() -> None:
@@ -101,8 +110,8 @@ def test_a_model_that_cannot_compile_runs_uncompiled_with_a_warning(capfd) -> No
 def test_tint_blends_only_the_masked_pixels_in_the_overlay_colour() -> None:
     image = np.full((2, 3, 3), 100, np.uint8)
     mask = np.array([[[True, False, False], [False, False, True]]])
-    out = inference.tint(image, mask)
-    alpha, colour = inference.OVERLAY_ALPHA, np.array(inference.OVERLAY_COLOURS[1][0])
+    out = postprocess.tint(image, mask)
+    alpha, colour = postprocess.OVERLAY_ALPHA, np.array(postprocess.OVERLAY_COLOURS[1][0])
     assert out.dtype == np.uint8 and (out[~mask[0]] == 100).all()
     assert (out[mask[0]] == np.round((1 - alpha) * 100 + alpha * colour)).all()
 
@@ -136,17 +145,17 @@ def test_largest_component_drops_stray_blobs_and_fills_holes() -> None:
     probs[0, 6:8, 6:8] = 0.1    # a hole in it
     probs[0, 13:15, 13:15] = 0.8  # a stray blob
     probs[0, 0, 0] = 0.7  # and a stray pixel in the corner
-    raw = inference.to_masks(probs, 32, 32, 0.5)[0]
+    raw = postprocess.to_masks(probs, 32, 32, 0.5)[0]
     assert len(regions(raw, diagonal=True)) == 3 and holes(raw) == 1
-    kept = inference.to_masks(probs, 32, 32, 0.5, "largest_component")[0]
+    kept = postprocess.to_masks(probs, 32, 32, 0.5, "largest_component")[0]
     assert len(regions(kept, diagonal=True)) == 1 and holes(kept) == 0
     assert kept[6:24, 6:24].all() and kept.sum() == 18 * 18  # the lesion, filled, and nothing else
     # Task 2 attribute masks are many regions by nature: left as they are.
     attributes = np.repeat(probs, 5, axis=0)
-    assert np.array_equal(inference.to_masks(attributes, 32, 32, 0.5, "largest_component"),
-                          inference.to_masks(attributes, 32, 32, 0.5))
-    assert not inference.largest_component(np.zeros((4, 4), bool)).any()
-    assert inference.largest_component(np.ones((4, 4), bool)).all()
+    assert np.array_equal(postprocess.to_masks(attributes, 32, 32, 0.5, "largest_component"),
+                          postprocess.to_masks(attributes, 32, 32, 0.5))
+    assert not postprocess.largest_component(np.zeros((4, 4), bool)).any()
+    assert postprocess.largest_component(np.ones((4, 4), bool)).all()
 
 
 def test_min_actors_above_max_is_a_spec_error() -> None:
@@ -299,25 +308,29 @@ def test_decoding_in_the_actors_and_bf16_give_the_same_masks(ray_local, settings
     assert any(rows["bf16"][i]["head1_prob"] != r["head1_prob"] for i, r in rows["tasks"].items() if r["head1_prob"])
 
 
-def test_the_actor_layout_follows_the_clusters_gpus() -> None:
-    spec = make_spec(input="in", model="m@1", output="out")
-    assert (predict.actor_layout(spec, 0).gpus_per_actor, predict.actor_layout(spec, 0).max_actors) == (0.0, 1)
-    on_gpus = predict.actor_layout(spec, 2)
+def test_the_actor_layout_follows_the_clusters_gpus_and_cores() -> None:
+    spec = unplaced_spec(input="in", model="m@1", output="out")
+    several_nodes = predict.actor_layout(spec, 0, None)
+    assert (several_nodes.gpus_per_actor, several_nodes.min_actors, several_nodes.max_actors) == (0.0, 1, 1)
+    one_node = predict.actor_layout(spec, 0, 6)
+    assert (one_node.gpus_per_actor, one_node.min_actors, one_node.max_actors) == (0.0, 6, 6)  # one per core
+    assert predict.actor_layout(spec, 0, 64).max_actors == predict.MAX_CPU_ACTORS
+    two_cores_each = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", cpus_per_actor=2), 0, 6)
+    assert (two_cores_each.min_actors, two_cores_each.max_actors) == (3, 3)
+    on_cpus = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=0.0), 2, 4)
+    assert (on_cpus.gpus_per_actor, on_cpus.min_actors, on_cpus.max_actors) == (0.0, 4, 4)
+    on_gpus = predict.actor_layout(spec, 2, 16)
     assert (on_gpus.gpus_per_actor, on_gpus.min_actors, on_gpus.max_actors) == (0.5, 4, 4)
-    named = predict.actor_layout(make_spec(input="in", model="m@1", output="out", max_actors=3), 2)
+    named = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", max_actors=3), 2, 16)
     assert (named.gpus_per_actor, named.min_actors, named.max_actors) == (0.5, 3, 3)
     with pytest.raises(ValueError, match="gpus_per_actor is 1.0 but the Ray cluster has 0 GPUs"):
-        predict.actor_layout(make_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0)
+        predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0, 2)
 
 
 def test_decoding_and_writing_tasks_follow_the_cores_not_rays_logical_cpus(ray_local) -> None:
-    # The session's Ray is one node with 8 logical CPUs on this machine's cores: the stages get the cores the
-    # inference actors leave, at least one each.
-    cores = os.cpu_count() or 1
+    # The session's Ray is one node with 8 logical CPUs on this machine's cores.
     assert ray_local.cluster_resources()["CPU"] == 8
-    assert predict.stage_tasks(make_spec(input="in", model="m@1", output="out")) == max(1, cores - 1)
-    assert predict.stage_tasks(make_spec(input="in", model="m@1", output="out", min_actors=cores,
-                                         max_actors=cores, cpus_per_actor=2)) == 1
+    assert predict.one_node_cores() == (os.cpu_count() or 1)
 
 
 def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tmp_path) -> None:

@@ -19,7 +19,7 @@ from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEA
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from lesion_ray import cli, inference, registry
+from lesion_ray import cli, postprocess, registry
 from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import LoadedModel, ModelRef
@@ -209,7 +209,7 @@ def test_masks_at_post_processes_task1_as_predict_does():
     raw = deployment.masks_at(dataclasses.replace(pred, postprocess="none"), (24, 24))[0]
     assert raw[22:, 22:].any() and not mask[22:, 22:].any()  # the stray blob is dropped
     assert not raw[9:12, 9:12].all() and mask[9:12, 9:12].all()  # the hole is filled
-    assert np.array_equal(mask, inference.to_masks(probs, 24, 24, 0.5, "largest_component")[0])
+    assert np.array_equal(mask, postprocess.to_masks(probs, 24, 24, 0.5, "largest_component")[0])
 
 
 # --- Over HTTP ---------------------------------------------------------------------------------

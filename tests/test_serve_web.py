@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import inference, registry
+from lesion_ray import postprocess, registry
 from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
@@ -22,7 +22,7 @@ from lesion_ray.testing.loopback import free_port
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
 TOKEN = "web-test-token"
 # app.js tints the lesion as the service's overlays do (its opacity slider starts at the same alpha).
-ALPHA, TINT = inference.OVERLAY_ALPHA, np.array(inference.OVERLAY_COLOURS[1][0])
+ALPHA, TINT = postprocess.OVERLAY_ALPHA, np.array(postprocess.OVERLAY_COLOURS[1][0])
 
 
 def picture() -> bytes:

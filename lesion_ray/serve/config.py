@@ -11,7 +11,8 @@ from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from lesion_ray import storage
-from lesion_ray.inference import ModelRuntime, Postprocess
+from lesion_ray.inference import ModelRuntime
+from lesion_ray.postprocess import Postprocess
 from lesion_ray.preprocess import DEFAULT_MAX_PIXELS
 from lesion_ray.registry import ModelRef
 from lesion_ray.spec import JobSpec, RegistryUri

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from ray import serve
 
-from lesion_ray import inference, preprocess, registry, storage
+from lesion_ray import inference, registry, storage
 from lesion_ray.data import ATTRIBUTES
+from lesion_ray.postprocess import Postprocess, to_masks
 from lesion_ray.serve.config import ServeSpec
 
 logger = logging.getLogger("ray.serve")
@@ -31,7 +32,7 @@ class Prediction:
     version: str
     task: int
     input_size: int
-    postprocess: inference.Postprocess = "largest_component"
+    postprocess: Postprocess = "largest_component"
 
 
 @dataclass
@@ -59,12 +60,12 @@ def check_model(served: Served) -> None:
 
 
 def forward(served: Served, inputs: list[np.ndarray], threshold: float | None = None,
-            postprocess: inference.Postprocess = "largest_component") -> list[Prediction]:
+            postprocess: Postprocess = "largest_component") -> list[Prediction]:
     """One forward pass over a batch of :func:`lesion_ray.serve.ingress.prepare` outputs (uint8 [3, S, S])."""
     loaded, size = served.loaded, served.loaded.config.input_size
     x = torch.from_numpy(np.stack(inputs))
     if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
-        x = torch.stack([preprocess.resize(image, size) for image in x])
+        x = torch.stack([inference.resize(image, size) for image in x])
     probs, head1, _ = served.runner(x)
     cut = loaded.threshold if threshold is None else threshold
     return [Prediction(p, s, cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
@@ -73,7 +74,7 @@ def forward(served: Served, inputs: list[np.ndarray], threshold: float | None = 
 
 def masks_at(pred: Prediction, orig: tuple[int, int]) -> np.ndarray:
     """bool [C, H, W]: probabilities resized to the original size, thresholded and post-processed, as predict does."""
-    return inference.to_masks(pred.probs, *orig, pred.threshold, pred.postprocess)
+    return to_masks(pred.probs, *orig, pred.threshold, pred.postprocess)
 
 
 @serve.deployment  # its resources (CPUs, GPUs): build_app

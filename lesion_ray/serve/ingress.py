@@ -35,7 +35,7 @@ from starlette.staticfiles import StaticFiles
 
 from lesion_ray import storage
 from lesion_ray.data import ATTRIBUTES
-from lesion_ray.inference import mask_png, tint
+from lesion_ray.postprocess import mask_png, tint
 from lesion_ray.preprocess import BadImage, decode_image, open_image, to_model_input
 from lesion_ray.serve.config import ServeSpec, read_token
 from lesion_ray.serve.deployment import LABELS, Prediction, masks_at
@@ -103,7 +103,7 @@ def prepare(data: bytes, max_pixels: int, size: int, what: str = "the upload") -
     """Image bytes -> (model input uint8 [3, size, size], (orig_height, orig_width)); errors name ``what``."""
     with client_errors(what):
         image, orig = decode_image(data, max_pixels=max_pixels, target=size)
-    return to_model_input([image], size)[0].numpy(), orig
+    return to_model_input([image], size)[0], orig
 
 
 def union_png(pred: Prediction, orig: tuple[int, int]) -> bytes:
