@@ -100,7 +100,7 @@ class Window:
 
 
 def fill(pages: Iterable[list[tuple[str, str]]], queue: Queue, window: Window, stop: threading.Event,
-          failures: list[BaseException]) -> None:
+         failures: list[BaseException]) -> None:
     """Put the listing's pages into ``queue`` until it ends (or ``stop``), then the end mark. A failure (of
     the listing, or of the queue after ``stop``) is left in ``failures`` for the driver."""
     try:

@@ -243,12 +243,6 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _resize_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, Any]:
-    out = {k: v for k, v in batch.items() if k != "pixels"}
-    out["image"] = to_model_input(list(batch["pixels"]), size)
-    return out
-
-
 def _fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     sources = [str(source) for source in batch["source"]]
     read = _read_all(sources)
@@ -260,7 +254,9 @@ def _fetch_batch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def _preprocess_batch(batch: dict[str, np.ndarray], size: int, task: int | None, max_pixels: int) -> dict[str, Any]:
     """Both operators in one CPU task: decoded images go straight to the resize, never into a block."""
-    return _resize_batch(_decode_batch(batch, size, task, max_pixels), size)
+    out = _decode_batch(batch, size, task, max_pixels)
+    out["image"] = to_model_input(list(out.pop("pixels")), size)
+    return out
 
 
 def cluster_gpus() -> int:

@@ -53,7 +53,7 @@ def make_spec(**keys) -> predict.PredictSpec:
     """A predict spec with one inference actor unless ``keys`` name them (on 2 cores a second one costs each short
     job seconds of start)."""
     actors = {} if {"min_actors", "max_actors"} & keys.keys() else {"min_actors": 1, "max_actors": 1}
-    return from_dict(predict.PredictSpec, {"kind": "predict", "name": "predict", **actors, **keys}, "test")
+    return unplaced_spec(**actors, **keys)
 
 
 def unplaced_spec(**keys) -> predict.PredictSpec:
