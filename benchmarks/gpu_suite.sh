@@ -123,7 +123,7 @@ section_env() {
 }
 
 section_predict() {
-  local common=(--local --data "$WORK/predict-data" --gpus-per-actor auto --precision bf16 --scale 1
+  local common=(--local --data "$WORK/predict-data" --gpus-per-actor auto --precision bf16 --scale 1 --goal 0.9
                 --results "$RESULTS")
   if [ "$SMOKE" = 1 ]; then
     common+=(--images 24 --distinct-images 8 --width 300 300 --aspect 0.75 0.75 --architecture unet
