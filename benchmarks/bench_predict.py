@@ -74,12 +74,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def timed_batches(images: int, batch_size: int) -> int:
+    """The batches :func:`forward_only` times for ``images`` images: at least 3."""
+    return max(3, images // batch_size)
+
+
 def forward_only(runner: inference.Runner, size: int, batch_size: int, images: int, device: str) -> float:
     """Images/s of the actors' forward pass on ready batches: uint8 rows on the host in (copied to the device,
     scaled there), fp16 mask probabilities back on the host, as a ``decode: cpu`` actor does: the pipeline's
     limit."""
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-    batches = max(3, images // batch_size)
+    batches = timed_batches(images, batch_size)
     for _ in range(3):  # warm-up: cuDNN's algorithm search
         runner(x)
     _sync(device)
@@ -99,11 +104,14 @@ class ForwardActor:
         self.runner = inference.Runner(registry.load_model(model_dir).model, device, runtime, size, batch_size)
         self.device, self.size, self.batch_size = device, size, batch_size
 
+    def ready(self) -> None:
+        """Returns once the model is loaded."""
+
     def run(self, images: int) -> tuple[float, float, int]:
         """(start, end, images) of one timed forward-only loop, the start after its warm-up."""
         rate = forward_only(self.runner, self.size, self.batch_size, images, self.device)
         end = time.time()
-        done = max(3, images // self.batch_size) * self.batch_size
+        done = timed_batches(images, self.batch_size) * self.batch_size
         return end - done / rate, end, done
 
 
@@ -114,7 +122,8 @@ def layout_forward_only(spec: predict.PredictSpec, model_dir: str, size: int, im
     actors = [ForwardActor.options(num_cpus=spec.cpus_per_actor, num_gpus=spec.gpus_per_actor).remote(
         model_dir, device, spec, size, spec.batch_size, spec.cpus_per_actor) for _ in range(spec.max_actors)]
     try:
-        runs = ray.get([actor.run.remote(images) for actor in actors])  # the timed loops start together
+        ray.get([actor.ready.remote() for actor in actors])  # every model loaded: the timed loops start together
+        runs = ray.get([actor.run.remote(images) for actor in actors])
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -282,6 +291,7 @@ def main() -> None:
             decodes = decode_rates(sources[: min(len(sources), 16 * batch)], size, batch, device)
         model_dir = registry.resolve(ref, registry_uri).model_dir
         moto_pid = moto.pid if moto else None
+        forward: list[float] = []  # the layout's forward-only rates: before the first job, then after each
 
         def job(input_uri: str, output: str, decode: str) -> tuple[dict, float, float, int, float]:
             """run_predict's figures and the layout's forward-only rate around the job (the mean of before and
@@ -295,7 +305,6 @@ def main() -> None:
             forward.append(layout_forward_only(layout, model_dir, size, timed))
             return *figures, (before + forward[-1]) / 2
 
-        forward: list[float] = []  # the layout's forward-only rates: before the first job, then after each
         jobs = {decode: job(inputs, f"{root}/out-{decode}", decode) for decode in args.decode}
         decode, (_, _, _, peak_n, _) = next(iter(jobs.items()))
         seq = sequential(runner, config, sources[: args.sequential_images], f"{root}/seq") \
