@@ -74,29 +74,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_batches(images: int, batch_size: int) -> int:
-    """The batches :func:`forward_only` times for ``images`` images: at least 3."""
-    return max(3, images // batch_size)
-
-
-def forward_only(runner: inference.Runner, size: int, batch_size: int, images: int, device: str) -> float:
-    """Images/s of the actors' forward pass on ready batches: uint8 rows on the host in (copied to the device,
-    scaled there), fp16 mask probabilities back on the host, as a ``decode: cpu`` actor does: the pipeline's
-    limit."""
+def timed_forward(runner: inference.Runner, size: int, batch_size: int, images: int,
+                  device: str) -> tuple[float, float, int]:
+    """(start, end, images) of the actors' forward pass on ready batches, after a warm-up: uint8 rows on the host
+    in (copied to the device, scaled there), fp16 mask probabilities back on the host, as a ``decode: cpu`` actor
+    does. Wall-clock times, comparable between processes."""
     x = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
-    batches = timed_batches(images, batch_size)
+    batches = max(3, images // batch_size)
     for _ in range(3):  # warm-up: cuDNN's algorithm search
         runner(x)
     _sync(device)
-    start = time.perf_counter()
+    start = time.time()
     for _ in range(batches):
         runner(x)[0].half().cpu()
-    return batches * batch_size / (time.perf_counter() - start)
+    return start, time.time(), batches * batch_size
+
+
+def forward_only(runner: inference.Runner, size: int, batch_size: int, images: int, device: str) -> float:
+    """Images/s of :func:`timed_forward`: the pipeline's limit."""
+    start, end, done = timed_forward(runner, size, batch_size, images, device)
+    return done / (end - start)
 
 
 @ray.remote
 class ForwardActor:
-    """:func:`forward_only` in an actor placed as the job's inference actors are."""
+    """:func:`timed_forward` in an actor placed as the job's inference actors are."""
 
     def __init__(self, model_dir: str, device: str, runtime: inference.ModelRuntime, size: int, batch_size: int,
                  threads: int) -> None:
@@ -108,11 +110,7 @@ class ForwardActor:
         """Returns once the model is loaded."""
 
     def run(self, images: int) -> tuple[float, float, int]:
-        """(start, end, images) of one timed forward-only loop, the start after its warm-up."""
-        rate = forward_only(self.runner, self.size, self.batch_size, images, self.device)
-        end = time.time()
-        done = timed_batches(images, self.batch_size) * self.batch_size
-        return end - done / rate, end, done
+        return timed_forward(self.runner, self.size, self.batch_size, images, self.device)
 
 
 def layout_forward_only(spec: predict.PredictSpec, model_dir: str, size: int, images: int) -> float:
@@ -318,6 +316,7 @@ def main() -> None:
             big = f"{root}/big/{synth.SUBSET_FOLDERS['Training'][0]}"
             copy_images(sources, big, big_n)
             _, wall_big, steady_big, peak_big, forward_big = job(big, f"{root}/out-big", decode)
+        layout_rate = statistics.mean(forward)
         where = "a local folder" if args.local else "moto S3"
         layout = f"{args.actors or 'auto'} actor(s), gpus_per_actor {args.gpus_per_actor}"
         print(f"""
@@ -332,7 +331,7 @@ setup          : {n} synthetic JPEGs {args.width[0]}-{args.width[1]} px wide ({a
 {' compile' if args.compile else ''}, {args.threads} torch thread(s) per actor, {layout}, Ray num_cpus {ray_cpus:g}
 forward-only   : {limit:8.1f} images/s  (this process, {args.precision}; fp32 {fp32:.1f}/s, {limit / fp32:.2f}x; \
 ready uint8 batches, batch {args.batch_size})
-  job's layout : {statistics.mean(forward):8.1f} images/s  (its inference actors side by side, before and after each \
+  job's layout : {layout_rate:8.1f} images/s  (its inference actors side by side, before and after each \
 job: {', '.join(f'{f:.1f}' for f in forward)})""")
         if "gpu" in args.decode:
             print(f"decode+resize  : {decodes[0]:8.1f} images/s  in an actor on {device} ({decodes[2]} by nvJPEG, "
@@ -352,7 +351,7 @@ storage only   : {ceiling:8.1f} images/s  (GET image + PUT mask, 32 threads, no 
                   f"({big_n / wall_big / forward_big:.2f}x the layout's forward-only, {big_n / wall_big / seq:.2f}x "
                   f"the loop); {steady_big:.1f} steady ({steady_big / forward_big:.2f}x)")
         results.add("forward-only fp32 images/s", fp32)
-        results.add("forward-only images/s, the job's layout", statistics.mean(forward))
+        results.add("forward-only images/s, the job's layout", layout_rate)
         if args.precision != "fp32":
             results.add(f"forward-only {args.precision} images/s ({args.precision}/fp32)",
                         f"{limit:.1f} ({limit / fp32:.2f}x)")
