@@ -139,7 +139,7 @@ def _score_pair(item: dict[str, Any]) -> tuple[str, str, np.ndarray, int]:
 
 def score_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data operator: mask pairs -> per-pair status and pixel counts."""
-    rows = [_score_pair({k: batch[k][i] for k in batch}) for i in range(len(batch["id"]))]
+    rows = storage.concurrently(_score_pair, [{k: batch[k][i] for k in batch} for i in range(len(batch["id"]))])
     counts = np.stack([r[2] for r in rows]) if rows else np.zeros((0, 4), np.int64)
     out = {k: np.asarray(batch[k]) for k in ("id", "attribute", "prediction")}
     out.update(status=np.array([r[0] for r in rows]), detail=np.array([r[1] for r in rows]),
@@ -284,7 +284,7 @@ def run(spec: EvaluateSpec, settings: Settings) -> dict[str, Any]:
     extra = len(set(predictions) - {(item["id"], item["attribute"]) for item in items})
     report.info(f"scoring {len(items)} masks of {len(truth)} images; {len(predictions)} predictions found")
 
-    ds = ray.data.from_items(items).map_batches(score_batch, batch_size=spec.batch_size)
+    ds = ray.data.from_items(items).map_batches(score_batch, batch_size=spec.batch_size, compute=preprocess.task_pool())
     table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     counts = np.stack([table[name].to_numpy() for name in metrics.COUNTS], axis=1)
     status = table["status"].to_numpy(zero_copy_only=False)

@@ -8,7 +8,7 @@ The streaming pipeline (every stage runs at once, with Ray Data's backpressure):
    size (:func:`lesion_ray.data.triage`): images go into a queue as pages, the rest become rows at once;
 2. read tasks take pages from the queue; CPU tasks read + decode + resize + scale
    (:func:`lesion_ray.preprocess.decoded`), so the model never waits on JPEG decoding; on one node as many
-   at once as it has cores (:func:`one_node_cores`), and as many writing tasks (step 4);
+   at once as it has cores (:func:`lesion_ray.preprocess.task_pool`), and as many writing tasks (step 4);
 3. :class:`Predictor` actors (``ActorPoolStrategy``; by default two per GPU at 0.5 GPU each on a cluster
    with GPUs, one per core on one CPU node: :func:`actor_layout`) load the model once each
    (``precision``, ``channels_last``, ``compile``: :class:`lesion_ray.inference.Runner`), scale the uint8
@@ -305,15 +305,11 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
-    # Decoding tasks, and as many writing tasks, at once: on one node one per core, which the OS shares with the
-    # actors (all of them compute; a task beyond the cores is one more process that imports Ray Data and takes a
-    # core from the model), on several nodes as many as Ray's CPUs allow.
-    tasks = ray.data.TaskPoolStrategy(size=one_node_cores())
     if spec.decode == "gpu":
-        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks)
+        ds = preprocess.fetched(ds, batch_size=spec.batch_size, num_cpus=STAGE_CPUS)
     else:
         ds = preprocess.decoded(ds, size=config.input_size, max_pixels=spec.max_pixels, batch_size=spec.batch_size,
-                                device="cpu", num_cpus=STAGE_CPUS, compute=tasks)
+                                device="cpu", num_cpus=STAGE_CPUS)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"model_dir": found.model_dir, "device": "cuda" if spec.gpus_per_actor else "cpu",
@@ -336,14 +332,8 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
     writing = {"out": out, "task": config.task, "threshold": threshold, "postprocess": spec.postprocess,
                "overlay_ids": overlay_ids, "model_name": found.name, "model_version": found.version,
                "max_pixels": spec.max_pixels, "run_id": run_id}
-    return ds.map_batches(outputs.write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS, compute=tasks,
-                          fn_kwargs=writing)
-
-
-def one_node_cores() -> int | None:
-    """The cores of a one-node Ray cluster (this machine's), None on several nodes: Ray's logical CPUs say nothing
-    of the cores (the embedded default has at least 8 on any machine)."""
-    return None if sum(node["Alive"] for node in ray.nodes()) > 1 else os.cpu_count() or 1
+    return ds.map_batches(outputs.write_batch, batch_size=spec.batch_size, num_cpus=STAGE_CPUS,
+                          compute=preprocess.task_pool(), fn_kwargs=writing)
 
 
 def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, ledger: manifest.Ledger,
@@ -388,7 +378,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
     model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
-    spec = actor_layout(spec, preprocess.cluster_gpus(), one_node_cores())
+    spec = actor_layout(spec, preprocess.cluster_gpus(), preprocess.one_node_cores())
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,6 @@ _MAX_BLOCKS = 1000
 # Logical share of a GPU per resize actor: resizing is light, and model actors or Ray Train
 # workers that follow in the same job must still find their GPU free.
 _GPU_SHARE = 0.25
-_READ_THREADS = 8
 
 
 class BadImage(ValueError):
@@ -162,9 +161,8 @@ def _read(uri: str) -> bytes | BadImage:
 
 
 def _read_all(uris: list[str]) -> dict[str, bytes | BadImage]:
-    """Read a batch's objects concurrently: on S3 a read is mostly waiting for the network."""
-    with ThreadPoolExecutor(_READ_THREADS) as pool:
-        return dict(zip(uris, pool.map(_read, uris), strict=True))
+    """Read a batch's objects concurrently."""
+    return dict(zip(uris, storage.concurrently(_read, uris), strict=True))
 
 
 def _payload(blobs: dict[str, bytes | BadImage], uri: str) -> bytes:
@@ -264,6 +262,23 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def one_node_cores() -> int | None:
+    """The cores of a one-node Ray cluster (this machine's), None on several nodes: Ray's logical CPUs say nothing
+    of the cores (the embedded default has at least 8 on any machine)."""
+    return None if sum(node["Alive"] for node in ray.nodes()) > 1 else os.cpu_count() or 1
+
+
+# A short job's stage may get fewer blocks than its cap; Ray Data's hint about it means nothing to a user.
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
+
+
+def task_pool() -> ray.data.TaskPoolStrategy:
+    """How many tasks of a CPU stage run at once: on one node one per core, which the OS shares with whatever else
+    computes (a task beyond the cores is one more process that imports Ray Data and takes a core from the rest), on
+    several nodes as many as Ray's CPUs allow."""
+    return ray.data.TaskPoolStrategy(size=one_node_cores())
+
+
 def _source_rows(sources: list[Sample] | list[str], task: int | None) -> list[dict[str, Any]]:
     rows = []
     for s in sources:
@@ -315,12 +330,12 @@ def decoded(
     batch_size: int = 16,
     device: str | None = None,
     num_cpus: float = 1,
-    compute: ray.data.TaskPoolStrategy | None = None,
 ) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``, ``masks``) read, decoded and resized, as :func:`image_dataset`,
-    in tasks of ``num_cpus`` each, ``compute`` capping how many run at once (None: as many as Ray's CPUs allow)."""
+    in tasks of ``num_cpus`` each, as many at once as :func:`task_pool` says."""
     options = {"size": size, "task": task, "max_pixels": max_pixels}
     gpus = cluster_gpus()
+    compute = task_pool()
     if (device or ("cuda" if gpus else "cpu")) == "cpu":
         return ds.map_batches(_preprocess_batch, batch_size=batch_size, fn_kwargs=options, num_cpus=num_cpus,
                               compute=compute)
@@ -337,9 +352,8 @@ def decoded(
     )
 
 
-def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1,
-            compute: ray.data.TaskPoolStrategy | None = None) -> ray.data.Dataset:
+def fetched(ds: ray.data.Dataset, *, batch_size: int = 16, num_cpus: float = 1) -> ray.data.Dataset:
     """``ds``'s source rows (``id``, ``source``) read, not decoded: ``data`` holds each file's bytes (empty, with
     ``error`` set, when it cannot be read), for inference actors that decode (:class:`ModelInputs`); tasks as in
     :func:`decoded`."""
-    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus, compute=compute)
+    return ds.map_batches(_fetch_batch, batch_size=batch_size, num_cpus=num_cpus, compute=task_pool())

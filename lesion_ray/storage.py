@@ -29,10 +29,11 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -46,6 +47,9 @@ _PAGE = 1000  # keys per listing page (S3's maximum)
 LISTING_RANGES = 16  # S3 key ranges listed side by side (real S3 answers each list request in tens of ms)
 _SPLIT_LEVELS = 12  # characters of the key names looked at to find them
 _HIGHEST_CHARACTER = "\U0010ffff"  # S3 orders keys by UTF-8 bytes: this sorts after every character
+_IO_THREADS = 8  # objects one task reads or writes at once (concurrently)
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class StorageError(Exception):
@@ -56,6 +60,12 @@ class StorageError(Exception):
 class FileInfo:
     uri: str
     size: int
+
+
+def concurrently(work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+    """``[work(item) for item in items]`` in a few threads: on S3 a read or write is mostly waiting for the network."""
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        return list(pool.map(work, items))
 
 
 @dataclass(frozen=True)

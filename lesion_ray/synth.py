@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from lesion_ray import report, storage
+from lesion_ray import preprocess, report, storage
 from lesion_ray.data import ATTRIBUTES, FOLDERS
 from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, OutputUri, Pair
@@ -321,7 +321,8 @@ def write_image(spec: SynthSpec, index: int) -> int:
 
 
 def _write_batch(batch: dict[str, np.ndarray], spec: SynthSpec) -> dict[str, np.ndarray]:
-    return {"id": batch["id"], "files": np.array([write_image(spec, int(i)) for i in batch["id"]])}
+    files = storage.concurrently(lambda index: write_image(spec, int(index)), batch["id"])
+    return {"id": batch["id"], "files": np.array(files)}
 
 
 def run(spec: SynthSpec, settings: Settings) -> dict[str, Any]:
@@ -330,8 +331,10 @@ def run(spec: SynthSpec, settings: Settings) -> dict[str, Any]:
     if storage.exists(storage.join(spec.output, SUBSET_FOLDERS["Training"][0])):
         report.info(f"{spec.output} already holds a data set: images with the same ids are overwritten")
     start = time.monotonic()
-    ds = ray.data.range(total, override_num_blocks=min(max(1, total // 8), 1000))
-    ds = ds.map_batches(_write_batch, batch_size=8, fn_kwargs={"spec": spec})
+    tasks = preprocess.task_pool()
+    # The read capped as the writing: uncapped, its tiny tasks would start a process per logical CPU.
+    ds = ray.data.range(total, override_num_blocks=min(max(1, total // 8), 1000), concurrency=tasks.size)
+    ds = ds.map_batches(_write_batch, batch_size=8, fn_kwargs={"spec": spec}, compute=tasks)
     files = sum(int(row["files"]) for row in report.progress(ds.iter_rows(), total, "synth images"))
     seconds = time.monotonic() - start
     return {

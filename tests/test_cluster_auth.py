@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, free_port
+from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, SHUTDOWN_GRACE_S, free_port
 
 StartNode = Callable[..., str]
 
@@ -39,7 +39,7 @@ def _on_loopback(command: str, gcs_port: int, dashboard_port: int | None, temp_d
     assert not re.search(r"6379|8076|0\.0\.0\.0|autoscaling", command), f"cluster/aws.yaml changed: {command}"
     flags = [f"--{flag}={free_port()}" for flag in AGENT_PORT_FLAGS] + [f"--temp-dir={temp_dir}", "--block"]
     if dashboard_port:
-        flags.append(f"--dashboard-port={dashboard_port}")
+        flags += [f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}"]
     return " ".join([command, *flags])
 
 
@@ -76,9 +76,10 @@ def start_node(tmp_path) -> Iterator[StartNode]:
     for node in nodes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_S  # all nodes' grace at once, as LoopbackCluster.shutdown
     for node in nodes:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            node.wait(10)
+            node.wait(max(deadline - time.monotonic(), 0.1))
         with contextlib.suppress(ProcessLookupError):
             os.killpg(node.pid, signal.SIGKILL)
         node.wait(30)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import cli, data, inference, manifest, postprocess, predict, registry, storage
+from lesion_ray import cli, data, inference, manifest, postprocess, predict, preprocess, registry, storage
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -327,10 +327,10 @@ def test_the_actor_layout_follows_the_clusters_gpus_and_cores() -> None:
         predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0, 2)
 
 
-def test_decoding_and_writing_tasks_follow_the_cores_not_rays_logical_cpus(ray_local) -> None:
+def test_cpu_stages_run_one_task_per_core_not_per_logical_cpu(ray_local) -> None:
     # The session's Ray is one node with 8 logical CPUs on this machine's cores.
     assert ray_local.cluster_resources()["CPU"] == 8
-    assert predict.one_node_cores() == (os.cpu_count() or 1)
+    assert preprocess.task_pool().size == preprocess.one_node_cores() == (os.cpu_count() or 1)
 
 
 def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tmp_path) -> None:

@@ -73,6 +73,7 @@ class LoopbackCluster:
         self.nodes: dict[str, subprocess.Popen] = {}  # name -> its `ray start` process
         os.makedirs(self.root, exist_ok=True)
         self._start("head", ["--head", f"--port={self.gcs_address.split(':')[1]}", f"--dashboard-port={dashboard_port}",
+                             f"--ray-client-server-port={free_port()}",
                              "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={self.root}"], {})
         self._wait_for_dashboard(timeout_s)
 

@@ -45,7 +45,7 @@ TOKEN_ENV = "LESION_RAY_MULTINODE_TOKEN"
 DEMO_ENV = {
     # Elastic Train waits up to 60 s (Ray's default) for a group of the old size before it shrinks
     # after a node loss; a shorter wait keeps the demo short.
-    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5",
     # Ray Data starts streaming when the first inference actor is up; in a job this short the other
     # actor could start after the work is done. Waiting for both shows the spread.
     "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
