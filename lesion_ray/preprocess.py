@@ -268,8 +268,9 @@ def one_node_cores() -> int | None:
     return None if sum(node["Alive"] for node in ray.nodes()) > 1 else os.cpu_count() or 1
 
 
-# A short job's stage may get fewer blocks than its cap; Ray Data's hint about it means nothing to a user.
-warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
+# A short job's stage may get fewer blocks than its tasks or actors; Ray Data's hint about it means nothing to a user.
+warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent (tasks|actors) for",
+                        category=UserWarning)
 
 
 def task_pool() -> ray.data.TaskPoolStrategy:
