@@ -40,6 +40,9 @@ _MAX_BLOCKS = 1000
 # Logical share of a GPU per resize actor: resizing is light, and model actors or Ray Train
 # workers that follow in the same job must still find their GPU free.
 _GPU_SHARE = 0.25
+# A short job's stage may get fewer blocks than its tasks or actors; Ray Data's hint about it means nothing to a user.
+warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent (tasks|actors) for",
+                        category=UserWarning)
 
 
 class BadImage(ValueError):
@@ -266,11 +269,6 @@ def one_node_cores() -> int | None:
     """The cores of a one-node Ray cluster (this machine's), None on several nodes: Ray's logical CPUs say nothing
     of the cores (the embedded default has at least 8 on any machine)."""
     return None if sum(node["Alive"] for node in ray.nodes()) > 1 else os.cpu_count() or 1
-
-
-# A short job's stage may get fewer blocks than its tasks or actors; Ray Data's hint about it means nothing to a user.
-warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent (tasks|actors) for",
-                        category=UserWarning)
 
 
 def task_pool() -> ray.data.TaskPoolStrategy:
