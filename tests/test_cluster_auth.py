@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, SHUTDOWN_GRACE_S, free_port
+from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, free_port, kill_node
 
 StartNode = Callable[..., str]
 
@@ -74,15 +73,7 @@ def start_node(tmp_path) -> Iterator[StartNode]:
 
     yield start
     for node in nodes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + SHUTDOWN_GRACE_S  # all nodes' grace at once, as LoopbackCluster.shutdown
-    for node in nodes:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            node.wait(max(deadline - time.monotonic(), 0.1))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(node.pid, signal.SIGKILL)
-        node.wait(30)
+        kill_node(node)
     for temp_dir in temp_dirs:
         shutil.rmtree(temp_dir, ignore_errors=True)
 

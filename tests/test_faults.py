@@ -1,10 +1,14 @@
 """Every stage rides out a failing S3: the main job runs on S3 through a real HTTP proxy that answers a
-share of all requests with 500 InternalError or 503 ServiceUnavailable."""
+share of all requests with 500 InternalError or 503 ServiceUnavailable. It runs with ``--verbose``, so its
+console also shows what a user who asks for Ray's lines sees."""
 
 from __future__ import annotations
 
+import re
+
 import yaml
-from test_predict_safety import REPO, _lesion_ray
+from test_predict_safety import _lesion_ray
+from test_quickstart import RAY_LINE, REPO
 
 from lesion_ray import manifest, storage
 
@@ -18,11 +22,11 @@ def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp
     cluster = tmp_path / "cluster.yaml"  # the registry on S3 too
     cluster.write_text(yaml.safe_dump({"kind": "local", "name": "faults", "num_cpus": 4,
                                        "object_store_memory": "256MB", "registry": f"{root}/registry"}))
-    run = _lesion_ray(str(tmp_path / "quickstart.yaml"), str(cluster), "steps.synth.num_images=20",
-                      "steps.synth.validation_images=4", "steps.synth.width=[64, 96]", "steps.train.epochs=1",
-                      "steps.train.num_workers=1", f"steps.synth.output={root}/data",
-                      f"steps.train.output={root}/train", f"steps.predict.output={root}/predictions",
-                      f"steps.evaluate.output={root}/evaluation")
+    run = _lesion_ray(tmp_path, str(tmp_path / "quickstart.yaml"), str(cluster), "--verbose",
+                      "steps.synth.num_images=20", "steps.synth.validation_images=4", "steps.synth.width=[64, 96]",
+                      "steps.train.epochs=1", "steps.train.num_workers=1", "steps.train.mlflow.enabled=false",
+                      f"steps.synth.output={root}/data", f"steps.train.output={root}/train",
+                      f"steps.predict.output={root}/predictions", f"steps.evaluate.output={root}/evaluation")
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output[-4000:]
     methods = {method for method, _ in proxy.forwarded}
@@ -33,3 +37,10 @@ def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert storage.exists(f"{root}/evaluation/report.html") and "threshold_jaccard" in storage.read_text(
         f"{root}/evaluation/report.json")
+
+    # --verbose: Ray's own lines reach the console too, and the log file still has each of them once.
+    assert [line for line in output.splitlines() if RAY_LINE.search(line)], output[-4000:]
+    started = re.findall(r"Starting execution of Dataset (\S+)\.", (tmp_path / "runs" / "quickstart" /
+                                                                      "lesion-ray.log").read_text())
+    assert started and len(started) == len(set(started)), started
+    assert set(re.findall(r"Starting execution of Dataset (\S+)\.", output)) <= set(started)

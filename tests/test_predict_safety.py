@@ -20,8 +20,6 @@ from test_predict import jpeg, make_spec, publish_tiny_model
 
 from lesion_ray import cli, manifest, predict, storage
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @pytest.mark.parametrize("input_, output", [
     ("{tmp}/archive", "{tmp}/archive"),
@@ -97,13 +95,13 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     assert predict.run(spec, settings)["resumed"] == 120  # the lock is gone with the run that held it
 
 
-def _lesion_ray(job: str, cluster: str, *overrides: str) -> subprocess.Popen:
-    # Fewer attempts per request than the default 8, so the always-failing object gives up sooner.
-    env = {**os.environ, "AWS_MAX_ATTEMPTS": "5"}
+def _lesion_ray(workdir: Path, job: str, cluster: str, *overrides: str, **env: str) -> subprocess.Popen:
+    """``lesion-ray run`` in ``workdir`` (where its runs/ folder goes) as a user starts it, ``env`` added to the
+    session's environment."""
     # Its own session: killing the group is the driver and its embedded Ray dying at once.
     return subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", job, "--cluster", cluster, *overrides],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faulty_s3, tmp_path) -> None:
@@ -114,7 +112,8 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
         storage.write_bytes(f"{inputs}/{image_id}.jpg", jpeg(64, 48, i))
     broken = ids[7]  # every request for this object fails: it must become one error row, not a failed job
     proxy = faulty_s3(failure_rate=0.03, always_fail=(broken,))
-    keys = {"input": inputs, "model": ref, "registry": reg, "output": out, "batch_size": 2, "overlays": "none"}
+    keys = {"input": inputs, "model": ref, "registry": reg, "output": out, "batch_size": 2, "overlays": "none",
+            "min_actors": 1, "max_actors": 1}
     job = tmp_path / "predict.yaml"
     job.write_text(yaml.safe_dump({"kind": "predict", "name": "faulty", **keys,
                                    "storage": {"endpoint_url": proxy.url}}))
@@ -122,7 +121,11 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
     cluster.write_text(yaml.safe_dump({"kind": "local", "name": "test", "num_cpus": 4,
                                        "object_store_memory": "256MB"}))
 
-    first = _lesion_ray(str(job), str(cluster))
+    # 4 attempts per request instead of the default 8: the always-failing object gives up after 3 backoffs of up to
+    # 1, 2 and 4 s (botocore's) instead of 7 (up to 71 s in all); at 3 % a request fails 4 times in a row less than
+    # once in a million.
+    attempts = {"AWS_MAX_ATTEMPTS": "4"}
+    first = _lesion_ray(tmp_path, str(job), str(cluster), **attempts)
     parts = f"{out}/{manifest.PARTS_DIR}"
     _wait_for(lambda: first.poll() is not None or (storage.exists(parts) and len(storage.list_files(parts)) >= 3),
               "manifest parts", 180)
@@ -144,7 +147,7 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
         predict.run(make_spec(**keys), settings)
 
     proxy.forwarded.clear()
-    resumed = _lesion_ray(str(job), str(cluster), "take_over_lock=true")
+    resumed = _lesion_ray(tmp_path, str(job), str(cluster), "take_over_lock=true", **attempts)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-3000:]
     assert proxy.injected > 10  # the faults were real and the job still went through

@@ -134,10 +134,3 @@ def test_report_pages_are_complete_and_self_contained(quickstart: tuple[Path, li
     page = open_page(browser, runs / "quickstart" / "train" / "report.html")
     assert page["errors"] == [] and all(loaded for _, loaded in page["images"]), page
     assert page["sections"] == ["training", "data", "model", "specs"] and "Best epoch" in page["text"]
-
-
-def test_verbose_shows_rays_lines_too(tmp_path: Path) -> None:
-    workdir = copy_jobs(tmp_path)
-    lines = run_cli(workdir, "jobs/synth.yaml", "num_images=3", "validation_images=1", "output=runs/tiny", "--verbose")
-    assert [line for line in lines if RAY_LINE.search(line)], "\n".join(lines)
-    assert (workdir / "runs" / "synth" / "lesion-ray.log").read_text().count("Starting execution of Dataset") == 1

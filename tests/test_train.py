@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,15 +53,25 @@ def _score(model: torch.nn.Module, spec_: train.TrainSpec, validation: ray.data.
     return train.TrainRecipe(spec_).validate(model.eval(), validation)["val_score"]
 
 
-def test_trains_resumes_and_publishes(ray_local, settings, isic: str, tmp_path, s3_bucket: str) -> None:
-    out, reg = f"{s3_bucket}/runs/tiny", str(tmp_path / "registry")
-    tracking = {"mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "tiny"}}
+@pytest.fixture(scope="module")
+def trained(ray_local, settings, isic: str, new_bucket, tmp_path_factory) -> dict[str, Any]:
+    """One 12-epoch run into S3, tracked in MLflow, for the tests that read it: its spec, summary, the registry it
+    published into and its history as the run left it (a later test resumes it)."""
+    folder = tmp_path_factory.mktemp("trained")
+    out, reg = f"{new_bucket()}/runs/tiny", str(folder / "registry")
+    tracking = {"mlflow": {"tracking_uri": f"sqlite:///{folder}/mlflow.db", "experiment": "tiny"}}
     spec_ = _spec(isic, out, reg, **tracking)
     summary = train.run(spec_, settings)
+    return {"spec": spec_, "summary": summary, "output": out, "registry": reg, "folder": folder, "tracking": tracking,
+            "history": json.loads(storage.read_text(f"{out}/metrics.json"))}
+
+
+def test_trains_resumes_and_publishes(trained: dict[str, Any], settings, isic: str, tmp_path) -> None:
+    spec_, summary, history = trained["spec"], trained["summary"], trained["history"]
+    out, reg, tracking = trained["output"], trained["registry"], trained["tracking"]
 
     assert summary["model"] == "tiny@1" and summary["epochs"] == 12
     assert summary["train_images"] + summary["validation_images"] == 60 and summary["unreadable_images"] == 0
-    history = json.loads(storage.read_text(f"{out}/metrics.json"))
     assert [row["epoch"] for row in history] == list(range(1, 13))
     assert {row["world_size"] for row in history} == {2}
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -85,7 +96,7 @@ def test_trains_resumes_and_publishes(ray_local, settings, isic: str, tmp_path, 
     run = client.get_run(summary["mlflow_run"])
     assert run.info.status == "FINISHED" and run.data.params["model.num_filters"] == "8"
     assert run.data.tags["lesion_ray.model"] == "tiny@1"
-    assert run.info.artifact_uri.startswith(f"file://{tmp_path}/mlruns/")  # beside its database, not in the cwd
+    assert run.info.artifact_uri.startswith(f"file://{trained['folder']}/mlruns/")  # beside its database, not the cwd
     assert [m.step for m in client.get_metric_history(run.info.run_id, "score/validation")] == list(range(1, 13))
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"report.html", "training.png", "metrics.csv"}
 
@@ -126,12 +137,12 @@ def test_trains_resumes_and_publishes(ray_local, settings, isic: str, tmp_path, 
     assert registry.load_model(out).config == ModelConfig(architecture="unet", input_size=32, num_filters=8, depth=3)
 
 
-def test_same_spec_and_seed_give_the_same_history(ray_local, settings, isic: str, tmp_path) -> None:
-    # Full augmentation and the local shuffle on: every random draw is seeded, the split's order is fixed.
-    runs = [train.run(_spec(isic, str(tmp_path / f"run{i}"), str(tmp_path / "registry"), epochs=3, augment={}),
-                      settings)
-            for i in range(2)]
-    histories = [json.loads(storage.read_text(run["output"] + "/metrics.json")) for run in runs]
+def test_same_spec_and_seed_give_the_same_history(trained: dict[str, Any], settings, isic: str, tmp_path) -> None:
+    # The shared run's spec again, into another folder, untracked and for its first 3 epochs only (nothing in an
+    # epoch depends on how many follow): flips, colour jitter and the local shuffle on, every random draw seeded,
+    # the split's order fixed, so each of those epochs' numbers comes out the same.
+    again = train.run(_spec(isic, str(tmp_path / "again"), str(tmp_path / "registry"), epochs=3), settings)
+    histories = [trained["history"][:3], json.loads(storage.read_text(again["output"] + "/metrics.json"))]
     timing = {"train_images_per_s", "epoch_time_s"}
     first, second = ([{k: v for k, v in row.items() if k not in timing} for row in h] for h in histories)
     assert len(first) == 3 and [row.keys() for row in first] == [row.keys() for row in second]
