@@ -40,7 +40,8 @@ def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp
 
     # --verbose: Ray's own lines reach the console too, and the log file still has each of them once.
     assert [line for line in output.splitlines() if RAY_LINE.search(line)], output[-4000:]
-    started = re.findall(r"Starting execution of Dataset (\S+)\.", (tmp_path / "runs" / "quickstart" /
-                                                                      "lesion-ray.log").read_text())
+    dataset_started = re.compile(r"Starting execution of Dataset (\S+)\.")
+    started = dataset_started.findall((tmp_path / "runs" / "quickstart" / "lesion-ray.log").read_text())
+    shown = set(dataset_started.findall(output))
     assert started and len(started) == len(set(started)), started
-    assert set(re.findall(r"Starting execution of Dataset (\S+)\.", output)) <= set(started)
+    assert shown and shown <= set(started), (shown, started)
