@@ -379,6 +379,7 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     threshold = model_threshold if spec.threshold is None else spec.threshold
     model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
     spec = actor_layout(spec, preprocess.cluster_gpus(), preprocess.one_node_cores())
+    report.info(describe_layout(spec))
     cpus = ray.cluster_resources().get("CPU", 0)
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
@@ -459,13 +460,17 @@ def actor_layout(spec: PredictSpec, gpus: int, cores: int | None) -> PredictSpec
     if spec.gpus_per_actor > gpus:
         raise ValueError(f"gpus_per_actor is {spec.gpus_per_actor} but the Ray cluster has {gpus} GPUs: set "
                          "gpus_per_actor: 0 to predict on CPUs")
+    return spec
+
+
+def describe_layout(spec: PredictSpec) -> str:
+    """One line on the inference actors of a placed ``spec`` (:func:`actor_layout`)."""
     actors = str(spec.max_actors) if spec.min_actors == spec.max_actors else f"{spec.min_actors}-{spec.max_actors}"
     where = f"{spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else f"{spec.cpus_per_actor} CPU"
-    report.info(f"inference: {actors} actor(s) x {where}, {spec.precision}"
-                + (", channels_last" if spec.channels_last else "") + (", compiled" if spec.compile else "")
-                + (f", decoding on the {'GPU' if spec.gpus_per_actor else 'CPU'} in the actors"
-                   if spec.decode == "gpu" else ""))
-    return spec
+    return (f"inference: {actors} actor(s) x {where}, {spec.precision}"
+            + (", channels_last" if spec.channels_last else "") + (", compiled" if spec.compile else "")
+            + (f", decoding on the {'GPU' if spec.gpus_per_actor else 'CPU'} in the actors"
+               if spec.decode == "gpu" else ""))
 
 
 def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,

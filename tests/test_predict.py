@@ -321,6 +321,8 @@ def test_the_actor_layout_follows_the_clusters_gpus_and_cores() -> None:
     assert (on_cpus.gpus_per_actor, on_cpus.min_actors, on_cpus.max_actors) == (0.0, 4, 4)
     on_gpus = predict.actor_layout(spec, 2, 16)
     assert (on_gpus.gpus_per_actor, on_gpus.min_actors, on_gpus.max_actors) == (0.5, 4, 4)
+    assert predict.describe_layout(one_node) == "inference: 6 actor(s) x 1 CPU, fp32"
+    assert predict.describe_layout(on_gpus) == "inference: 4 actor(s) x 0.5 GPU, fp32"
     named = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", max_actors=3), 2, 16)
     assert (named.gpus_per_actor, named.min_actors, named.max_actors) == (0.5, 3, 3)
     with pytest.raises(ValueError, match="gpus_per_actor is 1.0 but the Ray cluster has 0 GPUs"):
