@@ -153,13 +153,13 @@ def ray_processes(s3_endpoint: str):
 
 class FaultyS3Proxy:
     """A real HTTP hop between S3 clients and the moto server that answers some requests itself with
-    500 InternalError / 503 ServiceUnavailable: a share of all requests at random (seeded), and every
-    request for an object whose key holds one of ``always_fail`` (its path, not a listing's query).
-    ``forwarded`` records (method, path) of the rest."""
+    500 InternalError / 503 ServiceUnavailable: ``failure_rate`` of all requests, spread evenly (one in
+    every 1/rate, so a test knows how many faults its requests met), and every request for an object
+    whose key holds one of ``always_fail`` (its path, not a listing's query). ``forwarded`` records
+    (method, path) of the rest."""
 
-    def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = (), seed: int = 0) -> None:
+    def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = ()) -> None:
         import http.client
-        import random
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlparse
@@ -167,7 +167,7 @@ class FaultyS3Proxy:
         self.failure_rate, self.always_fail = failure_rate, always_fail
         self.injected = 0
         self.forwarded: list[tuple[str, str]] = []
-        self._random, self._lock = random.Random(seed), threading.Lock()
+        self._due, self._lock = 0.0, threading.Lock()  # failures owed to the requests seen so far
         target = urlparse(upstream)
         proxy = self
 
@@ -238,11 +238,13 @@ class FaultyS3Proxy:
     def _fault(self, path: str) -> tuple[int, str] | None:
         """The (status, S3 error code) to answer ``path`` with, or None to forward it."""
         with self._lock:
-            key = path.split("?", 1)[0]
-            if not any(name in key for name in self.always_fail) and self._random.random() >= self.failure_rate:
+            self._due += self.failure_rate
+            if self._due >= 1:
+                self._due -= 1
+            elif not any(name in path.split("?", 1)[0] for name in self.always_fail):
                 return None
             self.injected += 1
-            return self._random.choice([(500, "InternalError"), (503, "ServiceUnavailable")])
+            return [(500, "InternalError"), (503, "ServiceUnavailable")][self.injected % 2]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -255,7 +257,7 @@ def faulty_s3(s3_endpoint: str):
     proxies: list[FaultyS3Proxy] = []
 
     def start(failure_rate: float, always_fail: tuple[str, ...] = ()) -> FaultyS3Proxy:
-        proxies.append(FaultyS3Proxy(s3_endpoint, failure_rate, always_fail, seed=len(proxies)))
+        proxies.append(FaultyS3Proxy(s3_endpoint, failure_rate, always_fail))
         return proxies[-1]
 
     yield start

@@ -1,6 +1,6 @@
 """Every stage rides out a failing S3: the main job runs on S3 through a real HTTP proxy that answers a
-share of all requests with 500 InternalError or 503 ServiceUnavailable. It runs with ``--verbose``, so its
-console also shows what a user who asks for Ray's lines sees."""
+share of all requests (4 %, spread evenly) with 500 InternalError or 503 ServiceUnavailable. It runs with
+``--verbose``, so its console also shows what a user who asks for Ray's lines sees."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lesion_ray import manifest, storage
 
 
 def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp_path) -> None:
-    proxy = faulty_s3(failure_rate=0.08)
+    proxy = faulty_s3(failure_rate=0.04)  # one request in 25: 11 of the job's ~277; 8 % took 13 s longer
     root = f"{s3_bucket}/quickstart"
     job = yaml.safe_load((REPO / "jobs" / "quickstart.yaml").read_text())
     job["storage"] = {"endpoint_url": proxy.url}  # every request of every stage goes through the proxy
@@ -30,7 +30,7 @@ def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output[-4000:]
     methods = {method for method, _ in proxy.forwarded}
-    assert proxy.injected >= 10 and {"GET", "PUT", "HEAD"} <= methods, (proxy.injected, methods)
+    assert proxy.injected >= 8 and {"GET", "PUT", "HEAD"} <= methods, (proxy.injected, methods)
 
     assert storage.exists(f"{root}/registry/quickstart-unet/latest.json")
     rows = manifest.read(f"{root}/predictions").to_pylist()

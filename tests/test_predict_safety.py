@@ -122,8 +122,8 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
                                        "object_store_memory": "256MB"}))
 
     # 4 attempts per request instead of the default 8: the always-failing object gives up after 3 backoffs of up to
-    # 1, 2 and 4 s (botocore's) instead of 7 (up to 71 s in all); at 3 % a request fails 4 times in a row less than
-    # once in a million.
+    # 1, 2 and 4 s (botocore's) instead of 7 (up to 71 s in all); the proxy's 3 % are one request in 33, so a retried
+    # request meets another fault only when 33 other requests passed in between.
     attempts = {"AWS_MAX_ATTEMPTS": "4"}
     first = _lesion_ray(tmp_path, str(job), str(cluster), **attempts)
     parts = f"{out}/{manifest.PARTS_DIR}"
