@@ -356,7 +356,8 @@ class TrainRecipe:
                 best_dir: str) -> tuple[str, dict[str, Any]]:
         """Publish the best checkpoint (also copied to ``best_dir``) with the spec and ``history``, unless this run
         already published it (re-running a finished spec must not add a duplicate version): its reference, metrics."""
-        checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1]["val_score"])
+        # On a tie the earlier epoch stays the best: a later one publishes only if it beat it.
+        checkpoint, best = max(result.best_checkpoints, key=lambda item: (item[1]["val_score"], -item[1]["epoch"]))
         marker = storage.join(best_dir, registry.METRICS_FILE)
         checkpoint_name = os.path.basename(checkpoint.path.rstrip("/"))
         previous = json.loads(storage.read_text(marker)) if storage.exists(marker) else {}

@@ -39,15 +39,15 @@ def test_every_example_validates(workdir: Path, example: str, capsys) -> None:
 
 BAD = [
     ("synth.yaml", ["num_images=0"], "num_images: must be at least 1"),
-    ("synth.yaml", ["width=[500, 100]"], "width:"),
+    ("synth.yaml", ["width=[500, 100]"], "width: expected [low, high], got [500, 100]"),
     ("synth.yaml", ["seeds=3"], "seeds: unknown key (did you mean 'seed'?)"),
     ("train.yaml", ["epochs=zero"], "epochs: expected an integer"),
     ("train.yaml", ["model.architecture=vgg"], "model.architecture: expected one of"),
     ("train.yaml", ["data=runs/nowhere"], "data: nothing found"),
     ("train.yaml", ["output=s3://no-such-bucket-lr/x"], "output: bucket 'no-such-bucket-lr' does not exist"),
-    ("train.yaml", ["num_workers=[3, 1]"], "num_workers"),
+    ("train.yaml", ["num_workers=[3, 1]"], "num_workers: [min, max] needs min <= max, got [3, 1]"),
     ("predict.yaml", ["batch_size=0"], "batch_size: must be at least 1"),
-    ("predict.yaml", ["model=no-such-model@latest"], "model:"),
+    ("predict.yaml", ["model=no-such-model@latest"], "model: model 'no-such-model' is not in the registry"),
     ("evaluate.yaml", ["task=3"], "task: expected one of 1, 2"),
     ("evaluate.yaml", ["predictions=runs/nothing-here"], "predictions: nothing found"),
     ("serve.yaml", ["port=70000"], "port: must be at most 65535"),
@@ -96,7 +96,8 @@ def test_run_prints_a_summary(workdir: Path, ray_local, capsys) -> None:
 
 
 def test_unknown_arguments_and_missing_files(workdir: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as unknown:
         cli.main(["validate", "jobs/synth.yaml", "--frobnicate"])
+    assert unknown.value.code == 2
     assert cli.main(["validate", "jobs/nope.yaml"]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -409,7 +409,7 @@ def test_slow_body_times_out(app):
 
 
 def test_64_concurrent_uploads_at_the_pixel_limit(app, client):
-    """Every answer is 200, 413 or 503; no more than max_concurrent_decodes decodes run at once;
+    """Every answer is 200 or 503 (the queue full: each upload is within the pixel limit); no more than max_concurrent_decodes decodes run at once;
     afterwards the service is healthy and answers normally."""
     data = blank_png(1000, 1000)  # MAX_REQUEST_PIXELS
 
@@ -421,7 +421,7 @@ def test_64_concurrent_uploads_at_the_pixel_limit(app, client):
 
     started = time.monotonic()
     statuses = asyncio.run(flood())
-    assert set(statuses) <= {200, 413, 503} and 200 in statuses, statuses
+    assert set(statuses) <= {200, 503} and 200 in statuses, statuses
     assert time.monotonic() - started < 2 * TIMEOUT_S
     ingress = client.get("v1/model").json()["ingress"]
     assert ingress["decodes_peak"] == ingress["max_concurrent_decodes"] == 2
@@ -431,7 +431,7 @@ def test_64_concurrent_uploads_at_the_pixel_limit(app, client):
 
 def test_bad_input_leaves_the_service_healthy(client):
     for _ in range(3):
-        client.post("v1/segment", content=b"\x89PNG\r\n\x1a\n garbage")
+        assert client.post("v1/segment", content=b"\x89PNG\r\n\x1a\n garbage").status_code == 422
     assert client.get("healthz").json()["status"] == "ok"
     assert client.post("v1/segment", content=lesion_image()).status_code == 200
 

@@ -50,9 +50,9 @@ def test_spec_defaults_checks_and_example_file() -> None:
     assert parsed.tasks == [1, 2] and parsed.aspect == (0.66, 0.75) and parsed.validation_images == 20
     for bad, message in [
         ({"width": [400, 300]}, "width: expected \\[low, high\\]"),
-        ({"tasks": []}, "tasks"),
+        ({"tasks": []}, r"tasks: expected \[1\], \[2\] or \[1, 2\]"),
         ({"tasks": [3]}, "tasks\\[0\\]: expected one of 1, 2"),
-        ({"num_imgs": 3}, "num_images"),
+        ({"num_imgs": 3}, "num_imgs: unknown key \\(did you mean 'num_images'\\?\\)"),
     ]:
         with pytest.raises(spec.SpecError, match=message):
             _synth("runs/x", **bad)
