@@ -22,10 +22,12 @@ from ray.util.queue import Full, Queue
 # Ray Data hands a read task's blocks on only when they add up to its target block size (128 MiB) or the
 # task ends: a task that read listing pages until the listing ended would hold back every image. So a pass
 # reads through READ_TASKS short tasks, READERS at a time, the first taking one page (the first images move
-# at once), the next ones more, up to PAGES_PER_READ; a listing longer than a pass (4 M images) takes another.
+# at once), the next ones more, up to PAGES_PER_READ; a listing longer than a pass (2,080 pages: about 2 M
+# images) takes more passes.
 READERS = 2
 READ_TASKS = 64
 PAGES_PER_READ = 64
+QUEUED_PAGES = 2 * READERS  # pages the queue holds, at most
 # Images listed but not yet written, at most: the listing runs this far ahead of the pipeline (more than the
 # readers hold), so the driver never admits millions of objects before their images are decoded.
 LEAD = 4 * READERS * PAGES_PER_READ * 1000
@@ -36,7 +38,7 @@ warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", cat
 def new_queue() -> Queue:
     """The queue between the listing and the read tasks (a Ray actor). No CPU for it: it must start even while a
     failed pass's actors still hold every CPU."""
-    return Queue(maxsize=2 * READERS, actor_options={"num_cpus": 0})
+    return Queue(maxsize=QUEUED_PAGES, actor_options={"num_cpus": 0})
 
 
 def dataset(queue: Queue, batch_size: int) -> ray.data.Dataset:
@@ -84,10 +86,12 @@ class Window:
 
     def __init__(self) -> None:
         self.open = 0
+        self.largest_page = 0
         self._changed = threading.Condition()
 
     def enter(self, images: int, stop: threading.Event) -> bool:
         with self._changed:
+            self.largest_page = max(self.largest_page, images)
             while self.open and self.open + images > LEAD and not stop.is_set():
                 self._changed.wait(0.5)
             self.open += images
@@ -97,6 +101,11 @@ class Window:
         with self._changed:
             self.open -= images
             self._changed.notify_all()
+
+    def unread_at_most(self) -> int:
+        """Images no read task has taken, at most, once a pass has ended: the queue's pages and the one the
+        listing is putting. Beyond that, images a read task took did not come back."""
+        return (QUEUED_PAGES + 1) * self.largest_page
 
 
 def fill(pages: Iterable[list[tuple[str, str]]], queue: Queue, window: Window, stop: threading.Event,

@@ -53,7 +53,7 @@ import time
 import uuid
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -342,15 +342,20 @@ def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, l
     it gave is back; yields once per image (progress)."""
     while True:
         with contextlib.closing(iter(passes().iter_batches(batch_format="pyarrow", batch_size=None))) as tables:
-            yield from _record(tables, feeder, ledger, window, nodes, counts)
-        if window.open or not feeder.is_alive():
-            return  # done, or images that a pass took never came back (the caller reruns them)
-        # The pass's read tasks ran out before the listing did: another pass reads on.
+            returned = yield from _record(tables, feeder, ledger, window, nodes, counts)
+        listing = feeder.is_alive()
+        if not window.open and not listing:
+            return  # every image listed is back
+        if window.open > window.unread_at_most() or not (returned or listing):
+            return  # images that a pass took never came back: the caller reruns them
+        # The pass's read tasks ran out before the listing did: another pass reads on from the queue.
 
 
 def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manifest.Ledger, window: feed.Window,
-            nodes: set[str], counts: _Pass) -> Iterator[int]:
-    """One pass's rows into the ledger, until the listing has ended and every image it gave is back."""
+            nodes: set[str], counts: _Pass) -> Generator[int, None, int]:
+    """One pass's rows into the ledger, until the listing has ended and every image it gave is back; yields
+    once per image, returns how many came back."""
+    returned = 0
     for table in tables:
         window.leave(len(table))
         for part in set(table["part"].to_pylist()):
@@ -359,8 +364,10 @@ def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manife
             counts.note(f"{data.sample_id(r['source'])}: {r['error']}" for r in rows if r["error"])
         nodes.update(n for n in table["node"].to_pylist() if n)
         yield from range(len(table))
+        returned += len(table)
         if not window.open and not feeder.is_alive():
-            return  # the read tasks still to start would only find the end mark
+            break  # the read tasks still to start would only find the end mark
+    return returned
 
 
 def run(spec: PredictSpec, settings: Settings) -> dict[str, Any]:

@@ -329,7 +329,7 @@ def iter_listing(uri: str, after: str | None = None, through: str | None = None)
         raise _s3_error(exc, uri, "list") from None
 
 
-def _local_pages(folder: str, size: int = _PAGE) -> Iterator[list[FileInfo]]:
+def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
     if not os.path.isdir(folder):
         raise StorageError(f"cannot list {folder}: no such directory")
     page: list[FileInfo] = []
@@ -340,7 +340,7 @@ def _local_pages(folder: str, size: int = _PAGE) -> Iterator[list[FileInfo]]:
                 path = os.path.join(root, name)
                 with contextlib.suppress(FileNotFoundError):  # removed while we walk
                     page.append(FileInfo(path, os.path.getsize(path)))
-            if len(page) == size:
+            if len(page) == _PAGE:
                 yield page
                 page = []
     if page:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lesion_ray import cli, data, inference, manifest, postprocess, predict, preprocess, registry, storage
+from lesion_ray import cli, data, feed, inference, manifest, postprocess, predict, preprocess, registry, storage
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.preprocess import decode_image, to_model_input
 from lesion_ray.spec import CheckContext, SpecError, from_dict
@@ -368,6 +368,25 @@ def test_every_listed_object_is_accounted_for(ray_local, settings, s3_bucket, tm
         f'{inputs}/ISIC_0000000_segmentation.png,"a mask, not an input image"',
         f"{inputs}/LICENSE.txt,not an image file", f"{inputs}/metadata.csv,not an image file"]
     assert not storage.exists(f"{out}/masks/ISIC_0000005_segmentation.png")
+
+
+def test_a_listing_longer_than_a_pass_goes_on_in_further_passes(ray_local, settings, tmp_path, monkeypatch,
+                                                                capsys) -> None:
+    # Scaled down: listing pages of 4 images, passes of 2 pages (2 read tasks of one page), instead of 1,000 and
+    # 2,080 (about 2 M images). 20 images: 3 passes, with nothing lost and no rerun between them.
+    monkeypatch.setattr(storage, "_PAGE", 4)
+    monkeypatch.setattr(feed, "READ_TASKS", 2)
+    monkeypatch.setattr(feed, "PAGES_PER_READ", 1)
+    ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
+    inputs, out = tmp_path / "in", str(tmp_path / "out")
+    ids = [f"ISIC_{i:07d}" for i in range(20)]
+    for i, image_id in enumerate(ids):
+        storage.write_bytes(str(inputs / f"{image_id}.jpg"), jpeg(32, 24, i))
+    summary = predict.run(make_spec(input=str(inputs), model=ref, registry=str(tmp_path / "registry"), output=out,
+                                    batch_size=4, overlays="none"), settings)
+    assert (summary["listed"], summary["ok"], summary["error"]) == (20, 20, 0), summary
+    assert sorted(row["id"] for row in manifest.read(out).to_pylist() if row["status"] == "ok") == ids
+    assert "the pipeline failed" not in capsys.readouterr().err
 
 
 def test_shards_split_an_archive_and_the_manifests_merge(ray_local, settings, tmp_path, capsys) -> None:

@@ -409,8 +409,8 @@ def test_slow_body_times_out(app):
 
 
 def test_64_concurrent_uploads_at_the_pixel_limit(app, client):
-    """Every answer is 200 or 503 (the queue full: each upload is within the pixel limit); no more than max_concurrent_decodes decodes run at once;
-    afterwards the service is healthy and answers normally."""
+    """Every answer is 200 or 503 (a full queue: each upload is within the pixel limit); no more than
+    max_concurrent_decodes decodes run at once; afterwards the service is healthy and answers normally."""
     data = blank_png(1000, 1000)  # MAX_REQUEST_PIXELS
 
     async def flood() -> list[int]:
