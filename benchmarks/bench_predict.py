@@ -295,7 +295,7 @@ def main() -> None:
             """run_predict's figures and the layout's forward-only rate around the job (the mean of before and
             after: the machine's speed drifts over minutes)."""
             spec = predict_spec(input_uri, output, ref, registry_uri, args, decode)
-            layout = predict.actor_layout(spec, int(gpus), preprocess.one_node_cores())
+            layout = predict.actor_layout(spec, int(gpus), preprocess.one_node_cores(), ray_cpus)
             if not forward:
                 forward.append(layout_forward_only(layout, model_dir, size, timed))
             before = forward[-1]

@@ -385,9 +385,9 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     config, model_threshold = registry.read_config(found.model_dir)
     threshold = model_threshold if spec.threshold is None else spec.threshold
     model = manifest.Model(found.name, found.version, threshold, spec.postprocess)
-    spec = actor_layout(spec, preprocess.cluster_gpus(), preprocess.one_node_cores())
-    report.info(describe_layout(spec))
     cpus = ray.cluster_resources().get("CPU", 0)
+    spec = actor_layout(spec, preprocess.cluster_gpus(), preprocess.one_node_cores(), cpus)
+    report.info(describe_layout(spec))
     if spec.min_actors * spec.cpus_per_actor >= cpus:
         report.info(f"warning: {spec.min_actors} actor(s) x {spec.cpus_per_actor} CPU(s) take all {cpus:g} CPUs "
                     "of the cluster and leave none to decode images: lower min_actors or cpus_per_actor unless "
@@ -446,19 +446,21 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
     return summary
 
 
-def actor_layout(spec: PredictSpec, gpus: int, cores: int | None) -> PredictSpec:
+def actor_layout(spec: PredictSpec, gpus: int, cores: int | None, cpus: float) -> PredictSpec:
     """``spec`` with its inference actors placed: without ``gpus_per_actor``, 2 actors per GPU at 0.5 GPU each
     when the cluster has GPUs (measured best: one actor's forward pass overlaps the other's copies and
     post-processing), else on CPUs: on one node with ``cores`` cores one actor per ``cpus_per_actor`` of them,
-    at most :data:`MAX_CPU_ACTORS` (the forward pass is about half an image's CPU time, and one-thread actors
-    side by side beat threads in one actor), on several nodes one; actor counts a spec names are kept."""
+    at most :data:`MAX_CPU_ACTORS` and leaving of Ray's ``cpus`` enough for a decoding and a writing task
+    (the forward pass is about half an image's CPU time, and one-thread actors side by side beat threads in
+    one actor), on several nodes one; actor counts a spec names are kept."""
     layout: dict[str, Any] = {}
     if spec.gpus_per_actor is None:
         layout["gpus_per_actor"] = 0.5 if gpus else 0.0
     if layout.get("gpus_per_actor", spec.gpus_per_actor):
         default = 2 * gpus if layout else None  # a spec that names gpus_per_actor names its actors too
     else:
-        default = min(MAX_CPU_ACTORS, max(1, cores // spec.cpus_per_actor)) if cores else None
+        free = int((cpus - 2 * STAGE_CPUS) // spec.cpus_per_actor)  # e.g. 8 cores: 7 of the embedded Ray's 8 CPUs
+        default = max(1, min(MAX_CPU_ACTORS, cores // spec.cpus_per_actor, free)) if cores else None
     named = spec.model_fields_set
     if default:
         layout["max_actors"] = spec.max_actors if "max_actors" in named else max(default, spec.min_actors)

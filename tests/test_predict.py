@@ -308,25 +308,29 @@ def test_decoding_in_the_actors_and_bf16_give_the_same_masks(ray_local, settings
     assert any(rows["bf16"][i]["head1_prob"] != r["head1_prob"] for i, r in rows["tasks"].items() if r["head1_prob"])
 
 
-def test_the_actor_layout_follows_the_clusters_gpus_and_cores() -> None:
+def test_the_actor_layout_follows_the_clusters_gpus_cores_and_cpus() -> None:
     spec = unplaced_spec(input="in", model="m@1", output="out")
-    several_nodes = predict.actor_layout(spec, 0, None)
+    several_nodes = predict.actor_layout(spec, 0, None, 16)
     assert (several_nodes.gpus_per_actor, several_nodes.min_actors, several_nodes.max_actors) == (0.0, 1, 1)
-    one_node = predict.actor_layout(spec, 0, 6)
+    one_node = predict.actor_layout(spec, 0, 6, 8)
     assert (one_node.gpus_per_actor, one_node.min_actors, one_node.max_actors) == (0.0, 6, 6)  # one per core
-    assert predict.actor_layout(spec, 0, 64).max_actors == predict.MAX_CPU_ACTORS
-    two_cores_each = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", cpus_per_actor=2), 0, 6)
+    # 8 cores under the embedded Ray's 8 CPUs: one CPU stays for a decoding and a writing task.
+    assert (predict.actor_layout(spec, 0, 8, 8).min_actors, predict.actor_layout(spec, 0, 8, 8).max_actors) == (7, 7)
+    assert predict.actor_layout(spec, 0, 64, 64).max_actors == predict.MAX_CPU_ACTORS
+    assert predict.actor_layout(spec, 0, 2, 1).max_actors == 1
+    two_cores_each = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", cpus_per_actor=2), 0, 6,
+                                          8)
     assert (two_cores_each.min_actors, two_cores_each.max_actors) == (3, 3)
-    on_cpus = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=0.0), 2, 4)
+    on_cpus = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=0.0), 2, 4, 8)
     assert (on_cpus.gpus_per_actor, on_cpus.min_actors, on_cpus.max_actors) == (0.0, 4, 4)
-    on_gpus = predict.actor_layout(spec, 2, 16)
+    on_gpus = predict.actor_layout(spec, 2, 16, 16)
     assert (on_gpus.gpus_per_actor, on_gpus.min_actors, on_gpus.max_actors) == (0.5, 4, 4)
     assert predict.describe_layout(one_node) == "inference: 6 actor(s) x 1 CPU, fp32"
     assert predict.describe_layout(on_gpus) == "inference: 4 actor(s) x 0.5 GPU, fp32"
-    named = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", max_actors=3), 2, 16)
+    named = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", max_actors=3), 2, 16, 16)
     assert (named.gpus_per_actor, named.min_actors, named.max_actors) == (0.5, 3, 3)
     with pytest.raises(ValueError, match="gpus_per_actor is 1.0 but the Ray cluster has 0 GPUs"):
-        predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0, 2)
+        predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", gpus_per_actor=1.0), 0, 2, 8)
 
 
 def test_cpu_stages_run_one_task_per_core_not_per_logical_cpu(ray_local, monkeypatch) -> None:
