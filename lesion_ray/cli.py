@@ -68,7 +68,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     job, config, job_settings = prepare(args.job, args.cluster, args.overrides)
     if config.kind == "kuberay":
-        command = f"lesion-ray render {args.job} --cluster {args.cluster} | kubectl apply -f -"
+        command = " ".join(["lesion-ray render", args.job, "--cluster", args.cluster, *args.overrides]) \
+            + " | kubectl apply -f -"
         raise SpecError(args.cluster, "kind", f"KubeRay jobs are applied with kubectl: {command}")
     if config.kind == "remote":
         return cluster.submit(job, config, job_settings, wait=not args.no_wait, verbose=args.verbose)
@@ -100,7 +101,7 @@ def _cmd_serve_config(args: argparse.Namespace) -> int:
 def _cmd_jobs(args: argparse.Namespace) -> int:
     config = cluster.load_cluster(args.cluster)
     if config.kind != "remote":
-        raise SpecError(args.cluster or cluster.DEFAULT_CLUSTER_FILE, "kind",
+        raise SpecError(args.cluster, "kind",
                         "`lesion-ray jobs` needs a remote cluster config (kind: remote)")
     if args.action == "list":
         rows = cluster.list_jobs(config)

@@ -1,6 +1,6 @@
 """ISIC 2018 data sets in any storage: discovery, image/mask pairing, train/validation splits.
 
-One listing of the URI (paginated on S3) finds the ISIC 2018 layout (REFERENCE.md section 1):
+One listing of the URI (paginated on S3) finds the ISIC 2018 challenge's layout:
 ``ISIC2018_Task1-2_<Subset>_Input/ISIC_<id>.jpg``, Task 1 masks
 ``ISIC2018_Task1_<Subset>_GroundTruth/ISIC_<id>_segmentation.png`` and Task 2 masks
 ``ISIC2018_Task2_<Subset>_GroundTruth[_v3]/ISIC_<id>_attribute_<name>.png``. A plain folder of

@@ -49,8 +49,8 @@ def write_batch(batch: dict[str, np.ndarray], out: str, task: int, threshold: fl
                 overlay_ids: set[str] | None, model_name: str, model_version: str, max_pixels: int,
                 run_id: str) -> pa.Table:
     """Ray Data operator: probabilities -> mask files + one manifest row per image (errors included),
-    written as a manifest part; returns ``source``, ``status``, ``part`` and ``node`` of each row for the
-    driver's ledger.
+    written as a manifest part; returns ``source``, ``status``, ``error``, ``part`` and ``node`` of each row
+    for the driver's ledger and its summary.
 
     ``overlay_ids``: the images that get an overlay; None for all of them.
     """

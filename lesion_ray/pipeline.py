@@ -124,7 +124,8 @@ def run(pipeline: PipelineSpec, settings: Settings) -> dict[str, Any]:
         seconds = time.monotonic() - step_start
         # One line per step (its numbers; its paths are in the closing summary), so a pipeline's console
         # stays short: the last step's whole summary closes the pipeline's.
-        numbers = ", ".join(f"{key} {value:.4g}" for key, value in result.items()
+        numbers = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                            for key, value in result.items()
                             if isinstance(value, (int, float)) and not isinstance(value, bool))
         report.info(f"{job.kind} '{job.name}' done in {seconds:.1f}s" + (f": {numbers}" if numbers else ""))
         summary[f"{job.name} ({job.kind})"] = f"{seconds:.1f}s -> {getattr(job, 'output', '')}"

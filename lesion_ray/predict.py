@@ -51,7 +51,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -79,9 +78,6 @@ ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left af
 # What a lost actor, worker or node raises out of a Ray Data execution: worth running the rest again.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError)
-# A job of fewer blocks than its stages may run tasks (or actors) at once leaves some idle, which Ray Data warns
-# about for each operator: expected for a small input, noise in its console.
-warnings.filterwarnings("ignore", message="The (maximum|minimum) number of concurrent", category=UserWarning)
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
 # Inference actors on one CPU node by default, at most (one per core up to here; each holds torch and a model).
@@ -301,7 +297,7 @@ def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledge
 def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config: ModelConfig, out: str,
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
-    ds = feed.dataset(queue, spec.batch_size)
+    ds = feed.dataset(queue)
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
@@ -323,9 +319,9 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
         # actor). A lost actor fails the pass and _run_attempts reruns what is not done.
         max_restarts=0,
         num_cpus=spec.cpus_per_actor,
-        # A memory reservation, which the decode tasks lack, also keeps Ray Data from fusing decoding
-        # into these actors (it fuses operators only when their remote args are identical): decoding
-        # must run in parallel CPU tasks, not between forward passes.
+        # Memory for torch and the weights, so that Ray puts no more actors on a node than it holds. Decoding is
+        # never fused into these actors (it must run in parallel tasks, not between forward passes): Ray Data
+        # fuses operators only when their remote args are identical, and STAGE_CPUS differs from these.
         memory=ACTOR_BASE_MEMORY + 2 * weights_bytes,
         **({"num_gpus": spec.gpus_per_actor} if spec.gpus_per_actor else {}),
     )

@@ -1,6 +1,7 @@
 """Image preprocessing as streaming Ray Data operators: read, decode, resize to the model's input as uint8.
 
-``image_dataset`` builds two operators over a dataset of source rows (id, URI, mask URIs):
+``image_dataset`` builds one CPU operator (two with a GPU resize) over a dataset of source rows (id, URI, mask
+URIs):
 
 1. decode (CPU tasks): bytes through :mod:`lesion_ray.storage`, PIL decode in JPEG draft mode when
    the model input is small, EXIF orientation, RGB conversion (greyscale, palette, RGBA, CMYK,

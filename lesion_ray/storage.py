@@ -686,7 +686,11 @@ def delete(uri: str) -> None:
         return
     for page in iter_listing(uri):  # pages of at most 1,000 keys: one request each
         batch = [{"Key": split_s3(f.uri)[1]} for f in page]
-        _s3_call(uri, "delete", client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+        answer = _s3_call(uri, "delete", client.delete_objects, Bucket=bucket, Delete={"Objects": batch})
+        if failed := answer.get("Errors"):  # an HTTP 200 that names the keys it did not delete
+            raise StorageError(f"could not delete {len(failed)} of the objects under {uri}{_where()}, e.g. "
+                               f"s3://{bucket}/{failed[0].get('Key')}: {failed[0].get('Code')} "
+                               f"({failed[0].get('Message')})")
 
 
 def _require_bucket(uri: str, advice: str = "") -> None:

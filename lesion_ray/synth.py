@@ -7,7 +7,7 @@ tasks that write straight to the output URI (local or S3) through :mod:`lesion_r
 An image is built in layers, as a dermoscope sees skin: a skin-tone background with texture and
 uneven light; one lesion, a star-shaped blob with an irregular border, soft edge and colour
 variation (its Task 1 mask: one contiguous region without holes); dermoscopic structures inside
-the lesion, each with the real ISIC 2018 frequency (REFERENCE.md section 1) and its own shape
+the lesion, each with its frequency in the ISIC 2018 training set and its own shape
 (pigment / negative network: a net of dark / light lines; streaks: radial lines at the border;
 milia-like cysts: small bright dots; globules: dark round dots), which are the Task 2 masks;
 hairs across everything; optionally the dark corners of the dermoscope's round field of view.
@@ -32,7 +32,7 @@ from lesion_ray.data import ATTRIBUTES, FOLDERS
 from lesion_ray.settings import Settings
 from lesion_ray.spec import JobSpec, OutputUri, Pair
 
-# Share of ISIC 2018 training images whose mask for the attribute is not empty (REFERENCE.md 1).
+# Share of the 2,594 ISIC 2018 training images whose Task 2 mask for the attribute is not empty.
 ATTRIBUTE_RATES = {
     "pigment_network": 0.587,
     "negative_network": 0.073,

@@ -95,6 +95,12 @@ def test_run_prints_a_summary(workdir: Path, ray_local, capsys) -> None:
     assert len(storage.list_files("runs/tiny", suffixes=(".jpg",))) == 4
 
 
+def test_run_on_kuberay_says_the_kubectl_command_with_the_overrides(workdir: Path, capsys) -> None:
+    assert cli.main(["run", "jobs/synth.yaml", "--cluster", "cluster/kuberay.yaml", "num_images=8"]) == 2
+    assert "lesion-ray render jobs/synth.yaml --cluster cluster/kuberay.yaml num_images=8 | kubectl apply -f -" \
+        in capsys.readouterr().err
+
+
 def test_unknown_arguments_and_missing_files(workdir: Path, capsys) -> None:
     with pytest.raises(SystemExit) as unknown:
         cli.main(["validate", "jobs/synth.yaml", "--frobnicate"])
