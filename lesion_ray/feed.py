@@ -82,21 +82,21 @@ class Window:
     """How many images are between the listing and their finished rows; the listing waits at ``LEAD``."""
 
     def __init__(self) -> None:
-        self.open = 0
+        self.in_flight = 0
         self.largest_page = 0
         self._changed = threading.Condition()
 
     def enter(self, images: int, stop: threading.Event) -> bool:
         with self._changed:
             self.largest_page = max(self.largest_page, images)
-            while self.open and self.open + images > LEAD and not stop.is_set():
+            while self.in_flight and self.in_flight + images > LEAD and not stop.is_set():
                 self._changed.wait(0.5)
-            self.open += images
+            self.in_flight += images
         return not stop.is_set()
 
     def leave(self, images: int) -> None:
         with self._changed:
-            self.open -= images
+            self.in_flight -= images
             self._changed.notify_all()
 
     def unread_at_most(self) -> int:

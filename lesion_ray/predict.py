@@ -111,7 +111,8 @@ class PredictSpec(inference.ModelRuntime, JobSpec):
                                                                       "the mask (default: the model's own)")
     overlays: Literal["none", "sample", "all"] = Field(
         "sample", description="input | mask | overlay PNGs: none, the first overlay_sample images by id, or all")
-    overlay_sample: int = Field(16, ge=1, description="how many images get an overlay with overlays: sample")
+    overlay_sample: int = Field(16, ge=1, description="how many images get an overlay with overlays: sample (per "
+                                "run: a resumed run draws its own among the images it does)")
     tta: bool = Field(False, description="average the probabilities over the image and its horizontal/vertical flips")
     postprocess: Postprocess = Field(
         "largest_component", description="Task 1: largest_component keeps the largest region and fills its holes; "
@@ -240,7 +241,7 @@ def in_shard(image_id: str, shard: tuple[int, int] | None) -> bool:
 
 
 @dataclass
-class _Pass:
+class _RunCounts:
     """A run's counts over its listings (one per attempt): objects in other shards (the most any listing
     saw), earlier rows that stand, and a few error examples."""
 
@@ -253,7 +254,7 @@ class _Pass:
 
 
 def _work(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str, run_id: str,
-          counts: _Pass) -> Iterator[list[tuple[str, str]]]:
+          counts: _RunCounts) -> Iterator[list[tuple[str, str]]]:
     """The images to predict on, ``(id, source)`` a listing page at a time, as the listing goes. On the way
     the ledger admits every object of this shard; the rows of the objects refused or skipped are written
     as a part per page, and the objects whose earlier rows stand are recorded as done."""
@@ -333,22 +334,22 @@ def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config:
 
 
 def _collect(passes: Callable[[], ray.data.Dataset], feeder: threading.Thread, ledger: manifest.Ledger,
-             window: feed.Window, nodes: set[str], counts: _Pass) -> Iterator[int]:
+             window: feed.Window, nodes: set[str], counts: _RunCounts) -> Iterator[int]:
     """Run pipeline passes, recording their rows in the ledger, until the listing has ended and every image
     it gave is back; yields once per image (progress)."""
     while True:
         with contextlib.closing(iter(passes().iter_batches(batch_format="pyarrow", batch_size=None))) as tables:
             returned = yield from _record(tables, feeder, ledger, window, nodes, counts)
         listing = feeder.is_alive()
-        if not window.open and not listing:
+        if not window.in_flight and not listing:
             return  # every image listed is back
-        if window.open > window.unread_at_most() or not (returned or listing):
+        if window.in_flight > window.unread_at_most() or not (returned or listing):
             return  # images that a pass took never came back: the caller reruns them
         # The pass's read tasks ran out before the listing did: another pass reads on from the queue.
 
 
 def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manifest.Ledger, window: feed.Window,
-            nodes: set[str], counts: _Pass) -> Generator[int, None, int]:
+            nodes: set[str], counts: _RunCounts) -> Generator[int, None, int]:
     """One pass's rows into the ledger, until the listing has ended and every image it gave is back; yields
     once per image, returns how many came back."""
     returned = 0
@@ -361,7 +362,7 @@ def _record(tables: Iterator[pa.Table], feeder: threading.Thread, ledger: manife
         nodes.update(n for n in table["node"].to_pylist() if n)
         yield from range(len(table))
         returned += len(table)
-        if not window.open and not feeder.is_alive():
+        if not window.in_flight and not feeder.is_alive():
             break  # the read tasks still to start would only find the end mark
     return returned
 
@@ -418,7 +419,8 @@ def _predict(spec: PredictSpec, out: str, run_id: str, registry_uri: str, ledger
         raise ValueError(f"no images ({', '.join(data.IMAGE_SUFFIXES)}) found under {folder}"
                          + (f" in shard {spec.shard}" if spec.shard else ""))
     if errors:
-        report.info(f"{errors} inputs failed" + (", e.g. " + "; ".join(counts.examples) if counts.examples else ""))
+        report.info(f"{errors} inputs failed" + (", e.g. " + "; ".join(counts.examples) if counts.examples else "")
+                    + f"; each with its reason in {storage.join(out, manifest.MANIFEST_FILE)} (status error)")
     done = ok + errors - counts.resumed
     summary = {
         "listed": listed,
@@ -479,11 +481,11 @@ def describe_layout(spec: PredictSpec) -> str:
 
 
 def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,
-                  run_id: str, found: registry.Resolved, config: ModelConfig) -> tuple[_Pass, set[str]]:
+                  run_id: str, found: registry.Resolved, config: ModelConfig) -> tuple[_RunCounts, set[str]]:
     """Stream the listing through the pipeline; when an actor, a node or a reader is lost for good, list
     again and run what is not done. After the last attempt the images still left become error rows, so
     the manifest accounts for them and a later run retries them."""
-    counts, nodes = _Pass(), set()
+    counts, nodes = _RunCounts(), set()
     reason = ""
     for attempt in range(1, ATTEMPTS + 1):
         pages = _work(spec, folder, ledger, model, out, run_id, counts)

@@ -88,10 +88,11 @@ class S3Config:
 
         # AWS_MAX_ATTEMPTS is the AWS SDKs' own setting; our default is higher than their 3, since one archive
         # job makes millions of requests and a transient error must not cost an image.
-        attempts = first("AWS_MAX_ATTEMPTS")
+        attempts = first("AWS_MAX_ATTEMPTS") or str(DEFAULT_ATTEMPTS)
+        if not attempts.isdigit() or int(attempts) < 1:
+            raise StorageError(f"AWS_MAX_ATTEMPTS must be a whole number of attempts (1 or more), got {attempts!r}")
         return cls(endpoint_url=endpoint_url or first(*ENDPOINT_ENV_VARS),
-                   region=region or first("AWS_DEFAULT_REGION", "AWS_REGION"),
-                   max_attempts=int(attempts) if attempts else DEFAULT_ATTEMPTS)
+                   region=region or first("AWS_DEFAULT_REGION", "AWS_REGION"), max_attempts=int(attempts))
 
     def environment(self) -> dict[str, str]:
         """These settings as the AWS SDKs' standard variables, for a process that builds its own settings
@@ -307,7 +308,8 @@ def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileIn
 
 def iter_listing(uri: str, after: str | None = None, through: str | None = None) -> Iterator[list[FileInfo]]:
     """The files under ``uri`` (recursive) a page at a time, as the listing goes: pages of up to 1,000
-    keys in key order on S3; with ``after``/``through`` (full URIs) only the keys in (after, through]."""
+    keys in key order on S3; with ``after``/``through`` (full URIs, S3 only: a local folder is listed whole)
+    only the keys in (after, through]."""
     uri = normalize(uri)
     if not is_s3(uri):
         yield from _local_pages(uri)

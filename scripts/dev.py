@@ -59,12 +59,13 @@ def main() -> int:
         return 2
     ensure_env()
     command, *args = sys.argv[1:]
-    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ["VIRTUAL_ENV"] = str(VENV)
+    # The command runs as in the activated venv: its console scripts (lesion-ray, pytest, ruff) first on the PATH.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(VENV)}
     os.chdir(ROOT)
-    # The venv's own console scripts first (lesion-ray, pytest, ruff), then the PATH.
     program = BIN / command
-    os.execvp(str(program) if program.exists() else command, [command, *args])
+    if program.exists():
+        os.execve(str(program), [command, *args], env)
+    os.execvpe(command, [command, *args], env)
     return 0
 
 

@@ -229,6 +229,9 @@ def test_settings_take_the_spec_over_the_cluster_config_over_the_aws_variables(m
     assert Settings.build().storage == storage.S3Config("http://env.example:9000", "env-region", 5)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS")
     assert Settings.build().storage.max_attempts == storage.DEFAULT_ATTEMPTS
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "a")
+    with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS must be a whole number of attempts .1 or more., got 'a'"):
+        Settings.build()
 
 
 def test_boto3_and_pyarrow_use_the_installed_settings(settings) -> None:
