@@ -155,8 +155,8 @@ class FaultyS3Proxy:
     """A real HTTP hop between S3 clients and the moto server that answers some requests itself with
     500 InternalError / 503 ServiceUnavailable: ``failure_rate`` of all requests, spread evenly (one in
     every 1/rate, so a test knows how many faults its requests met), and every request for an object
-    whose key holds one of ``always_fail`` (its path, not a listing's query). ``forwarded`` records
-    (method, path) of the rest."""
+    whose key holds one of ``always_fail`` (its path, not a listing's query). ``faulted`` records the paths
+    it answered with a fault, ``forwarded`` (method, path) of the rest."""
 
     def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = ()) -> None:
         import http.client
@@ -165,7 +165,7 @@ class FaultyS3Proxy:
         from urllib.parse import urlparse
 
         self.failure_rate, self.always_fail = failure_rate, always_fail
-        self.injected = 0
+        self.faulted: list[str] = []
         self.forwarded: list[tuple[str, str]] = []
         self._due, self._lock = 0.0, threading.Lock()  # failures owed to the requests seen so far
         target = urlparse(upstream)
@@ -243,8 +243,8 @@ class FaultyS3Proxy:
                 self._due -= 1
             elif not any(name in path.split("?", 1)[0] for name in self.always_fail):
                 return None
-            self.injected += 1
-            return [(500, "InternalError"), (503, "ServiceUnavailable")][self.injected % 2]
+            self.faulted.append(path)
+            return [(500, "InternalError"), (503, "ServiceUnavailable")][len(self.faulted) % 2]
 
     def close(self) -> None:
         self.server.shutdown()

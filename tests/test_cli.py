@@ -59,7 +59,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("example", "overrides", "message"), BAD)
-def test_bad_specs_exit_2_naming_the_key(workdir: Path, s3_endpoint: str, example: str, overrides: list[str],
+def test_bad_specs_exit_2_naming_the_key(workdir: Path, example: str, overrides: list[str],
                                          message: str, capsys) -> None:
     assert cli.main(["validate", f"jobs/{example}", *overrides]) == 2
     err = capsys.readouterr().err
@@ -68,7 +68,7 @@ def test_bad_specs_exit_2_naming_the_key(workdir: Path, s3_endpoint: str, exampl
     assert "Traceback" not in err
 
 
-def test_pipeline_steps_from_files_with_references(workdir: Path, capsys) -> None:
+def test_pipeline_steps_from_files_with_references(workdir: Path) -> None:
     pipeline = {
         "kind": "pipeline",
         "name": "chain",

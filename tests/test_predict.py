@@ -277,7 +277,8 @@ def test_task1_masks_are_one_region_without_holes(ray_local, settings, tmp_path)
         assert len(regions(mask, diagonal=True)) == 1 and holes(mask) == 0
 
 
-def test_decoding_in_the_actors_and_bf16_give_the_same_masks(ray_local, settings, tmp_path) -> None:
+def test_decoding_in_the_actors_gives_the_same_masks_and_bf16_close_probabilities(ray_local, settings,
+                                                                                   tmp_path) -> None:
     ref = publish_tiny_model(tmp_path, str(tmp_path / "registry"), task=1)
     inputs = tmp_path / "in"
     for i, (w, h) in enumerate(SIZES[:4]):

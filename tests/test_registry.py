@@ -106,7 +106,7 @@ def test_model_ref_check(tmp_path) -> None:
     registry.ModelRef(str(tmp_path / "m")).check(ctx)
 
 
-def test_round_trip_through_s3(s3_bucket: str, tmp_path) -> None:
+def test_round_trip_through_s3(s3_bucket: str) -> None:
     state = _model_dir(f"{s3_bucket}/checkpoints/epoch-3")
     ref = registry.publish(f"{s3_bucket}/checkpoints/epoch-3", "lesions", {"val_score": 0.7}, f"{s3_bucket}/reg")
     assert ref == "lesions@1"

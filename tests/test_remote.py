@@ -112,7 +112,6 @@ def test_pinned_requirements_follow_this_client() -> None:
 def test_bad_cluster_configs(tmp_path, config, text, capsys) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    (tmp_path / "data").mkdir()
     assert cli.main(["validate", "jobs/synth.yaml", "--cluster", str(path)]) == 2
     err = capsys.readouterr().err
     assert text in err and "83451290" not in err

@@ -156,7 +156,7 @@ def test_large_write_uses_multipart_and_is_atomic(s3_bucket: str) -> None:
     assert not storage.exists(f"{s3_bucket}/big2.bin")
 
 
-def test_missing_things_give_clear_errors(s3_endpoint: str, tmp_path) -> None:
+def test_missing_things_give_clear_errors(tmp_path) -> None:
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
         storage.check_readable("s3://no-such-bucket/data")
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
@@ -202,7 +202,7 @@ def test_pyarrow_filesystem_reads_what_storage_wrote(s3_bucket: str, tmp_path) -
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
 
 
-def test_secrets_never_in_messages(s3_endpoint: str, monkeypatch) -> None:
+def test_secrets_never_in_messages(monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLESIONRAYTEST")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value-123")
     installed = storage.current_config()

@@ -110,10 +110,10 @@ def test_trains_resumes_and_publishes(trained: dict[str, Any], settings, isic: s
     loaded = registry.load_model("tiny@latest", registry=reg)
     torch.manual_seed(0)
     untrained = _score(build_model(spec_.model), spec_, validation)
-    trained = _score(loaded.model, spec_, validation)
-    assert untrained < 0.2 and trained > 0.5, (untrained, trained)
+    published = _score(loaded.model, spec_, validation)
+    assert untrained < 0.2 and published > 0.5, (untrained, published)
     # Same weights and images as the workers scored; only float rounding (thread counts) differs.
-    assert trained == pytest.approx(summary["best_val_score"], abs=0.01)
+    assert published == pytest.approx(summary["best_val_score"], abs=0.01)
     assert loaded.metrics["val_score"] == summary["best_val_score"]
 
     # Same run, more epochs: resumes from the latest checkpoint in S3 instead of starting over.
