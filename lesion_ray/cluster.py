@@ -103,6 +103,9 @@ def load_cluster(source: str | None) -> ClusterConfig:
                         "with access to the Ray dashboard (the job's runtime_env) or the rendered manifests. Put it in "
                         "a file on the cluster (serve's auth_token_file), a Kubernetes Secret or the nodes' instance "
                         "role; for the embedded Ray, export it in your shell.")
+    if auth := next((name for name in names if name.startswith("RAY_AUTH")), None):
+        raise SpecError(source, f"env_vars.{auth}", "would change Ray's authentication, which lesion-ray keeps on "
+                        "(token) for every cluster it starts or renders; remove it from env_vars")
     if setting := next((name for name in names if name in storage.ENDPOINT_ENV_VARS + REGION_ENV_VARS), None):
         raise SpecError(source, f"env_vars.{setting}", "is a storage setting: write it as storage.endpoint_url or "
                         "storage.region, so that this client, the job and its workers all use it")
@@ -273,11 +276,11 @@ def _request(config: RemoteCluster, fn, *args, **kwargs):
 def _explain(exc: Exception, config: RemoteCluster) -> str:
     text = str(exc)
     where = f"${config.auth_token_env}" + (f" or {config.auth_token_file}" if config.auth_token_file else "")
-    if "401" in text or "Missing authentication token" in text or "Authentication required" in text:
+    if re.search(r"\b401\b", text) or "Missing authentication token" in text or "Authentication required" in text:
         return (f"the cluster at {config.address} requires a token and none was sent. Put the cluster's token "
                 f"(`ray get-auth-token` on the head node) in {where}, or set auth_token_env/auth_token_file in the "
                 "cluster config.")
-    if "403" in text or "Invalid authentication token" in text:
+    if re.search(r"\b403\b", text) or "Invalid authentication token" in text:
         source = where if _token(config) else "Ray's own defaults ($RAY_AUTH_TOKEN, ~/.ray/auth_token)"
         return (f"the cluster at {config.address} rejected the token from {source}: it is not this cluster's. "
                 "Get the right one with `ray get-auth-token` on the head node.")

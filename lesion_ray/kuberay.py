@@ -62,7 +62,7 @@ def _mount(templates: list[dict[str, Any]], name: str, source: dict[str, Any], p
 
 def render(job: JobSpec, config: KubeRayCluster, settings: Settings) -> list[dict[str, Any]]:
     """The manifests to ``kubectl apply`` for ``job``; the pods get ``settings``' env_vars and storage."""
-    name = re.sub(r"[^a-z0-9-]+", "-", job.name.lower()).strip("-")[:50] or "lesion-ray"  # a DNS label
+    name = re.sub(r"[^a-z0-9-]+", "-", job.name.lower())[:50].strip("-") or "lesion-ray"  # a DNS label
     labels = {"app.kubernetes.io/name": "lesion-ray", "lesion-ray/kind": job.kind}
     metadata = {"name": name, "namespace": config.namespace, "labels": labels}
     cluster_spec = _cluster_spec(config, settings)

@@ -85,8 +85,10 @@ def _numbered(root: str, filename: str | None = None) -> set[int]:
     if not storage.exists(root):
         return set()
     suffixes = (f"/{filename}",) if filename else None
-    folders = (storage.basename(storage.parent(info.uri)) for info in storage.list_files(root, suffixes=suffixes))
-    return {int(folder) for folder in folders if folder.isdigit()}
+    root = storage.normalize(root)
+    folders = (storage.parent(info.uri) for info in storage.list_files(root, suffixes=suffixes))
+    # Only the root's own sub-folders: for a model named "2018", the root itself is no version 2018.
+    return {int(storage.basename(f)) for f in folders if storage.parent(f) == root and storage.basename(f).isdigit()}
 
 
 def publish(model_dir: str, name: str, metrics: dict[str, Any], registry: str | None = None,

@@ -336,6 +336,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
         node: Any = data
         for depth, key in enumerate(parents):
             node = _child(node, key, ".".join(parents[: depth + 1]), source)
+        if not isinstance(node, (dict, list)):
+            raise SpecError(source, ".".join(parents), "cannot override inside a value that is not a mapping")
         node[_list_index(node, last, dotted, source) if isinstance(node, list) else last] = value
     return data
 
@@ -361,7 +363,7 @@ def _list_index(node: list, key: str, path: str, source: str) -> int:
 
 
 def job_module(kind: Any, source: str, path: str = "kind") -> types.ModuleType:
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise SpecError(source, path, f"expected one of {', '.join(KINDS)}, got {kind!r}")
     return importlib.import_module(KINDS[kind])
 

@@ -39,6 +39,12 @@ def _assert_weights(loaded: registry.LoadedModel, state: dict[str, torch.Tensor]
         torch.testing.assert_close(value, state[key])
 
 
+def test_a_model_named_by_digits_counts_its_versions_from_one(reg: str, tmp_path) -> None:
+    _model_dir(str(tmp_path / "a"))
+    assert [registry.publish(str(tmp_path / "a"), "2018", {}, reg) for _ in range(2)] == ["2018@1", "2018@2"]
+    assert registry.versions("2018", reg) == [1, 2]
+
+
 def test_publish_and_lookup(tmp_path) -> None:
     reg = str(tmp_path / "registry")
     first = _model_dir(str(tmp_path / "a"), seed=1)

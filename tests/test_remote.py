@@ -107,6 +107,8 @@ def test_pinned_requirements_follow_this_client() -> None:
          "env_vars.DB_PASSWORD: looks like a secret"),
         ({"kind": "local", "env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}},
          "env_vars.AWS_ENDPOINT_URL: is a storage setting: write it as storage.endpoint_url"),
+        ({"kind": "kuberay", "raycluster": "r.yaml", "env_vars": {"RAY_AUTH_MODE": "disabled"}},
+         "env_vars.RAY_AUTH_MODE: would change Ray's authentication"),
     ],
 )
 def test_bad_cluster_configs(tmp_path, config, text, capsys) -> None:

@@ -98,6 +98,8 @@ def test_overrides() -> None:
         spec.apply_overrides(data, ["steps.zzz.x=1"], "p.yaml")
     with pytest.raises(SpecError, match="dotted.key=value"):
         spec.apply_overrides(data, ["novalue"], "p.yaml")
+    with pytest.raises(SpecError, match="s: cannot override inside a value that is not a mapping"):
+        spec.apply_overrides(data, ["s.x=1"], "p.yaml")  # s is "text"
 
 
 def test_yaml_errors(tmp_path) -> None:
@@ -112,5 +114,7 @@ def test_yaml_errors(tmp_path) -> None:
         spec.read_yaml(str(listy))
     with pytest.raises(SpecError, match="kind: expected one of synth, train"):
         spec.parse({"kind": "trian", "name": "x"}, "k.yaml")
+    with pytest.raises(SpecError, match=r"kind: expected one of synth, .*, got \['serve'\]"):
+        spec.parse({"kind": ["serve"], "name": "x"}, "k.yaml")
     with pytest.raises(SpecError, match="name: missing required key"):
         spec.parse({"kind": "train"}, "k.yaml")

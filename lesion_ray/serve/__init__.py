@@ -52,11 +52,13 @@ def serve_config(spec: ServeSpec) -> dict[str, Any]:
 
 
 def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None) -> dict[str, Any]:
-    """Serve until Ctrl-C, SIGTERM, ``stop`` or ``serve delete``; then delete the application, shut Serve down."""
+    """Serve until Ctrl-C, SIGTERM, ``stop`` or ``serve delete``; then delete the application, and shut Serve down
+    unless other applications run on the cluster."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
     serve.start(proxy_location=spec.proxy_location, http_options=serve_config(spec)["http_options"])
     serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
-    url = f"http://{spec.host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host  # an IPv6 address in a URL
+    url = f"http://{host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
     info = serve.get_deployment_handle("SegmentationModel", app_name=spec.name).info.remote().result()
     model = f"{info['name']}@{info['version']}"
     report.info(f"serving {model} at {url} (web page), {url}v1/segment, {url}v1/predict; Ctrl-C to stop")
@@ -64,7 +66,8 @@ def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None
     stopped_by = _wait(spec.name, stop or threading.Event())
     if stopped_by != "application deleted":
         serve.delete(spec.name)
-    serve.shutdown()
+    if not serve.status().applications:  # an attached cluster's other applications stay up
+        serve.shutdown()
     return {"url": url, "model": model, "stopped_by": stopped_by, "served_s": round(time.monotonic() - started, 1)}
 
 

@@ -99,7 +99,8 @@ def read_token(spec: ServeSpec) -> bytes | None:
         token = os.environ.get(spec.auth_token_env, "").strip()
         if not token:
             raise RuntimeError(f"auth_token_env: the environment variable {spec.auth_token_env} is not set or empty; "
-                               f"export {spec.auth_token_env}=<token> where the server runs")
+                               f"export {spec.auth_token_env}=<token> where the server runs (on an attached or "
+                               "remote cluster: on every Ray node, before `ray start`), or use auth_token_file")
         return token.encode()
     if spec.auth_token_file:
         try:

@@ -26,7 +26,6 @@ from pydantic import BaseModel, Field, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE, parse_options_header
 from ray import serve
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -278,8 +277,6 @@ async def _no_tracebacks(request: Request, call_next: Any) -> Response:
     """Anything unexpected is logged here and answered without internals."""
     try:
         return await call_next(request)
-    except BackPressureError:
-        return JSONResponse({"error": "the server is busy: retry shortly"}, status_code=503)
     except Exception:
         logger.exception(f"{request.method} {request.url.path} failed")
         return JSONResponse({"error": "internal error: the server logged the details"}, status_code=500)
