@@ -278,7 +278,7 @@ def discover_ground_truth(uri: str, subset: str = "Validation", task: int = 1) -
     if not out:
         raise ValueError(
             f"no Task {task} masks found under {uri}: expected ISIC_<id>_"
-            f"{'segmentation' if task == 1 else 'attribute_<name>'}.png files"
+            f"{'segmentation' if task == 1 else 'attribute_<name>'}.png files (check task and subset)"
         )
     if problems:
         report.info(f"ground truth under {uri}: ignored {len(problems)} files, e.g. {problems[0].path}")

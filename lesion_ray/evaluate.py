@@ -274,11 +274,7 @@ def write_page(uri: str, job: EvaluateSpec, result: dict[str, Any], groups: list
 
 
 def run(spec: EvaluateSpec, settings: Settings) -> dict[str, Any]:
-    truth = data.discover_ground_truth(spec.ground_truth, spec.subset, spec.task)
-    if not truth:
-        raise ValueError(
-            f"no Task {spec.task} ground truth found under {spec.ground_truth} (subset {spec.subset}): point "
-            "ground_truth at an ISIC root or at its ground-truth folder, and check task and subset")
+    truth = data.discover_ground_truth(spec.ground_truth, spec.subset, spec.task)  # raises when there is none
     predictions = index_predictions(spec.predictions)
     items = pair_items(truth, predictions)
     extra = len(set(predictions) - {(item["id"], item["attribute"]) for item in items})
@@ -307,8 +303,8 @@ def run(spec: EvaluateSpec, settings: Settings) -> dict[str, Any]:
                    ["id", "attribute", "detail"]).to_pylist()]
         for name in PROBLEMS
     }
-    for name, values in metrics.image_scores(counts).items():
-        table = table.append_column(name, pa.array(values))
+    for name, values in metrics.image_scores(counts).items():  # NaN where nothing was scored (a problem row)
+        table = table.append_column(name, pa.array(np.where(scored, values, np.nan)))
 
     out = storage.normalize(spec.output)
     result = {

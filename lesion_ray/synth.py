@@ -329,7 +329,8 @@ def run(spec: SynthSpec, settings: Settings) -> dict[str, Any]:
     """Generate ``num_images`` training and ``validation_images`` validation images on Ray."""
     total = spec.num_images + spec.validation_images
     if storage.exists(storage.join(spec.output, SUBSET_FOLDERS["Training"][0])):
-        report.info(f"{spec.output} already holds a data set: images with the same ids are overwritten")
+        report.info(f"{spec.output} already holds a data set: images with the same ids are overwritten and the "
+                    "others stay (with other num_images or validation_images, use an empty output folder)")
     start = time.monotonic()
     tasks = preprocess.task_pool()
     # The read capped as the writing: uncapped, its tiny tasks would start a process per logical CPU.

@@ -54,7 +54,7 @@ class TrainSpec(JobSpec):
     epochs: int = Field(10, ge=1, description="total epochs (a resumed run continues up to this)")
     batch_size: int = Field(8, ge=1, description="images per worker per step")
     lr: float = Field(1e-3, ge=0, description="Adam learning rate")
-    seed: int = Field(0, description="seed of the split, the initial weights and the augmentation")
+    seed: int = Field(0, ge=0, description="seed of the split, the initial weights and the augmentation")
     num_workers: _Workers | Pair[_Workers] = Field(
         2, description="training workers, or [min, max] for elastic training that grows when resources appear")
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs each worker reserves")
@@ -87,12 +87,16 @@ class TrainSpec(JobSpec):
             raise PydanticCustomError("rule", "use only letters, digits, '.', '_' and '-'", {"key": "model_name"})
         if self.split_csv is None and self.val_fraction <= 0:
             raise PydanticCustomError("rule", "must be above 0 (or give split_csv)", {"key": "val_fraction"})
+        if self.model.pretrained_encoder:  # absolute: Train's workers run in folders of their own
+            self.model.pretrained_encoder = storage.normalize(self.model.pretrained_encoder)
         return self
 
     def check(self, ctx: CheckContext) -> None:
         super().check(ctx)
         if self.registry:  # train publishes there
             check_uris({"registry": OutputUri(self.registry)}, ctx)
+        if self.model.pretrained_encoder:
+            check_uris({"model": {"pretrained_encoder": InputUri(self.model.pretrained_encoder)}}, ctx)
 
     def produces(self) -> list[str]:
         return [*super().produces(), *([self.registry] if self.registry else []), f"model:{self.model_name}"]
@@ -125,21 +129,21 @@ def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     bad_ids = {row["id"] for row in bad}
     counts = {name: sum(s.id not in bad_ids for s in samples) for name, samples in splits.items()}
     report.info(f"{counts['train']} training and {counts['validation']} validation images, {len(bad)} unreadable")
-    if not counts["validation"]:
-        raise ValueError(f"none of the {len(splits['validation'])} validation images is readable: nothing to score")
+    for split, purpose in (("train", "to learn from"), ("validation", "to score")):
+        if not counts[split]:
+            raise ValueError(f"none of the {len(splits[split])} {split} images is readable: nothing {purpose}; fix or "
+                             "remove the files skipped above")
 
     mlflow = MlflowTarget.resolve(spec.mlflow)
     epoch_log = EpochLog(spec.epochs, output, spec.tensorboard, mlflow, spec.name, spec.model_dump(mode="json"))
-    result = _trainer(spec, datasets, output, epoch_log).fit()
-    run_id = mlflow.recorded_run(output) if mlflow else None
-    try:
-        if result.error:
-            raise RuntimeError(f"training failed: {result.error}")
+    try:  # fit() raises when training fails for good: the MLflow run then ends as failed, not running
+        result = _trainer(spec, datasets, output, epoch_log).fit()
         summary = _finish(spec, result, output, counts, len(bad))
     except Exception:
-        if run_id:
-            mlflow.finish(run_id, [], {}, failed=True)
+        if mlflow and (failed_run := mlflow.recorded_run(output)):
+            mlflow.finish(failed_run, [], {}, failed=True)
         raise
+    run_id = mlflow.recorded_run(output) if mlflow else None
     if run_id:
         artifacts = [storage.join(output, name)
                      for name in (report_page.PAGE_FILE, "training.png", "metrics.csv", "split.csv")]

@@ -18,6 +18,7 @@ from lesion_ray import data, metrics, registry, spec, storage, train
 from lesion_ray.augment import AugmentConfig, augment
 from lesion_ray.losses import compute_loss
 from lesion_ray.models import ModelConfig, build_model
+from lesion_ray.spec import CheckContext
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +200,26 @@ def test_spec_rules(isic: str, tmp_path) -> None:
     elastic = _spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), num_workers=[1, 2])
     assert elastic.num_workers == (1, 2)
     assert "model:tiny" in elastic.produces()
+    with pytest.raises(spec.SpecError, match="seed: must be at least 0, got -1"):
+        _spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), seed=-1)
+    # Made absolute where the spec is read: Train's workers run in folders of their own.
+    pretrained = {"architecture": "multitask_unet", "input_size": 32, "pretrained_encoder": "weights/vgg16.pth"}
+    relative = _spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), model=pretrained)
+    assert relative.model.pretrained_encoder == os.path.abspath("weights/vgg16.pth")
+    with pytest.raises(spec.SpecError, match="model.pretrained_encoder: nothing found at"):
+        relative.check(CheckContext("test"))
+
+
+def test_no_readable_training_image_is_an_error_before_training(ray_local, settings, make_isic, tmp_path) -> None:
+    isic = make_isic(str(tmp_path / "isic"), num_images=6)
+    inputs = tmp_path / "isic" / "ISIC2018_Task1-2_Training_Input"
+    ids = sorted(path.stem for path in inputs.glob("*.jpg"))
+    for image_id in ids[2:]:  # the training split's images are broken, the validation ones fine
+        (inputs / f"{image_id}.jpg").write_bytes(b"not a jpeg")
+    split = tmp_path / "split.csv"
+    split.write_text("id,split\n" + "".join(f"{i},{'validation' if n < 2 else 'train'}\n" for n, i in enumerate(ids)))
+    with pytest.raises(ValueError, match="none of the 4 train images is readable: nothing to learn from"):
+        train.run(_spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), split_csv=str(split)), settings)
 
 
 def test_augment_moves_image_and_mask_together() -> None:

@@ -125,6 +125,7 @@ class LoopbackCluster:
                 return
             except (OSError, json.JSONDecodeError):  # HTTPError is an OSError
                 time.sleep(0.5)
+        self._own_root = False  # keep the folder: the error points at its log
         self.shutdown()
         raise RuntimeError(f"the Ray head did not come up within {timeout_s:g} s; see {self.root}/head.log")
 
