@@ -41,23 +41,24 @@ def new_queue() -> Queue:
     return Queue(maxsize=QUEUED_PAGES, actor_options={"num_cpus": 0})
 
 
-def dataset(queue: Queue) -> ray.data.Dataset:
-    """A dataset of the queue's pages: rows ``id``, ``source`` and (empty) ``masks``, a block per read task."""
+def dataset(queue: Queue, batch_size: int) -> ray.data.Dataset:
+    """A dataset of the queue's pages: rows ``id``, ``source`` and (empty) ``masks``, blocks of ``batch_size``."""
     # No CPU for the read tasks: they only pass pages on, and must not keep decoding tasks from a core.
     # As many blocks as read tasks: Ray Data would otherwise split each task's output into many small blocks.
     # No retries of a read task (Ray Data retries tasks without limit): a rerun would take new pages from the
     # queue and leave those its first run took undone; a lost reader fails the pass, which predict reruns.
-    return ray.data.read_datasource(QueueSource(queue), override_num_blocks=READ_TASKS,
+    return ray.data.read_datasource(QueueSource(queue, batch_size), override_num_blocks=READ_TASKS,
                                     concurrency=READERS, num_cpus=0, ray_remote_args={"max_retries": 0})
 
 
 class QueueSource(Datasource):
     """A Ray Data source fed as the listing goes: ``READ_TASKS`` read tasks, each taking up to a few pages
-    of ``(id, source)`` from a queue; ``None`` in the queue is the end of the listing."""
+    of ``(id, source)`` from a queue, handed on as blocks of ``batch_size`` source rows (so that a short
+    listing still spreads over every inference actor); ``None`` in the queue is the end of the listing."""
 
-    def __init__(self, queue: Queue) -> None:
+    def __init__(self, queue: Queue, batch_size: int) -> None:
         super().__init__()
-        self.queue = queue
+        self.queue, self.batch_size = queue, batch_size
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -65,17 +66,19 @@ class QueueSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
         metadata = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=None)
-        return [ReadTask(functools.partial(_read_pages, self.queue, min(1 + i, PAGES_PER_READ)), metadata)
-                for i in range(READ_TASKS)]
+        return [ReadTask(functools.partial(_read_pages, self.queue, self.batch_size, min(1 + i, PAGES_PER_READ)),
+                         metadata) for i in range(READ_TASKS)]
 
 
-def _read_pages(queue: Queue, pages: int) -> Iterator[pa.Table]:
+def _read_pages(queue: Queue, batch_size: int, pages: int) -> Iterator[pa.Table]:
     for _ in range(pages):
         if (page := queue.get()) is None:
             queue.put(None)  # the end of the listing, for the read tasks after this one
             return
-        yield pa.table({"id": [i for i, _ in page], "source": [s for _, s in page],
-                        "masks": pa.array([[]] * len(page), pa.list_(pa.string()))})
+        for start in range(0, len(page), batch_size):
+            chunk = page[start : start + batch_size]
+            yield pa.table({"id": [i for i, _ in chunk], "source": [s for _, s in chunk],
+                            "masks": pa.array([[]] * len(chunk), pa.list_(pa.string()))})
 
 
 class Window:

@@ -298,7 +298,7 @@ def _write_refused(rows: list[tuple[str, str, str, str]], ledger: manifest.Ledge
 def _pipeline(spec: PredictSpec, queue: Queue, found: registry.Resolved, config: ModelConfig, out: str,
               threshold: float, overlay_ids: set[str] | None, run_id: str) -> ray.data.Dataset:
     weights_bytes = storage.file_size(found.model_file) or 0
-    ds = feed.dataset(queue)
+    ds = feed.dataset(queue, spec.batch_size)
     # A read task's output is one block: split it into batches, streamed, so that decoding runs in parallel
     # tasks and every inference actor gets work.
     ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
