@@ -316,7 +316,8 @@ def test_the_actor_layout_follows_the_clusters_gpus_cores_and_cpus() -> None:
     one_node = predict.actor_layout(spec, 0, 6, 8)
     assert (one_node.gpus_per_actor, one_node.min_actors, one_node.max_actors) == (0.0, 6, 6)  # one per core
     # 8 cores under the embedded Ray's 8 CPUs: one CPU stays for a decoding and a writing task.
-    assert (predict.actor_layout(spec, 0, 8, 8).min_actors, predict.actor_layout(spec, 0, 8, 8).max_actors) == (7, 7)
+    eight_cores = predict.actor_layout(spec, 0, 8, 8)
+    assert (eight_cores.min_actors, eight_cores.max_actors) == (7, 7)
     assert predict.actor_layout(spec, 0, 64, 64).max_actors == predict.MAX_CPU_ACTORS
     assert predict.actor_layout(spec, 0, 2, 1).max_actors == 1
     two_cores_each = predict.actor_layout(unplaced_spec(input="in", model="m@1", output="out", cpus_per_actor=2), 0, 6,
