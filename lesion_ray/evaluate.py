@@ -54,7 +54,8 @@ PROBLEM_DESCRIPTIONS = {
 }
 EXAMPLES_PER_GROUP = 4  # images shown as the worst, the median and the best
 _PREDICTION_NAME = re.compile(
-    rf"_(?:segmentation|attribute_(?P<attribute>{'|'.join(data.ATTRIBUTES)}))(?:_prediction)?\.png$"
+    rf"_(?:segmentation|attribute_(?P<attribute>{'|'.join(data.ATTRIBUTES)}))(?:_prediction)?\.png$",
+    re.IGNORECASE,  # as the ground truth's names are matched
 )
 
 
@@ -79,7 +80,7 @@ def index_predictions(uri: str) -> dict[tuple[str, str], list[str]]:
     for info in storage.list_files(uri, (".png",)):
         match = _PREDICTION_NAME.search(storage.basename(info.uri))
         if match:
-            key = (data.sample_id(info.uri), match["attribute"] or "segmentation")
+            key = (data.sample_id(info.uri), (match["attribute"] or "segmentation").lower())
             found.setdefault(key, []).append(info.uri)
     return found
 

@@ -33,7 +33,7 @@ def test_task1_hand_computed_with_bad_predictions(ray_local, settings, tmp_path)
     pred = tmp_path / "pred"
     for i in range(1, 6):
         storage.write_bytes(str(gt / f"ISIC_000000{i}_segmentation.png"), png(TRUTH))
-    storage.write_bytes(str(pred / "ISIC_0000001_segmentation.png"), png(TRUTH))  # perfect
+    storage.write_bytes(str(pred / "ISIC_0000001_Segmentation.PNG"), png(TRUTH))  # perfect (names in any case)
     storage.write_bytes(str(pred / "ISIC_0000002_segmentation.png"), png(PARTIAL))  # J 0.6
     # ISIC_0000003: missing
     storage.write_bytes(str(pred / "ISIC_0000004_segmentation.png"), png(np.zeros((3, 3), np.uint8)))
