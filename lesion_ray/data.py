@@ -286,13 +286,15 @@ def discover_ground_truth(uri: str, subset: str = "Validation", task: int = 1) -
 
 
 def split_samples(
-    samples: list[Sample], val_fraction: float = 0.2, seed: int = 0, split_csv: str | None = None
+    samples: list[Sample], val_fraction: float = 0.2, seed: int = 0, split_csv: str | None = None,
+    advice: str = "add a row id,split for each, or drop split_csv to split by seed",
 ) -> dict[str, list[Sample]]:
     """``{"train": [...], "validation": [...]}``: seeded and independent of input order, or from a CSV.
 
     Each list is sorted by id. With ``val_fraction`` > 0 and two or more samples, neither is empty.
 
-    The CSV has a header ``id,split`` and splits ``train`` or ``validation``; every sample must be in it.
+    The CSV has a header ``id,split`` and splits ``train`` or ``validation``; every sample must be in it, else the
+    error ends with ``advice``.
     """
     ordered = sorted(samples, key=lambda s: s.id)
     if split_csv:
@@ -300,8 +302,7 @@ def split_samples(
         missing = [s.id for s in ordered if s.id not in assignment]
         if missing:
             raise ValueError(
-                f"{len(missing)} samples are not in {split_csv} (e.g. {', '.join(missing[:_EXAMPLES])}): "
-                "add a row id,split for each, or drop split_csv to split by seed"
+                f"{len(missing)} samples are not in {split_csv} (e.g. {', '.join(missing[:_EXAMPLES])}): {advice}"
             )
         return {name: [s for s in ordered if assignment[s.id] == name] for name in SPLITS}
     if not 0 <= val_fraction < 1:

@@ -115,9 +115,11 @@ def run(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     found = data.discover(spec.data, "Training", task=spec.model.task)
     report.info(f"training data: {found.summary()}")
     split_uri = storage.join(output, "split.csv")
-    # A resumed run keeps its split even when the seed or fraction changed since.
-    split_source = spec.split_csv or (split_uri if storage.exists(split_uri) else None)
-    splits = data.split_samples(found.samples, spec.val_fraction, spec.seed, split_source)
+    if spec.split_csv or not storage.exists(split_uri):
+        splits = data.split_samples(found.samples, spec.val_fraction, spec.seed, spec.split_csv)
+    else:  # a resumed run keeps its split even when the seed or fraction changed since, but not new images
+        splits = data.split_samples(found.samples, split_csv=split_uri, advice=(
+            "the training data changed since this output's run started: train into a new output"))
     if not splits["train"] or not splits["validation"]:
         raise ValueError(f"the split has {len(splits['train'])} training and {len(splits['validation'])} validation "
                          "images; both need at least one: add images or change val_fraction")

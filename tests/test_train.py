@@ -222,6 +222,16 @@ def test_no_readable_training_image_is_an_error_before_training(ray_local, setti
         train.run(_spec(isic, str(tmp_path / "o"), str(tmp_path / "r"), split_csv=str(split)), settings)
 
 
+def test_a_resumed_run_refuses_images_its_split_lacks(settings, make_isic, tmp_path) -> None:
+    isic = make_isic(str(tmp_path / "isic"), num_images=4)
+    ids = sorted(path.stem for path in (tmp_path / "isic" / "ISIC2018_Task1-2_Training_Input").glob("*.jpg"))
+    output = tmp_path / "o"  # as a run on the first three images left it
+    storage.write_text(str(output / "split.csv"), "id,split\n" + "".join(f"{i},train\n" for i in ids[:3]))
+    with pytest.raises(ValueError, match=re.escape(f"1 samples are not in {output}/split.csv (e.g. {ids[3]}): the "
+                                                   "training data changed since this output's run started")):
+        train.run(_spec(isic, str(output), str(tmp_path / "r")), settings)
+
+
 def test_augment_moves_image_and_mask_together() -> None:
     torch.manual_seed(0)
     image = torch.zeros(4, 3, 32, 32)
