@@ -12,7 +12,9 @@ head1 [B, C], head2 [B, C])`` without a sigmoid; C is 1 (Task 1, lesion) or 5 (T
 from __future__ import annotations
 
 import io
-from typing import Literal
+import pickle
+import re
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -179,10 +181,24 @@ def build_model(config: ModelConfig) -> nn.Module:
     return UNet(config.num_classes, config.num_filters, config.depth)
 
 
+def load_tensors(uri: str, advice: str) -> Any:
+    """``torch.load`` of a file that may hold only tensors, numbers, strings, lists and dicts (``weights_only``), so
+    that a file from shared storage cannot run code. A file it refuses (a whole pickled model, a tampered
+    checkpoint, something else) is a ValueError saying why, then ``advice``: torch's own advises turning
+    weights_only off, the very thing to avoid."""
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        reason = (f"it holds a {unsafe[1].rstrip('.')} object, and loading objects other than tensors, numbers, "
+                  "strings, lists and dicts could run code" if unsafe else "it is not a file torch.save wrote")
+        raise ValueError(f"refused to load {uri}: {reason}. {advice}") from None
+
+
 def load_vgg16_encoder(model: MultiTaskUNet, uri: str) -> None:
     """Copy VGG16 convolution weights from a state_dict file (torchvision's ``features.N.*`` or a bare ``N.*``,
     either may be ``module.``-prefixed) into ``model.encoder``. Nothing is downloaded: the user provides the file."""
-    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    state = load_tensors(uri, "Give the state_dict of a torchvision vgg16: torch.save(vgg16.state_dict(), path).")
     if not isinstance(state, dict):
         raise ValueError(f"pretrained_encoder {uri} is not a state_dict (got {type(state).__name__})")
     stripped = ((key.removeprefix("module.").removeprefix("features.").removeprefix("encoder."), tensor)

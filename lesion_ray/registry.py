@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from lesion_ray import storage
-from lesion_ray.models import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model, load_tensors
 from lesion_ray.spec import CheckContext, CheckedStr, default_registry
 
 MODEL_FILE, CONFIG_FILE, METRICS_FILE, LATEST_FILE = "model.pt", "config.json", "metrics.json", "latest.json"
@@ -51,7 +51,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """A state_dict file as saved here, by ``nn.DataParallel``/DDP (``module.`` keys) or wrapped
     in ``{"state_dict": ...}`` / ``{"model": ...}`` as many training scripts save it."""
-    state = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    state = load_tensors(uri, "Save the weights with torch.save(model.state_dict(), path).")
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import tempfile
 import time
@@ -35,7 +34,7 @@ from lesion_ray import data, figures, metrics, preprocess, registry, report, rep
 from lesion_ray.augment import AugmentConfig, augment
 from lesion_ray.inference import AUTOCAST_DTYPES, Precision
 from lesion_ray.losses import LossConfig, compute_loss
-from lesion_ray.models import ModelConfig, build_model
+from lesion_ray.models import ModelConfig, build_model, load_tensors
 from lesion_ray.settings import Settings
 from lesion_ray.spec import CheckContext, InputUri, JobSpec, OutputUri, Pair, RegistryUri, check_uris
 from lesion_ray.tracking import TENSORBOARD_DIR, EpochLog, MlflowConfig, MlflowTarget
@@ -396,17 +395,8 @@ def train_loop(config: dict[str, Any]) -> None:
 def read_train_state(folder: str) -> dict[str, Any]:
     """A checkpoint's train state (epoch, history, optimizer and scheduler state), ``weights_only``: a checkpoint
     in shared storage that someone tampered with must not run code in every training worker."""
-    path = os.path.join(folder, TRAIN_STATE_FILE)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's message advises turning weights_only off, the very thing to avoid: keep only what it found.
-        found = [line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        reason = found[0].strip().rstrip(".") if found else type(exc).__name__
-        raise ValueError(f"refused to load {TRAIN_STATE_FILE} of the checkpoint {folder}: it holds objects other "
-                         f"than tensors, numbers, strings, lists and dicts, and loading them could run code "
-                         f"({reason}). Resume from a checkpoint lesion-ray wrote, or start a new run in another "
-                         "output folder.") from None
+    return load_tensors(os.path.join(folder, TRAIN_STATE_FILE), "Resume from a checkpoint lesion-ray wrote, or "
+                        "start a new run in another output folder.")
 
 
 def _all_sum(values: np.ndarray, device: torch.device) -> np.ndarray:

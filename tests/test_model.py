@@ -55,6 +55,10 @@ def test_pretrained_encoder_rejects_other_weights(tmp_path) -> None:
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
     with pytest.raises(ValueError, match="no VGG16 convolution weights"):
         build(ModelConfig(architecture="multitask_unet", num_filters=4, pretrained_encoder=str(path)))
+    torch.save(vgg16_features(), path)  # the module itself, not its state_dict
+    with pytest.raises(ValueError, match=r"resnet.pth: it holds a torch.nn.modules.container.Sequential object, .* "
+                                         r"Give the state_dict of a torchvision vgg16: torch.save\(vgg16.state_dict"):
+        build(ModelConfig(architecture="multitask_unet", num_filters=4, pretrained_encoder=str(path)))
 
 
 def test_config_validation() -> None:

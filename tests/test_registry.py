@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,6 +87,20 @@ def test_module_prefixed_and_wrapped_files_load(tmp_path) -> None:
     wrapper = torch.nn.DataParallel(build_model(CONFIG))
     assert all(k.startswith("module.") for k in wrapper.state_dict())
     assert not any(k.startswith("module.") for k in registry.plain_state_dict(wrapper))
+
+
+def test_a_file_that_is_not_a_state_dict_is_refused_with_advice(tmp_path) -> None:
+    _model_dir(str(tmp_path / "m"))
+    model_file = tmp_path / "m" / "model.pt"
+    torch.save(build_model(CONFIG), model_file)  # the whole pickled model, as some training scripts save it
+    with pytest.raises(ValueError, match=re.escape(
+            f"refused to load {model_file}: it holds a lesion_ray.models.UNet object, and loading objects other than "
+            "tensors, numbers, strings, lists and dicts could run code. Save the weights with "
+            "torch.save(model.state_dict(), path).")):
+        registry.load_model(str(tmp_path / "m"))
+    model_file.write_bytes(b"not torch")
+    with pytest.raises(ValueError, match=re.escape(f"refused to load {model_file}: it is not a file torch.save wrote")):
+        registry.load_model(str(tmp_path / "m"))
 
 
 def test_bad_references(tmp_path) -> None:
