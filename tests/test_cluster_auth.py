@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lesion_ray.testing import wait_for
 from lesion_ray.testing.loopback import AGENT_PORT_FLAGS, free_port, kill_node
 
 StartNode = Callable[..., str]
@@ -92,13 +92,12 @@ def _submit(dashboard: str, token: str | None = None) -> int:
     return _request(f"{dashboard}/api/jobs/", token, {"entrypoint": "echo ran"})[0]
 
 
-def _wait_for(what: str, check: Callable[[], bool], logs: Path, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            log_tails = {p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")}
-            pytest.fail(f"timed out waiting for {what}; logs: {log_tails}")
-        time.sleep(1)
+def _wait_for(what: str, check: Callable[[], bool], logs: Path) -> None:
+    try:
+        wait_for(what, check, timeout_s=120)
+    except TimeoutError as exc:
+        log_tails = {p.name: p.read_text(errors="replace")[-2000:] for p in logs.glob("*.log")}
+        pytest.fail(f"{exc}; logs: {log_tails}")
 
 
 def _answers(url: str) -> bool:

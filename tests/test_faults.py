@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 
 import yaml
-from test_predict_safety import _lesion_ray
-from test_quickstart import RAY_LINE, REPO
+from test_quickstart import RAY_LINE, REPO, start_cli
 
 from lesion_ray import manifest, storage
 
@@ -22,11 +21,11 @@ def test_the_main_job_on_s3_rides_out_failing_requests(s3_bucket, faulty_s3, tmp
     cluster = tmp_path / "cluster.yaml"  # the registry on S3 too
     cluster.write_text(yaml.safe_dump({"kind": "local", "name": "faults", "num_cpus": 4,
                                        "object_store_memory": "256MB", "registry": f"{root}/registry"}))
-    run = _lesion_ray(tmp_path, str(tmp_path / "quickstart.yaml"), str(cluster), "--verbose",
-                      "steps.synth.num_images=20", "steps.synth.validation_images=4", "steps.synth.width=[64, 96]",
-                      "steps.train.epochs=1", "steps.train.num_workers=1", "steps.train.mlflow.enabled=false",
-                      f"steps.synth.output={root}/data", f"steps.train.output={root}/train",
-                      f"steps.predict.output={root}/predictions", f"steps.evaluate.output={root}/evaluation")
+    run = start_cli(tmp_path, str(tmp_path / "quickstart.yaml"), "--cluster", str(cluster), "--verbose",
+                    "steps.synth.num_images=20", "steps.synth.validation_images=4", "steps.synth.width=[64, 96]",
+                    "steps.train.epochs=1", "steps.train.num_workers=1", "steps.train.mlflow.enabled=false",
+                    f"steps.synth.output={root}/data", f"steps.train.output={root}/train",
+                    f"steps.predict.output={root}/predictions", f"steps.evaluate.output={root}/evaluation")
     output, _ = run.communicate(timeout=600)
     assert run.returncode == 0, output[-4000:]
     methods = {method for method, _ in proxy.forwarded}

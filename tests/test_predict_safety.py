@@ -6,19 +6,17 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import ray
 import yaml
 from test_predict import jpeg, make_spec, publish_tiny_model
+from test_quickstart import start_cli
 
 from lesion_ray import cli, manifest, predict, storage
+from lesion_ray.testing import wait_for
 
 
 @pytest.mark.parametrize("input_, output", [
@@ -45,14 +43,6 @@ def _manifest(out: str) -> list[dict]:
     return pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}"))).to_pylist()
 
 
-def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings, tmp_path) -> None:
     reg = str(tmp_path / "registry")
     ref = publish_tiny_model(tmp_path, reg, task=1)
@@ -72,7 +62,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     runner = threading.Thread(target=first_run)
     runner.start()
     masks = tmp_path / "out" / "masks"
-    _wait_for(lambda: masks.is_dir() and len(os.listdir(masks)) >= 10, "the first masks")
+    wait_for("the first masks", lambda: masks.is_dir() and len(os.listdir(masks)) >= 10, 120)
 
     # A second run into the same output is refused while the first one owns it.
     with pytest.raises(predict.OutputLocked, match=r"in use by predict run by .* \(pid \d+\).*take_over_lock=true"):
@@ -93,15 +83,6 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     assert len(os.listdir(masks)) == 120
     assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{manifest.PARTS_DIR}")
     assert predict.run(spec, settings)["resumed"] == 120  # the lock is gone with the run that held it
-
-
-def _lesion_ray(workdir: Path, job: str, cluster: str, *overrides: str, **env: str) -> subprocess.Popen:
-    """``lesion-ray run`` in ``workdir`` (where its runs/ folder goes) as a user starts it, ``env`` added to the
-    session's environment."""
-    # Its own session: killing the group is the driver and its embedded Ray dying at once.
-    return subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", job, "--cluster", cluster, *overrides],
-                            cwd=workdir, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
 
 
 def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faulty_s3, tmp_path) -> None:
@@ -125,18 +106,18 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
     # 1, 2 and 4 s (botocore's) instead of 7 (up to 71 s in all); the proxy's 3 % are one request in 33, so a retried
     # request meets another fault only when 33 other requests passed in between.
     attempts = {"AWS_MAX_ATTEMPTS": "4"}
-    first = _lesion_ray(tmp_path, str(job), str(cluster), **attempts)
+    first = start_cli(tmp_path, str(job), "--cluster", str(cluster), env=attempts)
     parts = f"{out}/{manifest.PARTS_DIR}"
-    _wait_for(lambda: first.poll() is not None or (storage.exists(parts) and len(storage.list_files(parts)) >= 3),
-              "manifest parts", 180)
+    wait_for("manifest parts",
+             lambda: first.poll() is not None or (storage.exists(parts) and len(storage.list_files(parts)) >= 3), 180)
     assert first.poll() is None, f"the run ended before it could be killed:\n{first.communicate()[0][-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)
     first.communicate(timeout=30)
     # Ray's workers outlive their driver by a moment (a task may still finish its part): wait until the
     # killed run's parts stop changing, so that what it finished is known before the next run starts.
     seen: list[int] = []
-    _wait_for(lambda: seen.append(len(storage.list_files(parts))) or seen[-3:] == [seen[-1]] * 3 and len(seen) > 2,
-              "the killed run's last parts", 60)
+    wait_for("the killed run's last parts",
+             lambda: seen.append(len(storage.list_files(parts))) or seen[-3:] == [seen[-1]] * 3 and len(seen) > 2, 60)
 
     finished = {row["id"] for row in manifest.read(out).to_pylist() if row["status"] == "ok"}
     assert finished and len(finished) < len(ids) - 1
@@ -148,7 +129,7 @@ def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faul
 
     proxy.forwarded.clear()
     proxy.faulted.clear()
-    resumed = _lesion_ray(tmp_path, str(job), str(cluster), "take_over_lock=true", **attempts)
+    resumed = start_cli(tmp_path, str(job), "--cluster", str(cluster), "take_over_lock=true", env=attempts)
     output, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, output[-3000:]
     # The faults were real and the job still went through: the broken object's, and others' that retries rode out.

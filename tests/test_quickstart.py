@@ -38,11 +38,19 @@ def copy_jobs(folder: Path) -> Path:
     return folder
 
 
+def start_cli(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``lesion-ray run ARGS`` started in ``workdir`` (where its runs/ folder goes) as a user starts it, ``env``
+    added to the session's environment; its console (stdout and stderr) in one text pipe. It runs in a session of
+    its own: killing the group is the driver and the Ray it started dying at once."""
+    return subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", *args], cwd=workdir,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
 def run_cli(workdir: Path, *args: str, timeout_s: float = 900) -> list[str]:
-    """``lesion-ray run ARGS`` in ``workdir`` as a user runs it; its console lines (stdout and stderr).
-    On a timeout the whole process group goes (the Ray it started too), not only the command."""
-    with subprocess.Popen([sys.executable, "-m", "lesion_ray.cli", "run", *args], cwd=workdir, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True) as command:
+    """``lesion-ray run ARGS`` in ``workdir`` run to its end; its console lines. On a timeout the whole process
+    group goes (the Ray it started too), not only the command."""
+    with start_cli(workdir, *args) as command:
         try:
             output, _ = command.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

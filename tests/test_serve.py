@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import threading
@@ -26,6 +27,7 @@ from lesion_ray.registry import LoadedModel, ModelRef
 from lesion_ray.serve import config as serve_config
 from lesion_ray.serve import deployment, ingress
 from lesion_ray.spec import CheckContext, SpecError, from_dict
+from lesion_ray.testing import wait_for
 from lesion_ray.testing.loopback import free_port
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
@@ -93,16 +95,13 @@ def app(ray_local, settings, tmp_path_factory):
     thread = threading.Thread(target=lambda: summary.update(lserve.run(spec, settings, stop)), daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{spec.port}/"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "healthz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("the Serve app did not become healthy within 240 s")
+
+    def healthy() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(base + "healthz", timeout=5).status_code == 200
+        return False
+
+    wait_for("the Serve app to become healthy", healthy, 240)
     yield {"url": base, "spec": spec, "registry": registry_uri, "work": work}
     stop.set()
     thread.join(timeout=120)
@@ -504,9 +503,8 @@ def test_new_latest_version_switches_under_load_without_failures(app, client):
     # One model replica: once it answers v2 it never goes back (up to the 4 answers already in flight).
     assert "1" not in versions[versions.index("2") + 4:]
     publish_unet(app["registry"], app["work"], 3, broken=True)
-    deadline = time.monotonic() + 30  # the replica polls every 0.5 s: it must find v3, try it and refuse it
-    while (refused := client.get("v1/model").json()["refused_version"]) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert refused is not None and refused["version"] == "3" and "NaN" in refused["reason"], refused
+    # The replica polls every 0.5 s: it must find v3, try it and refuse it.
+    refused = wait_for("the replica to refuse v3", lambda: client.get("v1/model").json()["refused_version"], 30)
+    assert refused["version"] == "3" and "NaN" in refused["reason"], refused
     assert client.get("healthz").json() == {"status": "ok"} and client.get("v1/model").json()["version"] == "2"
     assert client.post("v1/segment", content=data).headers["x-model"] == "lesion@2"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 
 import httpx
 import numpy as np
@@ -17,6 +16,7 @@ from lesion_ray import serve as lserve
 from lesion_ray.models import ModelConfig, build_model
 from lesion_ray.registry import ModelRef
 from lesion_ray.serve import deployment, ingress
+from lesion_ray.testing import wait_for
 from lesion_ray.testing.loopback import free_port
 
 CONFIG = ModelConfig(architecture="unet", task=1, input_size=32, num_filters=4, depth=2)
@@ -58,16 +58,6 @@ def app(ray_local, settings, tmp_path_factory):
     serve.shutdown()
 
 
-def wait_for(check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting for the page")
-
-
 def test_page_draws_the_served_mask_over_the_uploaded_image(browser, app):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -76,12 +66,12 @@ def test_page_draws_the_served_mask_over_the_uploaded_image(browser, app):
     image_path.write_bytes(picture())
     browser.get(app["url"])  # no trailing slash: the page redirects so its relative URLs resolve
     model = browser.find_element(By.ID, "model")
-    wait_for(lambda: "enter the token" in model.text)
+    wait_for("the page to ask for the token", lambda: "enter the token" in model.text, 60)
     browser.find_element(By.ID, "token").send_keys(TOKEN, Keys.TAB)
-    wait_for(lambda: "lesion@1" in model.text)
+    wait_for("the page to name the model", lambda: "lesion@1" in model.text, 60)
     browser.find_element(By.ID, "file").send_keys(str(image_path))
     canvas = browser.find_element(By.ID, "view")
-    wait_for(lambda: canvas.get_attribute("data-state") in ("overlay", "error"))
+    wait_for("the page to draw the answer", lambda: canvas.get_attribute("data-state") in ("overlay", "error"), 60)
     assert canvas.get_attribute("data-state") == "overlay", browser.find_element(By.ID, "status").text
     assert "lesion" in browser.find_element(By.ID, "attributes").text
 

@@ -25,13 +25,13 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
 from lesion_ray import cli, cluster, manifest, report, storage
+from lesion_ray.testing import wait_for
 from lesion_ray.testing.loopback import LoopbackCluster, free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout whose jobs/ and cluster/ the scenarios submit
@@ -50,7 +50,6 @@ DEMO_ENV = {
     # actor could start after the work is done. Waiting for both shows the spread.
     "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
 }
-T = TypeVar("T")
 
 
 def start_cluster(workers: int = 2) -> LoopbackCluster:
@@ -84,15 +83,6 @@ def write_cluster_config(nodes: LoopbackCluster, folder: Path) -> str:
     path = folder / "remote.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
-
-
-def wait_for(what: str, check: Callable[[], T], timeout_s: float = 180) -> T:
-    deadline = time.monotonic() + timeout_s
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.5)
-    return result
 
 
 def quickstart(remote: str, out: Path, small: bool = True) -> int:
