@@ -69,20 +69,19 @@ def kill_node(process: subprocess.Popen) -> None:
 class LoopbackCluster:
     """A head node (``head_cpus`` logical CPUs, dashboard and Jobs API on a free port) plus workers."""
 
-    def __init__(self, root: str | None = None, head_cpus: int = 0, timeout_s: float = 90) -> None:
-        # Default root short and under /tmp: Ray's unix socket paths must stay below ~107 characters.
-        self._own_root = root is None
-        self.root = root or tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp")
+    def __init__(self, head_cpus: int = 0) -> None:
+        # A short folder under /tmp: Ray's unix socket paths must stay below ~107 characters.
+        self.root = tempfile.mkdtemp(prefix="lr-ray-", dir="/tmp")
+        self._keep_root = False  # set when a failure keeps the folder for its logs
         self.token = uuid.uuid4().hex
         self.gcs_address = f"127.0.0.1:{free_port()}"
         dashboard_port = free_port()
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         self.nodes: dict[str, subprocess.Popen] = {}  # name -> its `ray start` process
-        os.makedirs(self.root, exist_ok=True)
         self._start("head", ["--head", f"--port={self.gcs_address.split(':')[1]}", f"--dashboard-port={dashboard_port}",
                              f"--ray-client-server-port={free_port()}",
                              "--dashboard-host=127.0.0.1", f"--num-cpus={head_cpus}", f"--temp-dir={self.root}"], {})
-        self._wait_for_dashboard(timeout_s)
+        self._wait_for_dashboard(timeout_s=90)
 
     def env(self) -> dict[str, str]:
         """Environment for `ray` commands and drivers that join this cluster."""
@@ -125,7 +124,7 @@ class LoopbackCluster:
                 return
             except (OSError, json.JSONDecodeError):  # HTTPError is an OSError
                 time.sleep(0.5)
-        self._own_root = False  # keep the folder: the error points at its log
+        self._keep_root = True  # the error points at its log
         self.shutdown()
         raise RuntimeError(f"the Ray head did not come up within {timeout_s:g} s; see {self.root}/head.log")
 
@@ -152,7 +151,7 @@ class LoopbackCluster:
             if set(alive) == set(self.nodes):
                 return alive
             if time.monotonic() > deadline:
-                self._own_root = False  # keep the logs
+                self._keep_root = True
                 raise RuntimeError(f"Ray sees nodes {sorted(alive)}, expected {sorted(self.nodes)}; "
                                    f"logs in {self.root}")
             time.sleep(0.5)
@@ -170,11 +169,11 @@ class LoopbackCluster:
         kill_node(self.nodes.pop(name))
 
     def shutdown(self) -> None:
-        """Kill every node (see :func:`kill_node`); remove the cluster's folder if this cluster made it and no failure
-        kept it for its logs."""
+        """Kill every node (see :func:`kill_node`); remove the cluster's folder unless a failure kept it for its
+        logs."""
         for name in reversed(list(self.nodes)):
             self.stop_node(name)
-        if self._own_root:
+        if not self._keep_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> LoopbackCluster:

@@ -50,12 +50,14 @@ DEMO_ENV = {
     # actor could start after the work is done. Waiting for both shows the spread.
     "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
 }
+COPIES = 5  # each quickstart validation image this many times in the multi-node predict archive
 
 
-def start_cluster(workers: int = 2) -> LoopbackCluster:
+def start_cluster() -> LoopbackCluster:
+    """A head without CPUs and two 4-CPU workers, all up."""
     nodes = LoopbackCluster(head_cpus=0)
     try:
-        for index in range(1, workers + 1):
+        for index in (1, 2):
             nodes.add_worker(f"worker{index}", num_cpus=4, resources={"trainer": 1})
         nodes.wait_for_nodes()
     except BaseException:  # no head left running behind a failed start (wait_for_nodes keeps the logs)
@@ -85,24 +87,23 @@ def write_cluster_config(nodes: LoopbackCluster, folder: Path) -> str:
     return str(path)
 
 
-def quickstart(remote: str, out: Path, small: bool = True) -> int:
-    """The main job as one submitted job; its exit status."""
-    sizes = ["steps.synth.num_images=16", "steps.synth.validation_images=4", "steps.synth.width=[96, 128]",
-             "steps.train.epochs=1"] if small else []
+def quickstart(remote: str, out: Path) -> int:
+    """The main job, small, as one submitted job; its exit status."""
     return cli.main([
-        "run", str(ROOT / "jobs" / "quickstart.yaml"), "--cluster", remote, *sizes,
+        "run", str(ROOT / "jobs" / "quickstart.yaml"), "--cluster", remote, "steps.synth.num_images=16",
+        "steps.synth.validation_images=4", "steps.synth.width=[96, 128]", "steps.train.epochs=1",
         f"steps.synth.output={out}/data", f"steps.train.output={out}/train",
         f"steps.predict.output={out}/predictions", f"steps.evaluate.output={out}/evaluation",
     ])
 
 
 def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path], archive: str,
-                         output: str, copies: int = 5) -> dict[str, Any]:
-    """Copy ``images`` (``copies`` times, so both actors get work) and one broken file into ``archive``,
+                         output: str) -> dict[str, Any]:
+    """Copy ``images`` (:data:`COPIES` times, so both actors get work) and one broken file into ``archive``,
     predict them with one actor per worker, and report the manifest's counts and nodes."""
     nodes.wait_for_nodes(timeout_s=30)  # all there: a node lost earlier would be reported here, with its logs
-    ids = [f"ISIC_{9000000 + i:07d}" for i in range(copies * len(images))]
-    for image_id, image in zip(ids, images * copies, strict=True):
+    ids = [f"ISIC_{9000000 + i:07d}" for i in range(COPIES * len(images))]
+    for image_id, image in zip(ids, images * COPIES, strict=True):
         storage.write_bytes(f"{archive}/{image_id}.jpg", image.read_bytes())
     storage.write_bytes(f"{archive}/ISIC_0099999.jpg", b"not a JPEG")  # must become an error row
     status = cli.main(["run", str(ROOT / "jobs" / "predict.yaml"), "--cluster", remote, f"input={archive}",
