@@ -189,6 +189,16 @@ def test_check_model_fails_on_nan_weights():
         deployment.check_model(served)
 
 
+def test_a_batch_prepared_for_two_input_sizes_is_one_forward_pass():
+    # Around a swap to a version with another input size, the ingress prepares some images for the old size.
+    torch.manual_seed(0)
+    served = deployment.Served.of(LoadedModel(build_model(CONFIG).eval(), CONFIG, 0.5, "lesion", "2", {}, "m"))
+    inputs = [np.full((3, 32, 32), 128, np.uint8), np.full((3, 48, 48), 128, np.uint8)]
+    first, second = deployment.forward(served, inputs)
+    assert first.probs.shape == second.probs.shape == (1, 32, 32)
+    np.testing.assert_allclose(first.probs, second.probs, atol=1e-3)  # the same grey image at either size
+
+
 def test_masks_at_resizes_then_thresholds():
     probs = np.zeros((1, 4, 4), np.float16)
     probs[0, :, :2] = 0.9

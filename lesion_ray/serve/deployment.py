@@ -63,9 +63,8 @@ def forward(served: Served, inputs: list[np.ndarray], threshold: float | None = 
             postprocess: Postprocess = "largest_component") -> list[Prediction]:
     """One forward pass over a batch of :func:`lesion_ray.serve.ingress.prepare` outputs (uint8 [3, S, S])."""
     loaded, size = served.loaded, served.loaded.config.input_size
-    x = torch.from_numpy(np.stack(inputs))
-    if x.shape[-1] != size:  # prepared for the previous version's input size, just before a swap
-        x = torch.stack([inference.resize(image, size) for image in x])
+    # Each on its own: around a swap to a version with another input size, one batch can hold both sizes.
+    x = torch.stack([inference.resize(torch.from_numpy(image), size) for image in inputs])
     probs, head1, _ = served.runner(x)
     cut = loaded.threshold if threshold is None else threshold
     return [Prediction(p, s, cut, loaded.name, loaded.version, loaded.config.task, size, postprocess)
