@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from lesion_ray import report, spec, storage
 from lesion_ray.settings import Settings
@@ -65,6 +66,14 @@ class LocalCluster(_Cluster):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for Ray (default: all detected)")
     object_store_memory: Annotated[str | int | None, AfterValidator(parse_size)] = Field(
         "4GB", validate_default=True, description="object store size: 4GB, 512MiB or bytes (held in bytes)")
+
+    @model_validator(mode="after")
+    def _rules(self) -> LocalCluster:
+        sized = [key for key in ("num_cpus", "num_gpus", "object_store_memory") if key in self.model_fields_set]
+        if self.address and sized:  # a running Ray keeps the resources its `ray start` gave it
+            raise PydanticCustomError("rule", "sizes the embedded Ray only; with address the running Ray's own "
+                                      "resources apply (its `ray start` options): remove it", {"key": sized[0]})
+        return self
 
 
 class RemoteCluster(_Cluster):

@@ -97,6 +97,8 @@ def test_pinned_requirements_follow_this_client() -> None:
         ({"kind": "remote", "address": "head:8265"}, "expected an http(s):// URL"),
         ({"kind": "local", "object_store_memory": "lots"}, "expected a size like 2GB"),
         ({"kind": "local", "num_cpus": 0}, "num_cpus: must be at least 1"),
+        ({"kind": "local", "address": "auto", "num_cpus": 4},
+         "num_cpus: sizes the embedded Ray only; with address the running Ray's own resources apply"),
         ({"kind": "cloud"}, "kind: expected one of 'local', 'remote'"),
         ({"kind": "remote", "address": "http://127.0.0.1:1", "env_vars": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}},
          "env_vars.AWS_SECRET_ACCESS_KEY: looks like a secret"),
