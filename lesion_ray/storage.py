@@ -24,6 +24,7 @@ import io
 import itertools
 import os
 import queue
+import random
 import secrets
 import shutil
 import tempfile
@@ -465,9 +466,7 @@ def split_points(uri: str, wanted: int) -> list[str]:
 def read_bytes(uri: str) -> bytes:
     uri = normalize(uri)
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        resp = _s3_call(uri, "read", _s3_client().get_object, Bucket=bucket, Key=key)
-        return resp["Body"].read()
+        return _read_object(uri)
     try:
         with open(uri, "rb") as f:
             return f.read()
@@ -477,6 +476,26 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"cannot read {uri}: it is a directory") from None
     except PermissionError:
         raise StorageError(f"cannot read {uri}: permission denied") from None
+    except OSError as exc:  # an I/O error, a stale NFS handle ...: this file's failure, not the job's
+        raise StorageError(f"cannot read {uri}: {exc.strerror or exc}") from None
+
+
+def _read_object(uri: str) -> bytes:
+    """An object's bytes. botocore retries a GET that fails, but not a body cut short after the answer began (a
+    reset connection, a read timeout): the whole GET is tried again here, with backoff and jitter, as often."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    bucket, key = split_s3(uri)
+    attempts = current_config().max_attempts
+    for attempt in itertools.count(1):
+        resp = _s3_call(uri, "read", _s3_client().get_object, Bucket=bucket, Key=key)
+        try:
+            return resp["Body"].read()
+        except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as exc:
+            if attempt >= attempts:
+                raise StorageError(f"cannot read {uri}{_where()}: the answer was cut short {attempt} times "
+                                   f"({type(exc).__name__})") from None
+            time.sleep(random.uniform(0, min(20.0, 0.1 * 2**attempt)))
 
 
 def read_text(uri: str) -> str:

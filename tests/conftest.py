@@ -155,16 +155,19 @@ class FaultyS3Proxy:
     """A real HTTP hop between S3 clients and the moto server that answers some requests itself with
     500 InternalError / 503 ServiceUnavailable: ``failure_rate`` of all requests, spread evenly (one in
     every 1/rate, so a test knows how many faults its requests met), and every request for an object
-    whose key holds one of ``always_fail`` (its path, not a listing's query). ``faulted`` records the paths
-    it answered with a fault, ``forwarded`` (method, path) of the rest."""
+    whose key holds one of ``always_fail`` (its path, not a listing's query). ``cut_short`` maps names to how
+    many GETs of an object whose key holds one get only half the body they announce, the connection then closed
+    (as a reset would). ``faulted`` records the paths it answered with a fault or cut short, ``forwarded``
+    (method, path) of the rest."""
 
-    def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = ()) -> None:
+    def __init__(self, upstream: str, failure_rate: float, always_fail: tuple[str, ...] = (),
+                 cut_short: dict[str, int] | None = None) -> None:
         import http.client
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         from urllib.parse import urlparse
 
-        self.failure_rate, self.always_fail = failure_rate, always_fail
+        self.failure_rate, self.always_fail, self.cut_short = failure_rate, always_fail, dict(cut_short or {})
         self.faulted: list[str] = []
         self.forwarded: list[tuple[str, str]] = []
         self._due, self._lock = 0.0, threading.Lock()  # failures owed to the requests seen so far
@@ -212,6 +215,11 @@ class FaultyS3Proxy:
                             if k.lower() not in ("transfer-encoding", "connection", "content-length")}
                     if self.command == "HEAD":  # a HEAD answer declares the object's length, without a body
                         keep["Content-Length"] = response.getheader("Content-Length", "0")
+                    if self.command == "GET" and proxy._cut(self.path):
+                        keep["Content-Length"] = str(len(payload))
+                        self.close_connection = True
+                        self._answer(response.status, keep, payload[: len(payload) // 2])
+                        return
                     self._answer(response.status, keep, payload)
                 finally:
                     upstream_conn.close()
@@ -246,6 +254,15 @@ class FaultyS3Proxy:
             self.faulted.append(path)
             return [(500, "InternalError"), (503, "ServiceUnavailable")][len(self.faulted) % 2]
 
+    def _cut(self, path: str) -> bool:
+        """Whether to cut this GET's body short (and count it)."""
+        with self._lock:
+            name = next((n for n, left in self.cut_short.items() if left and n in path.split("?", 1)[0]), None)
+            if name:
+                self.cut_short[name] -= 1
+                self.faulted.append(path)
+            return name is not None
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -256,8 +273,9 @@ def faulty_s3(s3_endpoint: str):
     """Starts :class:`FaultyS3Proxy` instances in front of the moto server; stops them after the test."""
     proxies: list[FaultyS3Proxy] = []
 
-    def start(failure_rate: float, always_fail: tuple[str, ...] = ()) -> FaultyS3Proxy:
-        proxies.append(FaultyS3Proxy(s3_endpoint, failure_rate, always_fail))
+    def start(failure_rate: float, always_fail: tuple[str, ...] = (),
+              cut_short: dict[str, int] | None = None) -> FaultyS3Proxy:
+        proxies.append(FaultyS3Proxy(s3_endpoint, failure_rate, always_fail, cut_short))
         return proxies[-1]
 
     yield start

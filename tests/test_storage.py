@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable
@@ -232,6 +233,34 @@ def test_settings_take_the_spec_over_the_cluster_config_over_the_aws_variables(m
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "a")
     with pytest.raises(StorageError, match="AWS_MAX_ATTEMPTS must be a whole number of attempts .1 or more., got 'a'"):
         Settings.build()
+
+
+def test_an_answer_cut_short_is_read_again_then_an_error(settings, s3_bucket, faulty_s3) -> None:
+    data = bytes(range(256)) * 400
+    for name in ("once.bin", "always.bin"):
+        storage.write_bytes(f"{s3_bucket}/{name}", data)
+    proxy = faulty_s3(failure_rate=0, cut_short={"once.bin": 1, "always.bin": 99})
+    storage.configure(dataclasses.replace(settings.storage, endpoint_url=proxy.url, max_attempts=3))
+    try:
+        assert storage.read_bytes(f"{s3_bucket}/once.bin") == data
+        with pytest.raises(StorageError, match=re.escape(f"cannot read {s3_bucket}/always.bin at {proxy.url}: the "
+                                                         "answer was cut short 3 times")):
+            storage.read_bytes(f"{s3_bucket}/always.bin")
+    finally:
+        storage.configure(settings.storage)
+    assert [sum(name in path for path in proxy.faulted) for name in ("once.bin", "always.bin")] == [1, 3]
+
+
+def test_a_local_read_error_is_a_storage_error(tmp_path) -> None:
+    # Any OSError (an I/O error, a stale NFS handle; here a socket, which cannot be opened: ENXIO) is the file's
+    # failure, told as a StorageError, so that it becomes that image's error row instead of failing the job.
+    import socket
+
+    path = str(tmp_path / "socket")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        with pytest.raises(StorageError, match=re.escape(f"cannot read {path}: ")):
+            storage.read_bytes(path)
 
 
 def test_boto3_and_pyarrow_use_the_installed_settings(settings) -> None:
