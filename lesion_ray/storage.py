@@ -333,16 +333,31 @@ def iter_listing(uri: str, after: str | None = None, through: str | None = None)
 
 
 def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
+    """Every file under ``folder``, through linked folders too (each real folder once, so a link to an ancestor
+    ends); a folder that cannot be read fails the listing rather than leaving its files out, and a broken link
+    is listed (its read fails: an error row) rather than dropped."""
     if not os.path.isdir(folder):
         raise StorageError(f"cannot list {folder}: no such directory")
+
+    def unreadable(exc: OSError) -> None:
+        raise StorageError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+
     page: list[FileInfo] = []
-    for root, dirs, files in os.walk(folder):
+    walked: set[str] = set()
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        if (real := os.path.realpath(root)) in walked:
+            dirs[:] = []
+            continue
+        walked.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and not name.endswith(".partial"):
                 path = os.path.join(root, name)
-                with contextlib.suppress(FileNotFoundError):  # removed while we walk
+                try:
                     page.append(FileInfo(path, os.path.getsize(path)))
+                except FileNotFoundError:  # removed while we walk, unless a link to nothing
+                    if os.path.islink(path):
+                        page.append(FileInfo(path, 0))
             if len(page) == _PAGE:
                 yield page
                 page = []

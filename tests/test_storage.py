@@ -53,6 +53,19 @@ def test_listing_is_complete_past_one_page(root: str) -> None:
     assert all(f.size == 1 for f in files)
 
 
+def test_a_local_listing_follows_links_once_and_keeps_broken_ones(tmp_path) -> None:
+    archive, elsewhere = tmp_path / "archive", tmp_path / "disk2"
+    storage.write_bytes(str(archive / "a.jpg"), b"abc")
+    storage.write_bytes(str(elsewhere / "b.jpg"), b"abcd")
+    (archive / "linked").symlink_to(elsewhere)  # a folder on another disk, linked in
+    (elsewhere / "loop").symlink_to(archive)  # a link back up: walked once, not forever
+    (archive / "gone.jpg").symlink_to(tmp_path / "nothing")  # listed, so that its read fails as an error row
+    files = {f.uri.removeprefix(f"{archive}/"): f.size for f in storage.list_files(str(archive))}
+    assert files == {"a.jpg": 3, "gone.jpg": 0, "linked/b.jpg": 4}
+    with pytest.raises(StorageError, match="no such file"):
+        storage.read_bytes(str(archive / "gone.jpg"))
+
+
 def test_parallel_listing_returns_every_key_once(s3_bucket: str) -> None:
     folder = f"{s3_bucket}/archive"
     names = [f"ISIC_{71 * i:07d}.jpg" for i in range(1200)]  # past one page; ids up to 0085129
