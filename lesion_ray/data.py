@@ -129,6 +129,8 @@ def triage(info: storage.FileInfo, max_bytes: int) -> tuple[str, str] | None:
     if _is_mask(info.uri):
         return "skipped", "a mask, not an input image"
     if name.endswith(IMAGE_SUFFIXES):
+        if info.problem:
+            return "error", info.problem
         if info.size > max_bytes:
             return "error", f"the object is {info.size:,} bytes, over max_bytes ({max_bytes:,}): not read"
         return None

@@ -61,6 +61,7 @@ class StorageError(Exception):
 class FileInfo:
     uri: str
     size: int
+    problem: str | None = None  # why the object cannot be read under this URI at all (its name)
 
 
 def concurrently(work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
@@ -354,15 +355,24 @@ def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
             if not name.startswith(".") and not name.endswith(".partial"):
                 path = os.path.join(root, name)
                 try:
-                    page.append(FileInfo(path, os.path.getsize(path)))
+                    page.append(_local_file(path, os.path.getsize(path)))
                 except FileNotFoundError:  # removed while we walk, unless a link to nothing
                     if os.path.islink(path):
-                        page.append(FileInfo(path, 0))
+                        page.append(_local_file(path, 0))
             if len(page) == _PAGE:
                 yield page
                 page = []
     if page:
         yield page
+
+
+def _local_file(path: str, size: int) -> FileInfo:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes Python keeps as surrogates: no manifest, ledger or URI can hold them
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        return FileInfo(shown, size, "the file name is not valid UTF-8 (another encoding's): rename it")
+    return FileInfo(path, size)
 
 
 def list_folders(uri: str) -> list[str]:

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from lesion_ray import cli, spec, storage
+from lesion_ray import cli, data, spec, storage
 from lesion_ray.cluster import LocalCluster
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
@@ -64,6 +64,19 @@ def test_a_local_listing_follows_links_once_and_keeps_broken_ones(tmp_path) -> N
     assert files == {"a.jpg": 3, "gone.jpg": 0, "linked/b.jpg": 4}
     with pytest.raises(StorageError, match="no such file"):
         storage.read_bytes(str(archive / "gone.jpg"))
+
+
+def test_a_file_name_in_another_encoding_is_listed_as_an_error(tmp_path) -> None:
+    # Latin-1 "Läsion.jpg", as an export from another system may name it: Python keeps the byte as a surrogate,
+    # which no manifest, ledger or URI can hold. It is listed under a printable name, as an image's error.
+    (tmp_path / "ok.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"L\xe4sion.jpg"), "wb") as f:
+        f.write(b"xy")
+    (odd,) = [f for f in storage.list_files(str(tmp_path)) if f.problem]
+    assert (odd.uri, odd.size) == (f"{tmp_path}/L\\xe4sion.jpg", 2)
+    assert data.triage(odd, max_bytes=10) == ("error", "the file name is not valid UTF-8 (another encoding's): "
+                                                       "rename it")
+    assert data.triage(storage.FileInfo(f"{tmp_path}/ok.jpg", 1), max_bytes=10) is None
 
 
 def test_parallel_listing_returns_every_key_once(s3_bucket: str) -> None:
