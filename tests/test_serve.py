@@ -7,6 +7,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import re
 import threading
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT, DEFAULT_MAX_HEADER_SIZE
+from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
@@ -129,6 +131,7 @@ def test_spec_rules_and_serve_config(tmp_path):
     for bad, key in (({"route_prefix": "api"}, "route_prefix"),
                      ({"max_replicas": 1, "min_replicas": 2}, "max_replicas"),
                      ({"auth_token_env": "my token!"}, "auth_token_env"),
+                     ({"auth_token_env": "a3f9c1d27e"}, "auth_token_env"),  # a token where its variable's name goes
                      ({"auth_token_env": "T", "auth_token_file": "/t"}, "auth_token_env"),
                      ({"max_batch_size": 32, "max_ongoing_requests": 8}, "max_ongoing_requests")):
         with pytest.raises(SpecError, match=key):
@@ -443,6 +446,15 @@ def test_bad_input_leaves_the_service_healthy(client):
         assert client.post("v1/segment", content=b"\x89PNG\r\n\x1a\n garbage").status_code == 422
     assert client.get("healthz").json()["status"] == "ok"
     assert client.post("v1/segment", content=lesion_image()).status_code == 200
+
+
+def test_a_cluster_whose_serve_listens_elsewhere_is_refused(app, settings):
+    # Serve's HTTP server is the cluster's: a second app cannot have a host, port or timeout of its own.
+    other = app["spec"].model_copy(update={"name": "other", "port": free_port(), "route_prefix": "/other"})
+    with pytest.raises(ValueError, match=re.escape(f"Ray Serve already runs on this cluster with port "
+                                                   f"{app['spec'].port} (not {other.port}); its HTTP server serves")):
+        lserve.run(other, settings)
+    assert "other" not in serve.status().applications
 
 
 def test_bearer_token_is_required(app, client):

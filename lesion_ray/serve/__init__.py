@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve.context import _get_global_client  # the running HTTP options: no public API has them
 
 from lesion_ray import report
 from lesion_ray.serve.config import ServeSpec, read_token
@@ -55,7 +56,15 @@ def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None
     """Serve until Ctrl-C, SIGTERM, ``stop`` or ``serve delete``; then delete the application, and shut Serve down
     unless other applications run on the cluster."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
-    serve.start(proxy_location=spec.proxy_location, http_options=serve_config(spec)["http_options"])
+    wanted = serve_config(spec)["http_options"]
+    serve.start(proxy_location=spec.proxy_location, http_options=wanted)
+    # Serve has one HTTP server per cluster: where it already ran, serve.start kept its options and only logged it.
+    # On another host the spec's loopback default (what lets it go without a token) would not hold.
+    running = _get_global_client().http_config
+    if differ := [f"{key} {getattr(running, key)} (not {value})" for key, value in wanted.items()
+                  if getattr(running, key) != value]:
+        raise ValueError(f"Ray Serve already runs on this cluster with {', '.join(differ)}; its HTTP server serves "
+                         "every application there: give the job those values, or serve on a cluster without Serve")
     serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
     host = f"[{spec.host}]" if ":" in spec.host else spec.host  # an IPv6 address in a URL
     url = f"http://{host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
