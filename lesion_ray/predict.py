@@ -118,8 +118,8 @@ class PredictSpec(inference.ModelRuntime, JobSpec):
         "largest_component", description="Task 1: largest_component keeps the largest region and fills its holes; "
                                          "none keeps the thresholded mask as it is")
     resume: bool = Field(True, description="skip inputs whose outputs a previous run with the same model finished")
-    max_pixels: int = Field(preprocess.DEFAULT_MAX_PIXELS, ge=1, description="refuse larger images (decompression "
-                                                                             "bombs)")
+    max_pixels: int = Field(preprocess.DEFAULT_MAX_PIXELS, ge=1, le=preprocess.LARGEST_MAX_PIXELS,
+                            description="refuse larger images (decompression bombs)")
     take_over_lock: bool = Field(False, description="take over the output's lock.json left by a run that crashed")
     max_bytes: int = Field(data.DEFAULT_MAX_BYTES, ge=1, description="larger objects become error rows without "
                                                                       "being read")
@@ -483,8 +483,9 @@ def describe_layout(spec: PredictSpec) -> str:
 def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model: manifest.Model, out: str,
                   run_id: str, found: registry.Resolved, config: ModelConfig) -> tuple[_RunCounts, set[str]]:
     """Stream the listing through the pipeline; when an actor, a node or a reader is lost for good, list
-    again and run what is not done. After the last attempt the images still left become error rows, so
-    the manifest accounts for them and a later run retries them."""
+    again and run what is not done. After the last attempt the listing is finished without the pipeline and
+    the images still left become error rows, so that the manifest accounts for every object and a later run
+    retries them."""
     counts, nodes = _RunCounts(), set()
     reason = ""
     for attempt in range(1, ATTEMPTS + 1):
@@ -521,9 +522,11 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
         if attempt < ATTEMPTS:
             report.info(f"warning: the pipeline failed ({reason}); running the images not done yet again "
                         f"(attempt {attempt + 1} of {ATTEMPTS})")
-    report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); the images not done are recorded as not "
-                "processed: run again to retry them")
-    for page in ledger.pending():
+    report.info(f"the pipeline failed {ATTEMPTS} times ({reason}); listing the rest of the input to record the "
+                "images not done as not processed: run again to retry them")
+    # The failed passes' listing stopped up to feed.LEAD images ahead of the pipeline: list again to the end,
+    # then take what the ledger still holds (objects listed before that are gone since).
+    for page in itertools.chain(_work(spec, folder, ledger, model, out, run_id, counts), ledger.pending()):
         _write_refused([(i, s, manifest.ERROR, f"not processed: the pipeline failed: {reason}") for i, s in page],
                        ledger, model, out, run_id)
     return counts, nodes

@@ -37,6 +37,7 @@ from lesion_ray.data import ATTRIBUTES, Sample, sample_id
 
 # 5x the largest ISIC 2018 image (4,288 x 2,848); a larger header is a decompression bomb.
 DEFAULT_MAX_PIXELS = 64_000_000
+LARGEST_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses larger images, whatever max_pixels allows
 _MAX_BLOCKS = 1000
 # Logical share of a GPU per resize actor: resizing is light, and model actors or Ray Train
 # workers that follow in the same job must still find their GPU free.

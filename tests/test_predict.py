@@ -30,10 +30,11 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list[bytes] | None = None) -> str:
+def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list[bytes] | None = None,
+                       input_size: int = 32) -> str:
     """An untrained model; ``speckled_on``: images on which its logits are rescaled to spread widely around 0,
     so that its masks at threshold 0.5 are speckled (an untrained model's probabilities barely vary)."""
-    config = ModelConfig(task=task, input_size=32, num_filters=4, depth=2)
+    config = ModelConfig(task=task, input_size=input_size, num_filters=4, depth=2)
     torch.manual_seed(0)
     model = build_model(config).eval()
     if speckled_on:
@@ -158,9 +159,12 @@ def test_largest_component_drops_stray_blobs_and_fills_holes() -> None:
     assert postprocess.largest_component(np.ones((4, 4), bool)).all()
 
 
-def test_min_actors_above_max_is_a_spec_error() -> None:
+def test_min_actors_above_max_and_max_pixels_beyond_pillow_are_spec_errors() -> None:
     with pytest.raises(SpecError, match="min_actors: must be at most max_actors"):
         make_spec(input="x", model="m@latest", output="y", min_actors=3, max_actors=2)
+    # Pillow refuses to open images beyond 2 x its MAX_IMAGE_PIXELS, whatever max_pixels says.
+    with pytest.raises(SpecError, match="max_pixels: must be at most 178956970, got 300000000"):
+        make_spec(input="x", model="m@latest", output="y", max_pixels=300_000_000)
 
 
 def test_ray_workers_get_the_jobs_storage_settings(ray_local, settings) -> None:

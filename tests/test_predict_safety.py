@@ -15,7 +15,7 @@ import yaml
 from test_predict import jpeg, make_spec, publish_tiny_model
 from test_quickstart import start_cli
 
-from lesion_ray import cli, manifest, predict, storage
+from lesion_ray import cli, feed, manifest, predict, storage
 from lesion_ray.testing import wait_for
 
 
@@ -43,6 +43,29 @@ def _manifest(out: str) -> list[dict]:
     return pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/{manifest.MANIFEST_FILE}"))).to_pylist()
 
 
+def _start_run(spec: predict.PredictSpec, settings) -> tuple[threading.Thread, dict]:
+    """``predict.run`` in a thread; the dict gets its summary, or the error it raised."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = predict.run(spec, settings)
+        except BaseException as exc:  # handed to the test thread
+            result["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    return runner, result
+
+
+def _kill_an_inference_actor() -> None:
+    actors = [a for a in ray._private.state.actors().values()
+              if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
+    assert actors, "no inference actor alive mid-run"
+    core_worker = ray._private.worker.global_worker.core_worker
+    ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actors[0]["ActorID"])))  # no restart
+
+
 def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings, tmp_path) -> None:
     reg = str(tmp_path / "registry")
     ref = publish_tiny_model(tmp_path, reg, task=1)
@@ -51,16 +74,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     out = str(tmp_path / "out")
     spec = make_spec(input=str(tmp_path / "in"), model=ref, registry=reg, output=out, batch_size=2,
                      min_actors=2, max_actors=2, overlays="none")
-    result: dict = {}
-
-    def first_run() -> None:
-        try:
-            result["summary"] = predict.run(spec, settings)
-        except BaseException as exc:  # handed to the test thread
-            result["error"] = exc
-
-    runner = threading.Thread(target=first_run)
-    runner.start()
+    runner, result = _start_run(spec, settings)
     masks = tmp_path / "out" / "masks"
     wait_for("the first masks", lambda: masks.is_dir() and len(os.listdir(masks)) >= 10, 120)
 
@@ -68,11 +82,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     with pytest.raises(predict.OutputLocked, match=r"in use by predict run by .* \(pid \d+\).*take_over_lock=true"):
         predict.run(spec, settings)
 
-    actors = [a for a in ray._private.state.actors().values()
-              if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
-    assert actors, "no inference actor alive mid-run"
-    core_worker = ray._private.worker.global_worker.core_worker
-    ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actors[0]["ActorID"])))  # no restart
+    _kill_an_inference_actor()
     runner.join(300)
 
     assert "error" not in result, result.get("error")
@@ -83,6 +93,38 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     assert len(os.listdir(masks)) == 120
     assert not storage.exists(f"{out}/{predict.LOCK_FILE}") and not storage.exists(f"{out}/{manifest.PARTS_DIR}")
     assert predict.run(spec, settings)["resumed"] == 120  # the lock is gone with the run that held it
+
+
+def test_a_last_failed_attempt_accounts_for_what_the_listing_had_not_reached(ray_local, settings, tmp_path,
+                                                                            monkeypatch, capsys) -> None:
+    # One attempt, and a listing that runs ten 4-image pages ahead of the finished rows (read tasks of one page, so
+    # that none holds back a page the window waits for): when the inference actor is killed, most of the input is
+    # not listed yet. Every object must still be in the manifest. The model works at 256x256 so that the actor is
+    # busy when it is killed: Ray Data fails the pass on the task it had, and waits for ever on an actor killed idle.
+    monkeypatch.setattr(predict, "ATTEMPTS", 1)
+    monkeypatch.setattr(storage, "_PAGE", 4)
+    monkeypatch.setattr(feed, "PAGES_PER_READ", 1)
+    monkeypatch.setattr(feed, "LEAD", 40)
+    reg = str(tmp_path / "registry")
+    ref = publish_tiny_model(tmp_path, reg, task=1, input_size=256)
+    ids = [f"ISIC_{i:07d}" for i in range(200)]
+    for i, image_id in enumerate(ids):
+        storage.write_bytes(str(tmp_path / "in" / f"{image_id}.jpg"), jpeg(32, 24, i))
+    out = str(tmp_path / "out")
+    runner, result = _start_run(make_spec(input=str(tmp_path / "in"), model=ref, registry=reg, output=out,
+                                          batch_size=2, min_actors=1, max_actors=1, overlays="none"), settings)
+    masks = tmp_path / "out" / "masks"
+    wait_for("the first masks", lambda: masks.is_dir() and len(os.listdir(masks)) >= 4, 120)
+    _kill_an_inference_actor()
+    runner.join(300)
+
+    assert "error" not in result, result.get("error")
+    assert (result["summary"]["listed"], result["summary"]["inputs"]) == (200, 200)
+    rows = {row["id"]: row for row in _manifest(out)}
+    assert sorted(rows) == ids
+    not_done = [row["error"] for row in rows.values() if row["status"] == "error"]
+    assert len(not_done) > 100 and all(error.startswith("not processed: the pipeline failed") for error in not_done)
+    assert "listing the rest of the input to record the images not done" in capsys.readouterr().err
 
 
 def test_driver_killed_then_resumed_through_failing_s3(settings, s3_bucket, faulty_s3, tmp_path) -> None:
