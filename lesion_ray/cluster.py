@@ -25,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from lesion_ray import report, spec, storage
 from lesion_ray.settings import Settings
-from lesion_ray.spec import SpecError, StorageSettings
+from lesion_ray.spec import EnvName, SpecError, StorageSettings
 
 DEFAULT_CLUSTER_FILE = "cluster/local.yaml"
 MIN_LOCAL_CPUS = 8
@@ -79,7 +79,7 @@ class LocalCluster(_Cluster):
 class RemoteCluster(_Cluster):
     kind: Literal["remote"] = "remote"
     address: str | None = Field(None, description="the Ray Jobs API URL, e.g. http://head:8265")
-    auth_token_env: str = Field("RAY_AUTH_TOKEN", description="env var holding the cluster's token")
+    auth_token_env: EnvName = Field("RAY_AUTH_TOKEN", description="env var holding the cluster's token")
     auth_token_file: str | None = Field("~/.ray/auth_token", description="file holding the token")
     dependencies: Literal["pinned", "installed"] = Field("pinned", description="'pinned' installs this client's "
                                                          "dependency versions; 'installed' uses the cluster's")

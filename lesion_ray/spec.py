@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 import types
 import typing
 from collections.abc import Iterator
@@ -16,7 +17,16 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetCoreSchemaHandler, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    TypeAdapter,
+    ValidationError,
+)
 from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
 
@@ -113,6 +123,18 @@ class RegistryUri(_Uri):
 T = TypeVar("T")
 # [low, high] and the like: YAML has lists only, and strict mode takes a list for a tuple in JSON alone.
 Pair = Annotated[tuple[T, T], BeforeValidator(lambda v: tuple(v) if isinstance(v, list) and len(v) == 2 else v)]
+# What environment variables are named like; a token pasted in place of its variable's name (hex, base64) is not.
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.fullmatch(value):  # the message never repeats the value: it may be the token
+        raise ValueError("must be the NAME of an environment variable holding the token, in capitals (e.g. "
+                         "LESION_RAY_TOKEN), never the token itself")
+    return value
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
 class StorageSettings(BaseModel):

@@ -95,6 +95,9 @@ def test_pinned_requirements_follow_this_client() -> None:
     [
         ({"kind": "remote"}, "address: a remote cluster needs the Ray Jobs API URL"),
         ({"kind": "remote", "address": "head:8265"}, "expected an http(s):// URL"),
+        # The token where its variable's name goes: refused without repeating it.
+        ({"kind": "remote", "address": "http://127.0.0.1:1", "auth_token_env": "tok83451290"},
+         "auth_token_env: must be the NAME of an environment variable holding the token"),
         ({"kind": "local", "object_store_memory": "lots"}, "expected a size like 2GB"),
         ({"kind": "local", "num_cpus": 0}, "num_cpus: must be at least 1"),
         ({"kind": "local", "address": "auto", "num_cpus": 4},
