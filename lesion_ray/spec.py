@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -127,14 +126,14 @@ Pair = Annotated[tuple[T, T], BeforeValidator(lambda v: tuple(v) if isinstance(v
 _ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
-def _env_name(value: str) -> str:
-    if not _ENV_NAME.fullmatch(value):  # the message never repeats the value: it may be the token
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):  # never repeated: it may be the token
         raise ValueError("must be the NAME of an environment variable holding the token, in capitals (e.g. "
                          "LESION_RAY_TOKEN), never the token itself")
     return value
 
 
-EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvName = Annotated[str, BeforeValidator(_env_name)]
 
 
 class StorageSettings(BaseModel):

@@ -90,6 +90,14 @@ def test_pinned_requirements_follow_this_client() -> None:
     assert all("==" in p and "+" not in p for p in pins)
 
 
+def test_the_local_config_attaches_with_address_auto_added(tmp_path) -> None:
+    # As the README says: cluster/local.yaml (its sizes at their defaults) plus `address: auto`.
+    with open("cluster/local.yaml") as f:
+        config = yaml.safe_load(f) | {"address": "auto"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cluster.load_cluster(str(tmp_path / "c.yaml")).address == "auto"
+
+
 @pytest.mark.parametrize(
     ("config", "text"),
     [
@@ -98,10 +106,13 @@ def test_pinned_requirements_follow_this_client() -> None:
         # The token where its variable's name goes: refused without repeating it.
         ({"kind": "remote", "address": "http://127.0.0.1:1", "auth_token_env": "tok83451290"},
          "auth_token_env: must be the NAME of an environment variable holding the token"),
+        ({"kind": "remote", "address": "http://127.0.0.1:1", "auth_token_env": 83451290},  # YAML reads an int
+         "auth_token_env: must be the NAME of an environment variable holding the token"),
         ({"kind": "local", "object_store_memory": "lots"}, "expected a size like 2GB"),
         ({"kind": "local", "num_cpus": 0}, "num_cpus: must be at least 1"),
         ({"kind": "local", "address": "auto", "num_cpus": 4},
          "num_cpus: sizes the embedded Ray only; with address the running Ray's own resources apply"),
+        ({"kind": "local", "address": "auto", "object_store_memory": "2GB"}, "object_store_memory: sizes the embedded"),
         ({"kind": "cloud"}, "kind: expected one of 'local', 'remote'"),
         ({"kind": "remote", "address": "http://127.0.0.1:1", "env_vars": {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}},
          "env_vars.AWS_SECRET_ACCESS_KEY: looks like a secret"),
