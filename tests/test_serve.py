@@ -192,7 +192,7 @@ def test_check_model_fails_on_nan_weights():
         deployment.check_model(served)
 
 
-def test_a_batch_prepared_for_two_input_sizes_is_one_forward_pass():
+def test_a_batch_prepared_for_two_input_sizes_is_answered_at_the_models_size():
     # Around a swap to a version with another input size, the ingress prepares some images for the old size.
     torch.manual_seed(0)
     served = deployment.Served.of(LoadedModel(build_model(CONFIG).eval(), CONFIG, 0.5, "lesion", "2", {}, "m"))
@@ -449,12 +449,14 @@ def test_bad_input_leaves_the_service_healthy(client):
 
 
 def test_a_cluster_whose_serve_listens_elsewhere_is_refused(app, settings):
-    # Serve's HTTP server is the cluster's: a second app cannot have a host, port or timeout of its own.
-    other = app["spec"].model_copy(update={"name": "other", "port": free_port(), "route_prefix": "/other"})
-    with pytest.raises(ValueError, match=re.escape(f"Ray Serve already runs on this cluster with port "
-                                                   f"{app['spec'].port} (not {other.port}); its HTTP server serves")):
-        lserve.run(other, settings)
-    assert "other" not in serve.status().applications
+    # Serve's HTTP server is the cluster's: a second app cannot have a host or port of its own.
+    port = app["spec"].port
+    for moved in ({"port": free_port()}, {"host": "127.0.0.2"}):
+        other = app["spec"].model_copy(update={"name": "other", "route_prefix": "/other", **moved})
+        with pytest.raises(ValueError, match=re.escape(f"Ray Serve already runs on this cluster at 127.0.0.1:{port}, "
+                                                       f"not {other.host}:{other.port}, and its HTTP server serves")):
+            lserve.run(other, settings)
+        assert "other" not in serve.status().applications
 
 
 def test_bearer_token_is_required(app, client):

@@ -56,15 +56,17 @@ def run(spec: ServeSpec, settings: Settings, stop: threading.Event | None = None
     """Serve until Ctrl-C, SIGTERM, ``stop`` or ``serve delete``; then delete the application, and shut Serve down
     unless other applications run on the cluster."""
     read_token(spec)  # fail now, not in every replica, when the token is missing
-    wanted = serve_config(spec)["http_options"]
-    serve.start(proxy_location=spec.proxy_location, http_options=wanted)
+    serve.start(proxy_location=spec.proxy_location, http_options=serve_config(spec)["http_options"])
     # Serve has one HTTP server per cluster: where it already ran, serve.start kept its options and only logged it.
     # On another host the spec's loopback default (what lets it go without a token) would not hold.
     running = _get_global_client().http_config
-    if differ := [f"{key} {getattr(running, key)} (not {value})" for key, value in wanted.items()
-                  if getattr(running, key) != value]:
-        raise ValueError(f"Ray Serve already runs on this cluster with {', '.join(differ)}; its HTTP server serves "
-                         "every application there: give the job those values, or serve on a cluster without Serve")
+    if (running.host, running.port) != (spec.host, spec.port):
+        raise ValueError(f"Ray Serve already runs on this cluster at {running.host}:{running.port}, not {spec.host}:"
+                         f"{spec.port}, and its HTTP server serves every application there: give the job that host "
+                         "and port, or serve on a cluster without Serve")
+    if running.request_timeout_s != spec.request_timeout_s:
+        report.info(f"warning: the request timeout stays {running.request_timeout_s or 'none'} s, as the Serve "
+                    f"running on this cluster has it (the job asks {spec.request_timeout_s:g} s)")
     serve.run(build_app(spec, settings), name=spec.name, route_prefix=spec.route_prefix)
     host = f"[{spec.host}]" if ":" in spec.host else spec.host  # an IPv6 address in a URL
     url = f"http://{host}:{spec.port}{spec.route_prefix.rstrip('/')}/"
