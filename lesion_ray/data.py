@@ -122,9 +122,10 @@ def input_folder(uri: str, subset: str) -> str:
 
 
 def triage(info: storage.FileInfo, max_bytes: int) -> tuple[str, str] | None:
-    """What becomes of a listed object, from its name and size alone: None for an image to predict on,
-    ``("error", reason)`` for an image that cannot be (an unsupported type, too large), ``("skipped", reason)``
-    for anything else (a mask, a licence, a CSV)."""
+    """What becomes of a listed object, from its listing alone (name, size, the listing's problem with it): None
+    for an image to predict on, ``("error", reason)`` for an image that cannot be (an unsupported type, too large,
+    a name no manifest can hold), ``("skipped", reason)`` for anything else (a mask, a licence, a CSV, a folder
+    that could not be read)."""
     name = storage.basename(info.uri).lower()
     if _is_mask(info.uri):
         return "skipped", "a mask, not an input image"
@@ -137,7 +138,7 @@ def triage(info: storage.FileInfo, max_bytes: int) -> tuple[str, str] | None:
     if name.endswith(UNSUPPORTED_IMAGE_SUFFIXES):
         suffix = "." + name.rsplit(".", 1)[-1]
         return "error", f"unsupported image type {suffix}: convert it to JPEG or PNG"
-    return "skipped", "not an image file"
+    return "skipped", info.problem or "not an image file"
 
 
 def discover(uri: str, subset: str = "Training", task: int | None = None) -> Discovery:
@@ -149,7 +150,9 @@ def discover(uri: str, subset: str = "Training", task: int | None = None) -> Dis
     """
     root, named_subset = _layout_root(uri)
     subset = named_subset or subset
-    files = [f.uri for f in storage.list_files(root)]
+    listed = storage.list_files(root)
+    files = [f.uri for f in listed if not f.problem]
+    unusable = [Problem(sample_id(f.uri), f.uri, f"unreadable: {f.problem}") for f in listed if f.problem]
     if named_subset is not None:
         inputs = [f for f in files if f.startswith(storage.normalize(uri) + "/")]
     else:
@@ -157,10 +160,12 @@ def discover(uri: str, subset: str = "Training", task: int | None = None) -> Dis
         if not inputs:
             if others := _subsets(files, "input"):
                 raise ValueError(f"no {subset} images under {uri}; it holds the subsets {', '.join(others)}")
-            return _plain_folder(uri, files, task)
+            found = _plain_folder(uri, files, task)
+            found.problems[:0] = unusable
+            return found
     images, problems = _images(inputs)
     segmentations, attributes = _ground_truth(files, subset, task, root, problems)
-    return _pair(images, segmentations, attributes, task, problems)
+    return _pair(images, segmentations, attributes, task, unusable + problems)
 
 
 def _plain_folder(uri: str, files: list[str], task: int | None) -> Discovery:

@@ -190,8 +190,11 @@ def load_tensors(uri: str, advice: str) -> Any:
         return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
         unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        # torch's own first sentence, but for the weights_only advice that opens an UnpicklingError's message
+        detail = f" ({str(exc).split('. ')[0]})" if isinstance(exc, RuntimeError) and str(exc) else ""
         reason = (f"it holds a {unsafe[1].rstrip('.')} object, and loading objects other than tensors, numbers, "
-                  "strings, lists and dicts could run code" if unsafe else "it is not a file torch.save wrote")
+                  "strings, lists and dicts could run code" if unsafe
+                  else f"it is not a file torch.save wrote, or it is damaged{detail}")
         raise ValueError(f"refused to load {uri}: {reason}. {advice}") from None
 
 

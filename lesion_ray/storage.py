@@ -335,15 +335,18 @@ def iter_listing(uri: str, after: str | None = None, through: str | None = None)
 
 def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
     """Every file under ``folder``, through linked folders too (each real folder once, so a link to an ancestor
-    ends); a folder that cannot be read fails the listing rather than leaving its files out, and a broken link
-    is listed (its read fails: an error row) rather than dropped."""
+    ends). Nothing is left out unsaid: a broken or looping link is listed (its read fails), a folder that cannot
+    be read (``lost+found``) is listed with its :attr:`FileInfo.problem`; what vanishes while the walk goes is
+    not there to list."""
     if not os.path.isdir(folder):
         raise StorageError(f"cannot list {folder}: no such directory")
+    page: list[FileInfo] = []
 
     def unreadable(exc: OSError) -> None:
-        raise StorageError(f"cannot list {exc.filename}: {exc.strerror or exc}")
+        if not isinstance(exc, FileNotFoundError):
+            page.append(_local_file(exc.filename, 0, f"a folder that cannot be read ({exc.strerror or exc}): its "
+                                                     "files are not listed"))
 
-    page: list[FileInfo] = []
     walked: set[str] = set()
     for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         if (real := os.path.realpath(root)) in walked:
@@ -356,23 +359,23 @@ def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
                 path = os.path.join(root, name)
                 try:
                     page.append(_local_file(path, os.path.getsize(path)))
-                except FileNotFoundError:  # removed while we walk, unless a link to nothing
-                    if os.path.islink(path):
+                except OSError:  # a link to nothing or to itself: listed, so that its read fails as its row
+                    if os.path.lexists(path):
                         page.append(_local_file(path, 0))
-            if len(page) == _PAGE:
+            if len(page) >= _PAGE:
                 yield page
                 page = []
     if page:
         yield page
 
 
-def _local_file(path: str, size: int) -> FileInfo:
+def _local_file(path: str, size: int, problem: str | None = None) -> FileInfo:
     try:
         path.encode("utf-8")
     except UnicodeEncodeError:  # bytes Python keeps as surrogates: no manifest, ledger or URI can hold them
         shown = os.fsencode(path).decode("utf-8", "backslashreplace")
         return FileInfo(shown, size, "the file name is not valid UTF-8 (another encoding's): rename it")
-    return FileInfo(path, size)
+    return FileInfo(path, size, problem)
 
 
 def list_folders(uri: str) -> list[str]:
@@ -509,6 +512,7 @@ def _read_object(uri: str) -> bytes:
     """An object's bytes. botocore retries a GET that fails, but not a body cut short after the answer began (a
     reset connection, a read timeout): the whole GET is tried again here, with backoff and jitter, as often."""
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import HTTPError  # what botocore passes on unwrapped (a TLS error mid-body)
 
     bucket, key = split_s3(uri)
     attempts = current_config().max_attempts
@@ -516,7 +520,7 @@ def _read_object(uri: str) -> bytes:
         resp = _s3_call(uri, "read", _s3_client().get_object, Bucket=bucket, Key=key)
         try:
             return resp["Body"].read()
-        except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as exc:
+        except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError, HTTPError) as exc:
             if attempt >= attempts:
                 raise StorageError(f"cannot read {uri}{_where()}: the answer was cut short {attempt} times "
                                    f"({type(exc).__name__})") from None

@@ -99,7 +99,14 @@ def test_a_file_that_is_not_a_state_dict_is_refused_with_advice(tmp_path) -> Non
             "torch.save(model.state_dict(), path).")):
         registry.load_model(str(tmp_path / "m"))
     model_file.write_bytes(b"not torch")
-    with pytest.raises(ValueError, match=re.escape(f"refused to load {model_file}: it is not a file torch.save wrote")):
+    with pytest.raises(ValueError, match=re.escape(f"refused to load {model_file}: it is not a file torch.save wrote, "
+                                                   "or it is damaged. Save the weights")):
+        registry.load_model(str(tmp_path / "m"))
+    torch.save(build_model(CONFIG).state_dict(), model_file)
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # cut short, as by a failed copy
+    with pytest.raises(ValueError, match=re.escape("it is not a file torch.save wrote, or it is damaged "
+                                                   "(PytorchStreamReader failed reading zip archive: failed finding "
+                                                   "central directory). Save the weights")):
         registry.load_model(str(tmp_path / "m"))
 
 

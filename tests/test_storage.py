@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -19,6 +24,8 @@ from lesion_ray.cluster import LocalCluster
 from lesion_ray.settings import Settings
 from lesion_ray.spec import StorageSettings
 from lesion_ray.storage import StorageError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -58,12 +65,36 @@ def test_a_local_listing_follows_links_once_and_keeps_broken_ones(tmp_path) -> N
     storage.write_bytes(str(archive / "a.jpg"), b"abc")
     storage.write_bytes(str(elsewhere / "b.jpg"), b"abcd")
     (archive / "linked").symlink_to(elsewhere)  # a folder on another disk, linked in
+    (archive / "again").symlink_to(elsewhere)  # the same folder twice: its files once
     (elsewhere / "loop").symlink_to(archive)  # a link back up: walked once, not forever
     (archive / "gone.jpg").symlink_to(tmp_path / "nothing")  # listed, so that its read fails as an error row
+    (archive / "self.jpg").symlink_to(archive / "self.jpg")  # a link to itself, likewise
     files = {f.uri.removeprefix(f"{archive}/"): f.size for f in storage.list_files(str(archive))}
-    assert files == {"a.jpg": 3, "gone.jpg": 0, "linked/b.jpg": 4}
+    assert files == {"a.jpg": 3, "again/b.jpg": 4, "gone.jpg": 0, "self.jpg": 0}
     with pytest.raises(StorageError, match="no such file"):
         storage.read_bytes(str(archive / "gone.jpg"))
+    with pytest.raises(StorageError, match="Too many levels of symbolic links"):
+        storage.read_bytes(str(archive / "self.jpg"))
+
+
+def test_a_folder_that_cannot_be_read_is_listed_with_its_problem() -> None:
+    # As root every folder is readable: the listing then runs as nobody. A folder of its own under /tmp, which
+    # nobody can reach (pytest's tmp_path cannot).
+    top = tempfile.mkdtemp(prefix="lr-locked-")
+    try:
+        os.chmod(top, 0o755)
+        storage.write_bytes(f"{top}/a.jpg", b"abc")
+        os.mkdir(f"{top}/lost+found", mode=0o700)
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lesion_ray import storage; "
+                f"print([(f.uri, f.problem) for f in storage.list_files({top!r})])")
+        listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                                user="nobody" if os.geteuid() == 0 else None).stdout
+        assert listed.strip() == repr([(f"{top}/a.jpg", None), (f"{top}/lost+found", "a folder that cannot be read "
+                                                                "(Permission denied): its files are not listed")])
+    finally:
+        shutil.rmtree(top)
+    assert data.triage(storage.FileInfo(f"{top}/lost+found", 0, "a folder that cannot be read"), 10) == (
+        "skipped", "a folder that cannot be read")
 
 
 def test_a_file_name_in_another_encoding_is_listed_as_an_error(tmp_path) -> None:
@@ -277,15 +308,15 @@ def test_an_answer_cut_short_is_read_again_then_an_error(settings, s3_bucket, fa
     assert [sum(name in path for path in proxy.faulted) for name in ("once.bin", "always.bin")] == [1, 3]
 
 
-def test_a_local_read_error_is_a_storage_error(tmp_path) -> None:
+def test_a_local_read_error_is_a_storage_error() -> None:
     # Any OSError (an I/O error, a stale NFS handle; here a socket, which cannot be opened: ENXIO) is the file's
     # failure, told as a StorageError, so that it becomes that image's error row instead of failing the job.
     import socket
 
-    path = str(tmp_path / "socket")
-    with socket.socket(socket.AF_UNIX) as server:
+    with tempfile.TemporaryDirectory(prefix="lr-") as folder, socket.socket(socket.AF_UNIX) as server:
+        path = f"{folder}/socket"  # short: a socket's path must stay under ~107 characters
         server.bind(path)
-        with pytest.raises(StorageError, match=re.escape(f"cannot read {path}: ")):
+        with pytest.raises(StorageError, match=re.escape(f"cannot read {path}: No such device or address")):
             storage.read_bytes(path)
 
 
