@@ -35,6 +35,11 @@ LEAD = 4 * READERS * PAGES_PER_READ * 1000
 warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
 
 
+class QueueLost(RuntimeError):
+    """The queue's actor is gone (with its node, say): the pass fails and predict runs what is left again. Raised
+    by read tasks in place of Ray's actor error, which does not survive the way back to the driver."""
+
+
 def new_queue() -> Queue:
     """The queue between the listing and the read tasks (a Ray actor). No CPU for it: it must start even while a
     failed pass's actors still hold every CPU."""
@@ -72,9 +77,12 @@ class QueueSource(Datasource):
 
 def _read_pages(queue: Queue, batch_size: int, pages: int) -> Iterator[pa.Table]:
     for _ in range(pages):
-        if (page := queue.get()) is None:
-            queue.put(None)  # the end of the listing, for the read tasks after this one
-            return
+        try:
+            if (page := queue.get()) is None:
+                queue.put(None)  # the end of the listing, for the read tasks after this one
+                return
+        except ray.exceptions.RayActorError as exc:
+            raise QueueLost(f"the listing's queue is lost: {str(exc).splitlines()[0]}") from None
         for start in range(0, len(page), batch_size):
             chunk = page[start : start + batch_size]
             yield pa.table({"id": [i for i, _ in chunk], "source": [s for _, s in chunk],

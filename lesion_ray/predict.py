@@ -77,7 +77,7 @@ LOCK_FILE = "lock.json"
 ATTEMPTS = 3  # pipeline runs per job: the first, then reruns of what is left after a lost actor or node
 # What a lost actor, worker or node raises out of a Ray Data execution: worth running the rest again.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-        ray.exceptions.ObjectLostError)
+        ray.exceptions.ObjectLostError, feed.QueueLost)
 # Logical memory reserved per inference actor: a process with torch, plus twice the weights.
 ACTOR_BASE_MEMORY = 1024 * 1024 * 1024
 # Inference actors on one CPU node by default, at most (one per core up to here; each holds torch and a model).

@@ -30,11 +30,10 @@ def jpeg(width: int, height: int, seed: int) -> bytes:
     return out.getvalue()
 
 
-def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list[bytes] | None = None,
-                       input_size: int = 32) -> str:
+def publish_tiny_model(tmp_path, registry_uri: str, task: int, speckled_on: list[bytes] | None = None) -> str:
     """An untrained model; ``speckled_on``: images on which its logits are rescaled to spread widely around 0,
     so that its masks at threshold 0.5 are speckled (an untrained model's probabilities barely vary)."""
-    config = ModelConfig(task=task, input_size=input_size, num_filters=4, depth=2)
+    config = ModelConfig(task=task, input_size=32, num_filters=4, depth=2)
     torch.manual_seed(0)
     model = build_model(config).eval()
     if speckled_on:

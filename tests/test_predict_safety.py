@@ -58,12 +58,13 @@ def _start_run(spec: predict.PredictSpec, settings) -> tuple[threading.Thread, d
     return runner, result
 
 
-def _kill_an_inference_actor() -> None:
+def _kill_an_actor(class_name: str) -> None:
+    """Kill an alive actor whose class name holds ``class_name``, for good (no restart)."""
     actors = [a for a in ray._private.state.actors().values()
-              if "Predictor" in a["ActorClassName"] and a["State"] == "ALIVE"]
-    assert actors, "no inference actor alive mid-run"
+              if class_name in a["ActorClassName"] and a["State"] == "ALIVE"]
+    assert actors, f"no {class_name} actor alive mid-run"
     core_worker = ray._private.worker.global_worker.core_worker
-    ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actors[0]["ActorID"])))  # no restart
+    ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actors[0]["ActorID"])))
 
 
 def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings, tmp_path) -> None:
@@ -82,7 +83,7 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
     with pytest.raises(predict.OutputLocked, match=r"in use by predict run by .* \(pid \d+\).*take_over_lock=true"):
         predict.run(spec, settings)
 
-    _kill_an_inference_actor()
+    _kill_an_actor("Predictor")
     runner.join(300)
 
     assert "error" not in result, result.get("error")
@@ -98,15 +99,15 @@ def test_killed_actor_and_a_second_run_into_the_same_output(ray_local, settings,
 def test_a_last_failed_attempt_accounts_for_what_the_listing_had_not_reached(ray_local, settings, tmp_path,
                                                                             monkeypatch, capsys) -> None:
     # One attempt, and a listing that runs ten 4-image pages ahead of the finished rows (read tasks of one page, so
-    # that none holds back a page the window waits for): when the inference actor is killed, most of the input is
-    # not listed yet. Every object must still be in the manifest. The model works at 256x256 so that the actor is
-    # busy when it is killed: Ray Data fails the pass on the task it had, and waits for ever on an actor killed idle.
+    # that none holds back a page the window waits for): when the pass fails, most of the input is not listed yet.
+    # Every object must still be in the manifest. It fails as when the node that holds the listing's queue is lost:
+    # the queue's actor is killed, and the read tasks waiting on it fail.
     monkeypatch.setattr(predict, "ATTEMPTS", 1)
     monkeypatch.setattr(storage, "_PAGE", 4)
     monkeypatch.setattr(feed, "PAGES_PER_READ", 1)
     monkeypatch.setattr(feed, "LEAD", 40)
     reg = str(tmp_path / "registry")
-    ref = publish_tiny_model(tmp_path, reg, task=1, input_size=256)
+    ref = publish_tiny_model(tmp_path, reg, task=1)
     ids = [f"ISIC_{i:07d}" for i in range(200)]
     for i, image_id in enumerate(ids):
         storage.write_bytes(str(tmp_path / "in" / f"{image_id}.jpg"), jpeg(32, 24, i))
@@ -115,9 +116,10 @@ def test_a_last_failed_attempt_accounts_for_what_the_listing_had_not_reached(ray
                                           batch_size=2, min_actors=1, max_actors=1, overlays="none"), settings)
     masks = tmp_path / "out" / "masks"
     wait_for("the first masks", lambda: masks.is_dir() and len(os.listdir(masks)) >= 4, 120)
-    _kill_an_inference_actor()
+    _kill_an_actor("_QueueActor")
     runner.join(300)
 
+    assert not runner.is_alive(), "the run did not end after its inference actor was killed"
     assert "error" not in result, result.get("error")
     assert (result["summary"]["listed"], result["summary"]["inputs"]) == (200, 200)
     rows = {row["id"]: row for row in _manifest(out)}
