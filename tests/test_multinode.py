@@ -68,7 +68,10 @@ def test_batch_inference_spreads_over_nodes_and_accounts_for_every_input(
     assert result["rows"] == result["inputs"]  # one row per input, no more, no fewer
     assert result["errors"] == ["ISIC_0099999"]  # the broken file, reported and not fatal
     assert len(result["ok"]) == result["masks"] == 5 * len(images)
-    assert result["nodes"] == ["worker1", "worker2"]  # both inference actors did work, one per worker
+    # One inference actor per worker; which of them does the work is Ray Data's choice: it sends a block to an
+    # actor on the node that holds it while that actor has room, so a short job's may all go to one.
+    assert result["actor_nodes"] == ["worker1", "worker2"]
+    assert result["nodes"] and set(result["nodes"]) <= {"worker1", "worker2"}
 
 
 def test_elastic_training_grows_when_a_node_joins_and_survives_one_leaving(

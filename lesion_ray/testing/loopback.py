@@ -156,13 +156,18 @@ class LoopbackCluster:
                                    f"logs in {self.root}")
             time.sleep(0.5)
 
+    def actors(self, class_name_prefix: str, alive: bool = True) -> dict[str, str]:
+        """Actor id -> the name of its node, for the actors whose class name starts with the prefix: those alive,
+        or (``alive=False``) every one Ray still remembers, ended ones too."""
+        only_alive = "&filter_keys=state&filter_predicates=%3D&filter_values=ALIVE" if alive else ""
+        actors = self._get(f"/api/v0/actors?limit=10000&detail=true{only_alive}")["data"]["result"]["result"]
+        by_id = {node_id: name for name, node_id in self.alive_nodes().items()}
+        return {a["actor_id"]: by_id.get(a["node_id"], a["node_id"]) for a in actors
+                if a["class_name"].startswith(class_name_prefix)}
+
     def actor_nodes(self, class_name_prefix: str) -> list[str]:
         """Names of the nodes that hold alive actors whose class name starts with the prefix."""
-        actors = self._get("/api/v0/actors?limit=10000&detail=true&filter_keys=state&filter_predicates=%3D"
-                           "&filter_values=ALIVE")["data"]["result"]["result"]
-        by_id = {node_id: name for name, node_id in self.alive_nodes().items()}
-        return sorted(by_id.get(a["node_id"], a["node_id"]) for a in actors
-                      if a["class_name"].startswith(class_name_prefix))
+        return sorted(self.actors(class_name_prefix).values())
 
     def stop_node(self, name: str) -> None:
         """Kill a node and every process it started at once, as a machine failure would."""

@@ -51,6 +51,7 @@ DEMO_ENV = {
     "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300",
 }
 COPIES = 5  # each quickstart validation image this many times in the multi-node predict archive
+PREDICTOR_ACTORS = "MapWorker(MapBatches(Predictor))"  # the class name Ray Data gives predict's inference actors
 
 
 def start_cluster() -> LoopbackCluster:
@@ -99,8 +100,10 @@ def quickstart(remote: str, out: Path) -> int:
 
 def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path], archive: str,
                          output: str) -> dict[str, Any]:
-    """Copy ``images`` (:data:`COPIES` times, so both actors get work) and one broken file into ``archive``,
-    predict them with one actor per worker, and report the manifest's counts and nodes."""
+    """Copy ``images`` (:data:`COPIES` times, so that both actors can get work) and one broken file into ``archive``,
+    predict them with one actor per worker, and report the manifest's counts, the nodes its rows were made on and
+    the nodes the job's inference actors ran on."""
+    before = nodes.actors(PREDICTOR_ACTORS, alive=False)
     nodes.wait_for_nodes(timeout_s=30)  # all there: a node lost earlier would be reported here, with its logs
     ids = [f"ISIC_{9000000 + i:07d}" for i in range(COPIES * len(images))]
     for image_id, image in zip(ids, images * COPIES, strict=True):
@@ -117,6 +120,8 @@ def predict_across_nodes(nodes: LoopbackCluster, remote: str, images: list[Path]
         "ok": sorted(r["id"] for r in rows if r["status"] == "ok"),
         "errors": sorted(r["id"] for r in rows if r["status"] == "error"),
         "nodes": sorted({names.get(r["node"], r["node"]) for r in rows}),
+        "actor_nodes": sorted(node for actor, node in nodes.actors(PREDICTOR_ACTORS, alive=False).items()
+                              if actor not in before),
         "masks": len(storage.list_files(f"{output}/masks")),
     }
 
@@ -234,7 +239,8 @@ def main() -> int:
         predicted = predict_across_nodes(nodes, remote, images, str(out / "archive"), str(out / "predict"))
         results["predict"] = (f"{len(predicted['ok'])} ok + {len(predicted['errors'])} failed = "
                               f"{len(predicted['rows'])} of {len(predicted['inputs'])} inputs, "
-                              f"actors on {', '.join(predicted['nodes'])}")
+                              f"actors on {', '.join(predicted['actor_nodes'])}, rows made on "
+                              f"{', '.join(predicted['nodes'])}")
         elastic = elastic_training(nodes, remote, str(out / "quickstart" / "data"), str(out / "elastic"))
         results["elastic"] = (f"group sizes {' -> '.join(map(str, elastic['sizes']))}, "
                               f"epochs 1-{max(elastic['epochs'])}")
