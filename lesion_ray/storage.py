@@ -61,7 +61,7 @@ class StorageError(Exception):
 class FileInfo:
     uri: str
     size: int
-    problem: str | None = None  # why the object cannot be read under this URI at all (its name)
+    problem: str | None = None  # why this entry cannot be read as a file (a name no URI holds, an unreadable folder)
 
 
 def concurrently(work: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
