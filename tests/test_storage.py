@@ -78,20 +78,24 @@ def test_a_local_listing_follows_links_once_and_keeps_broken_ones(tmp_path) -> N
 
 
 def test_a_folder_that_cannot_be_read_is_listed_with_its_problem() -> None:
-    # As root every folder is readable: the listing then runs as nobody. A folder of its own under /tmp, which
-    # nobody can reach (pytest's tmp_path cannot).
+    # A folder nobody may read (mode 000). Root may read any folder: there the listing process drops to user
+    # nobody once it has imported lesion-ray, in a folder of its own under /tmp that nobody can reach.
     top = tempfile.mkdtemp(prefix="lr-locked-")
     try:
         os.chmod(top, 0o755)
         storage.write_bytes(f"{top}/a.jpg", b"abc")
-        os.mkdir(f"{top}/lost+found", mode=0o700)
-        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lesion_ray import storage; "
+        os.mkdir(f"{top}/lost+found", mode=0o000)
+        code = (f"import os, pwd, sys; sys.path.insert(0, {str(REPO)!r}); from lesion_ray import storage\n"
+                "if os.geteuid() == 0:\n    nobody = pwd.getpwnam('nobody')\n"
+                "    os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)\n"
                 f"print([(f.uri, f.problem) for f in storage.list_files({top!r})])")
-        listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-                                user="nobody" if os.geteuid() == 0 else None).stdout
+        listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                timeout=120).stdout
         assert listed.strip() == repr([(f"{top}/a.jpg", None), (f"{top}/lost+found", "a folder that cannot be read "
                                                                 "(Permission denied): its files are not listed")])
     finally:
+        if os.path.isdir(f"{top}/lost+found"):
+            os.chmod(f"{top}/lost+found", 0o700)  # so that its owner can remove it
         shutil.rmtree(top)
     assert data.triage(storage.FileInfo(f"{top}/lost+found", 0, "a folder that cannot be read"), 10) == (
         "skipped", "a folder that cannot be read")
