@@ -69,8 +69,8 @@ class LocalCluster(_Cluster):
 
     @model_validator(mode="after")
     def _rules(self) -> LocalCluster:
-        sized = [key for key in ("num_cpus", "num_gpus", "object_store_memory")  # set to other than the default
-                 if getattr(self, key) != parse_size(type(self).model_fields[key].default)]
+        sized = [key for key in ("num_cpus", "num_gpus", "object_store_memory")  # set, to other than the default
+                 if getattr(self, key) not in (None, parse_size(type(self).model_fields[key].default))]
         if self.address and sized:  # a running Ray keeps the resources its `ray start` gave it
             raise PydanticCustomError("rule", "sizes the embedded Ray only; with address the running Ray's own "
                                       "resources apply (its `ray start` options): remove it", {"key": sized[0]})

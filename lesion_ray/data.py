@@ -150,7 +150,7 @@ def discover(uri: str, subset: str = "Training", task: int | None = None) -> Dis
     """
     root, named_subset = _layout_root(uri)
     subset = named_subset or subset
-    listed = storage.list_files(root)
+    listed = storage.list_files(root, with_problems=True)
     files = [f.uri for f in listed if not f.problem]
     unusable = [Problem(sample_id(f.uri), f.uri, f"unreadable: {f.problem}") for f in listed if f.problem]
     if named_subset is not None:

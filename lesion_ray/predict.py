@@ -513,7 +513,8 @@ def _run_attempts(spec: PredictSpec, folder: str, ledger: manifest.Ledger, model
                 return counts, nodes
             reason = f"{left} images listed but not returned by the pipeline"
         except LOST as exc:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            cause = getattr(exc, "cause", None) or exc  # a task's error: what it raised, not Ray's traceback
+            reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         finally:
             stop.set()
             feeder.join(timeout=60)  # it stops at its next page: the ledger and the output stay this run's

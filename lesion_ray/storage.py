@@ -299,11 +299,15 @@ def file_size(uri: str) -> int | None:
         raise _s3_error(exc, uri, "check") from None
 
 
-def list_files(uri: str, suffixes: tuple[str, ...] | None = None) -> list[FileInfo]:
+def list_files(uri: str, suffixes: tuple[str, ...] | None = None, with_problems: bool = False) -> list[FileInfo]:
     """Every file under ``uri`` (recursive), sorted by URI: for small folders; archives stream
-    :func:`iter_listing` instead."""
+    :func:`iter_listing` instead. An entry the listing has a problem with (:attr:`FileInfo.problem`: an unreadable
+    folder, a name no URI holds) fails it, unless ``with_problems``: then the caller reports it."""
     lowered = tuple(s.lower() for s in suffixes or ())
-    out = [f for page in iter_listing(uri) for f in page if not lowered or f.uri.lower().endswith(lowered)]
+    listed = [f for page in iter_listing(uri) for f in page]
+    if not with_problems and (bad := next((f for f in listed if f.problem), None)):
+        raise StorageError(f"cannot list {uri}: {bad.uri}: {bad.problem}")
+    out = [f for f in listed if not lowered or f.uri.lower().endswith(lowered)]
     out.sort(key=lambda f: f.uri)
     return out
 
@@ -343,6 +347,8 @@ def _local_pages(folder: str) -> Iterator[list[FileInfo]]:
     page: list[FileInfo] = []
 
     def unreadable(exc: OSError) -> None:
+        if exc.filename == folder:  # the folder asked for: nothing to list at all
+            raise StorageError(f"cannot list {folder}: {exc.strerror or exc}")
         if not isinstance(exc, FileNotFoundError):
             page.append(_local_file(exc.filename, 0, f"a folder that cannot be read ({exc.strerror or exc}): its "
                                                      "files are not listed"))

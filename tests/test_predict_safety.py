@@ -119,13 +119,14 @@ def test_a_last_failed_attempt_accounts_for_what_the_listing_had_not_reached(ray
     _kill_an_actor("_QueueActor")
     runner.join(300)
 
-    assert not runner.is_alive(), "the run did not end after its inference actor was killed"
+    assert not runner.is_alive(), "the run did not end after its listing queue was killed"
     assert "error" not in result, result.get("error")
     assert (result["summary"]["listed"], result["summary"]["inputs"]) == (200, 200)
     rows = {row["id"]: row for row in _manifest(out)}
     assert sorted(rows) == ids
     not_done = [row["error"] for row in rows.values() if row["status"] == "error"]
-    assert len(not_done) > 100 and all(error.startswith("not processed: the pipeline failed") for error in not_done)
+    assert len(not_done) > 100 and all(error.startswith("not processed: the pipeline failed: QueueLost: the listing's "
+                                                        "queue is lost") for error in not_done), not_done[0]
     assert "listing the rest of the input to record the images not done" in capsys.readouterr().err
 
 

@@ -96,6 +96,8 @@ def test_the_local_config_attaches_with_address_auto_added(tmp_path) -> None:
         config = yaml.safe_load(f) | {"address": "auto"}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert cluster.load_cluster(str(tmp_path / "c.yaml")).address == "auto"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config | {"object_store_memory": None}))  # null sizes nothing
+    assert cluster.load_cluster(str(tmp_path / "c.yaml")).object_store_memory is None
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def test_a_local_listing_follows_links_once_and_keeps_broken_ones(tmp_path) -> N
 def test_a_folder_that_cannot_be_read_is_listed_with_its_problem() -> None:
     # A folder nobody may read (mode 000). Root may read any folder: there the listing process drops to user
     # nobody once it has imported lesion-ray, in a folder of its own under /tmp that nobody can reach.
-    top = tempfile.mkdtemp(prefix="lr-locked-")
+    top = tempfile.mkdtemp(prefix="lr-locked-", dir="/tmp")
     try:
         os.chmod(top, 0o755)
         storage.write_bytes(f"{top}/a.jpg", b"abc")
@@ -88,11 +88,16 @@ def test_a_folder_that_cannot_be_read_is_listed_with_its_problem() -> None:
         code = (f"import os, pwd, sys; sys.path.insert(0, {str(REPO)!r}); from lesion_ray import storage\n"
                 "if os.geteuid() == 0:\n    nobody = pwd.getpwnam('nobody')\n"
                 "    os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)\n"
-                f"print([(f.uri, f.problem) for f in storage.list_files({top!r})])")
+                f"print([(f.uri, f.problem) for f in storage.list_files({top!r}, with_problems=True)])\n"
+                f"for folder in ({top!r}, {top + '/lost+found'!r}):\n"
+                "    try:\n        storage.list_files(folder)\n"
+                "    except storage.StorageError as exc:\n        print(exc)")
         listed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                timeout=120).stdout
-        assert listed.strip() == repr([(f"{top}/a.jpg", None), (f"{top}/lost+found", "a folder that cannot be read "
-                                                                "(Permission denied): its files are not listed")])
+                                timeout=120).stdout.splitlines()
+        problem = "a folder that cannot be read (Permission denied): its files are not listed"
+        assert listed == [repr([(f"{top}/a.jpg", None), (f"{top}/lost+found", problem)]),
+                          f"cannot list {top}: {top}/lost+found: {problem}",  # where the caller cannot report it
+                          f"cannot list {top}/lost+found: Permission denied"]  # the folder asked for itself
     finally:
         if os.path.isdir(f"{top}/lost+found"):
             os.chmod(f"{top}/lost+found", 0o700)  # so that its owner can remove it
@@ -107,7 +112,9 @@ def test_a_file_name_in_another_encoding_is_listed_as_an_error(tmp_path) -> None
     (tmp_path / "ok.jpg").write_bytes(b"x")
     with open(os.path.join(os.fsencode(tmp_path), b"L\xe4sion.jpg"), "wb") as f:
         f.write(b"xy")
-    (odd,) = [f for f in storage.list_files(str(tmp_path)) if f.problem]
+    (odd,) = [f for f in storage.list_files(str(tmp_path), with_problems=True) if f.problem]
+    with pytest.raises(StorageError, match="L\\\\xe4sion.jpg: the file name is not valid UTF-8"):
+        storage.list_files(str(tmp_path))
     assert (odd.uri, odd.size) == (f"{tmp_path}/L\\xe4sion.jpg", 2)
     assert data.triage(odd, max_bytes=10) == ("error", "the file name is not valid UTF-8 (another encoding's): "
                                                        "rename it")
