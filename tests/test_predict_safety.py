@@ -125,8 +125,9 @@ def test_a_last_failed_attempt_accounts_for_what_the_listing_had_not_reached(ray
     rows = {row["id"]: row for row in _manifest(out)}
     assert sorted(rows) == ids
     not_done = [row["error"] for row in rows.values() if row["status"] == "error"]
-    assert len(not_done) > 100 and all(error.startswith("not processed: the pipeline failed: QueueLost: the listing's "
-                                                        "queue is lost") for error in not_done), not_done[0]
+    # More than the window holds: the pass failed before the listing reached the end.
+    reason = "not processed: the pipeline failed: QueueLost: the listing's queue is lost"
+    assert len(not_done) > feed.LEAD and all(error.startswith(reason) for error in not_done), not_done[0]
     assert "listing the rest of the input to record the images not done" in capsys.readouterr().err
 
 
